@@ -1,0 +1,96 @@
+"""File helpers shared by every entry point.
+
+Every write that a user could lose (checkpoints, opt.json, predictions, metrics) goes through
+`atomic_write`: the bytes land in a temporary file in the destination folder, are fsync'ed, and
+only then replace the destination with `os.replace`. A process killed at any moment leaves either
+the previous file or the new one, never half of one.
+"""
+import contextlib
+import io
+import json
+import os
+import tempfile
+
+
+class DataFileError(ValueError):
+    """A user-supplied file is missing or malformed; the message names the file and what was expected."""
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Open a temporary file next to `path`; on a clean exit it atomically replaces `path`."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp_path)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory):
+    # Makes the rename itself durable; some filesystems do not allow opening a directory.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_json(data, path, save_pretty=False, sort_keys=False):
+    """Write JSON atomically: compact by default, indent 4 with `save_pretty` (as the original)."""
+    with atomic_write(path, "w") as f:
+        if save_pretty:
+            f.write(json.dumps(data, indent=4, sort_keys=sort_keys))
+        else:
+            json.dump(data, f)
+
+
+def save_jsonl(rows, path):
+    with atomic_write(path, "w") as f:
+        f.write("\n".join(json.dumps(row) for row in rows))
+
+
+def load_json(path):
+    if not os.path.isfile(path):
+        raise DataFileError(f"{path}: file not found")
+    with open(path, "r") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataFileError(f"{path}: invalid JSON ({e})") from None
+
+
+def load_jsonl(path):
+    """Read a JSON-lines file; a malformed line is reported with its 1-based line number."""
+    if not os.path.isfile(path):
+        raise DataFileError(f"{path}: file not found")
+    rows = []
+    with open(path, "r") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataFileError(f"{path}: line {line_no} is not valid JSON ({e})") from None
+    return rows
+
+
+def atomic_torch_save(obj, path):
+    """`torch.save` through `atomic_write` (the serialised bytes are built in memory first)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_write(path, "wb") as f:
+        f.write(buffer.getbuffer())
