@@ -94,3 +94,20 @@ def atomic_torch_save(obj, path):
     torch.save(obj, buffer)
     with atomic_write(path, "wb") as f:
         f.write(buffer.getbuffer())
+
+
+def make_code_zip(src_dir, zip_path, enclosing_dir="code", exclude_dirs=(), exclude_dirs_substring=None,
+                  exclude_extensions=()):
+    """Snapshot the code tree into `zip_path` (written atomically), as the original saves `code.zip`."""
+    import zipfile
+
+    src_dir = os.path.abspath(src_dir)
+    with atomic_write(zip_path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf:
+        for root, dirs, files in os.walk(src_dir):
+            dirs[:] = sorted(d for d in dirs if d not in exclude_dirs and not d.startswith(".")
+                             and not (exclude_dirs_substring and exclude_dirs_substring in d))
+            for name in sorted(files):
+                if name.endswith(tuple(exclude_extensions)):
+                    continue
+                path = os.path.join(root, name)
+                zf.write(path, os.path.join(enclosing_dir, os.path.relpath(path, src_dir)))
