@@ -1,0 +1,360 @@
+"""StartEndDataset: one item per query = the query, its GT video and candidate videos (SPEC §3).
+
+Training items (`is_eval=False`) hold the GT video followed by `neg_video_num` negatives drawn from the
+first-stage ranklist (shared normalization) and the GT (start, end) clip indices. Evaluation items
+(`is_eval=True`) hold the GT video (a dummy on test_public) followed by the first `inference_top_k`
+ranklist videos and their first-stage scores.
+
+Annotations are validated when the dataset is built (cheap checks only); features and ranklists are read
+lazily per item, through stores that each process opens for itself (see utils/feature_stores.py), so
+DataLoader workers need no special setup.
+"""
+import logging
+import math
+import numbers
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from utils.feature_stores import (FeatureStoreError, QueryFeatureStore, RanklistStore, SubtitleFeatureStore,
+                                  VideoFeatureStore)
+from utils.io_utils import load_json, load_jsonl
+
+logger = logging.getLogger(__name__)
+
+MODES = ("train", "val", "test_public")
+CTX_MODES = ("visual_sub", "visual")  # anything else is rejected up front [Q28]
+QUERY_TYPES = ("v", "t", "vt")
+VISUAL_TOKEN_ID = 0
+TEXT_TOKEN_ID = 1
+# The training file keeps only queries whose GT is in the first-stage top-100 ("select100").
+FIRST_STAGE_TOP = 100
+# test_public has no GT; the original puts this test_challenge video in slot 0 of every item [Q6].
+DUMMY_TEST_PUBLIC_VIDEO = "castle_s01e01_seg02_clip_20"
+_MAX_REPORTED_PROBLEMS = 5
+
+
+class DatasetError(ValueError):
+    """Bad annotations, ranklists or arguments; the message names the file, key and desc_id."""
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _moment_problem(ts, duration):
+    if not (isinstance(ts, (list, tuple)) and len(ts) == 2 and all(_is_number(t) for t in ts)):
+        return f"expected [start, end] seconds, found {ts!r}"
+    if not 0 <= ts[0] <= ts[1]:
+        return f"expected 0 <= start <= end, found {ts!r}"
+    if ts[1] > duration:
+        return f"moment {ts!r} ends after the video (duration {duration})"
+    return None
+
+
+def annotation_problems(rows, path, mode, video2idx, dset_name="tvr", single_moment=True):
+    """Cheap validity checks of annotation rows -> list of messages (empty when clean).
+
+    Every message names `path`, the row and desc_id. `single_moment` requires `ts` to be one
+    [start, end] pair (training labels); otherwise a list of pairs (DiDeMo style) is also accepted.
+    """
+    has_gt = mode != "test_public"
+    required = ("desc", "desc_id") + (("vid_name", "duration", "ts") if has_gt else ())
+    if has_gt and dset_name == "tvr":
+        required += ("type",)
+    problems = []
+    seen = {}
+    for i, row in enumerate(rows):
+        where = f"{path}: row {i} (desc_id {row.get('desc_id') if isinstance(row, dict) else None})"
+        if not isinstance(row, dict):
+            problems.append(f"{where}: expected a JSON object, found {type(row).__name__}")
+            continue
+        missing = [key for key in required if key not in row]
+        if missing:
+            problems.append(f"{where}: missing field(s) {missing} (a {mode} annotation needs {list(required)})")
+            continue
+        desc_id = row["desc_id"]
+        if not isinstance(desc_id, int) or isinstance(desc_id, bool):
+            problems.append(f"{where}: desc_id must be an int, found {desc_id!r}")
+        elif desc_id in seen:
+            problems.append(f"{where}: duplicated desc_id {desc_id} (first at row {seen[desc_id]})")
+        else:
+            seen[desc_id] = i
+        if "type" in row and row["type"] not in QUERY_TYPES:
+            problems.append(f"{where}: unknown type {row['type']!r}, expected one of {QUERY_TYPES}")
+        if not has_gt:
+            continue
+        if row["vid_name"] not in video2idx:
+            problems.append(f"{where}: vid_name {row['vid_name']!r} is not a video of split {mode!r}")
+        duration = row["duration"]
+        if not (_is_number(duration) and duration > 0):
+            problems.append(f"{where}: duration must be a positive number, found {duration!r}")
+            continue
+        ts = row["ts"]
+        multi = (not single_moment and isinstance(ts, list) and len(ts) > 0
+                 and all(isinstance(pair, (list, tuple)) for pair in ts))
+        for pair in (ts if multi else [ts]):
+            problem = _moment_problem(pair, duration)
+            if problem:
+                problems.append(f"{where}: ts {problem}")
+    return problems
+
+
+def st_ed_label(ts, n_clips, clip_length):
+    """GT [t0, t1] seconds -> inclusive clip indices (st, ed) on a video of n_clips (SPEC §3.2 step 5).
+
+    st = min(floor(t0/cl), n-1), ed = min(ceil(t1/cl) - 1, n-1), in double precision.
+    E.g. ts = [3.2, 7.6], cl = 1.5 -> (2, 5). Raises DatasetError unless 0 <= st <= ed <= n-1.
+    """
+    max_idx = n_clips - 1
+    st = min(math.floor(float(ts[0]) / clip_length), max_idx)
+    ed = min(math.ceil(float(ts[1]) / clip_length) - 1, max_idx)
+    if not 0 <= st <= ed <= max_idx:
+        raise DatasetError(f"ts {list(ts)} with clip_length {clip_length} on {n_clips} clips gives "
+                           f"(st, ed) = ({st}, {ed}); expected 0 <= st <= ed <= {max_idx}")
+    return st, ed
+
+
+class StartEndDataset(Dataset):
+    """Items {"meta": {...}, "model_inputs": {...}} of SPEC §3.1 for one split (`mode`)."""
+
+    def __init__(self, config, max_ctx_len=100, max_desc_len=30, clip_length=1.5, ctx_mode="visual_sub",
+                 is_eval=False, mode="train", neg_video_num=3, data_ratio=1, use_extend_pool=500,
+                 inference_top_k=10):
+        if mode not in MODES:
+            raise DatasetError(f"mode must be one of {MODES}, found {mode!r}")
+        if ctx_mode not in CTX_MODES:
+            raise DatasetError(f"ctx_mode must be one of {CTX_MODES}, found {ctx_mode!r}")
+        if mode == "test_public" and not is_eval:
+            raise DatasetError("mode 'test_public' has no ground truth: it can only be built with is_eval=True")
+        for name, value in (("max_ctx_len", max_ctx_len), ("max_desc_len", max_desc_len),
+                            ("inference_top_k", inference_top_k)):
+            if not (isinstance(value, int) and value >= 1):
+                raise DatasetError(f"{name} must be a positive int, found {value!r}")
+        if not (isinstance(neg_video_num, int) and neg_video_num >= 0):
+            raise DatasetError(f"neg_video_num must be an int >= 0, found {neg_video_num!r}")
+        if not (_is_number(clip_length) and clip_length > 0):
+            raise DatasetError(f"clip_length must be a positive number, found {clip_length!r}")
+
+        self.dset_name = config.dset_name
+        self.mode = mode
+        self.is_eval = is_eval
+        self.has_gt = mode != "test_public"
+        self.ctx_mode = ctx_mode
+        self.use_sub = "sub" in ctx_mode
+        self.max_ctx_len = max_ctx_len
+        self.max_desc_len = max_desc_len
+        self.clip_length = clip_length
+        self.neg_video_num = neg_video_num
+        self.data_ratio = data_ratio
+        self.use_extend_pool = use_extend_pool
+        self.inference_top_k = inference_top_k
+
+        self.data_path, ranklist_path = {
+            "train": (config.train_data_path, config.train_first_VR_ranklist_path),
+            "val": (config.eval_data_path, config.eval_first_VR_ranklist_path_hero),
+            "test_public": (config.test_data_path, config.test_public_first_VR_ranklist_path_hero),
+        }[mode]
+        self.query_data = load_jsonl(self.data_path)
+        if data_ratio != 1:
+            n_examples = int(len(self.query_data) * data_ratio)
+            self.query_data = self.query_data[:n_examples]
+            logger.info("Using %.1f%% of the data: %d examples", data_ratio * 100, n_examples)
+
+        self.video_duration_idx_path = config.video_duration_idx_path
+        video_splits = load_json(config.video_duration_idx_path)
+        if not isinstance(video_splits, dict) or mode not in video_splits:
+            raise DatasetError(f"{config.video_duration_idx_path}: no split {mode!r} "
+                               f"(expected {{split: {{vid_name: [duration, global_idx]}}}})")
+        self.video2idx = {name: int(dur_idx[1]) for name, dur_idx in video_splits[mode].items()}
+        self.idx2video = {idx: name for name, idx in self.video2idx.items()}
+
+        problems = annotation_problems(self.query_data, self.data_path, mode, self.video2idx, self.dset_name,
+                                       single_moment=not is_eval)
+        if problems:
+            more = len(problems) - _MAX_REPORTED_PROBLEMS
+            raise DatasetError("invalid annotations:\n  " + "\n  ".join(problems[:_MAX_REPORTED_PROBLEMS])
+                               + (f"\n  ... and {more} more" if more > 0 else ""))
+
+        self.query_store = QueryFeatureStore(config.desc_bert_path, max_len=max_desc_len)
+        self.video_store = VideoFeatureStore(config.vid_feat_path, max_len=max_ctx_len)
+        self.sub_store = SubtitleFeatureStore(config.sub_bert_path, max_len=max_ctx_len) if self.use_sub else None
+        self.ranklist_store = RanklistStore(ranklist_path)
+        self._dummy_stored = {}  # store kind -> whether it holds the test_public dummy (checked lazily)
+
+    def __len__(self):
+        return len(self.query_data)
+
+    def __getitem__(self, index):
+        try:
+            return self._build_item(self.query_data[index])
+        except (FeatureStoreError, DatasetError) as e:
+            raise DatasetError(f"{self._item_context(index)}: {e}") from None
+
+    def _item_context(self, index):
+        return f"{self.mode} item {index} (desc_id {self.query_data[index]['desc_id']})"
+
+    def _gt_name(self, row):
+        return row["vid_name"] if self.has_gt else DUMMY_TEST_PUBLIC_VIDEO
+
+    def _build_item(self, row):
+        desc_id = row["desc_id"]
+        gt_name = self._gt_name(row)
+        meta = dict(desc_id=desc_id, desc=row["desc"], vid_name=gt_name, ts=row.get("ts"))
+        model_inputs = dict(query=self._query_inputs(desc_id))
+
+        if self.is_eval:
+            candidate_names, model_inputs["inference_vr_scores"] = self._eval_candidates(desc_id)
+            video_names = [gt_name] + candidate_names
+        else:
+            ranked_names = self._names(self.ranklist_store.get(desc_id), desc_id)
+            video_names = [gt_name] + self._sample_negatives(ranked_names, gt_name, desc_id)
+        meta["sample_vid_name_list"] = video_names[1:]
+
+        placeholder_gt = not self.has_gt
+        model_inputs["visual"], n_gt_clips = self._video_inputs(video_names, self.video_store, VISUAL_TOKEN_ID,
+                                                               placeholder_gt)
+        if self.use_sub:
+            model_inputs["sub"], _ = self._video_inputs(video_names, self.sub_store, TEXT_TOKEN_ID, placeholder_gt)
+        if not self.is_eval:
+            st, ed = st_ed_label(row["ts"], n_gt_clips, self.clip_length)
+            model_inputs["st_ed_indices"] = torch.tensor([st, ed], dtype=torch.int64)
+        return dict(meta=meta, model_inputs=model_inputs)
+
+    def _eval_candidates(self, desc_id):
+        """-> (names of the first inference_top_k ranklist videos, their first-stage scores float32 (k,))."""
+        ranklist = self.ranklist_store.get(desc_id)
+        if len(ranklist) < self.inference_top_k:
+            raise DatasetError(f"ranklist {self.ranklist_store.path}: key {str(desc_id)!r} holds {len(ranklist)} "
+                               f"videos, expected at least inference_top_k={self.inference_top_k}")
+        candidates = ranklist[:self.inference_top_k]
+        scores = torch.tensor([score for _, score in candidates], dtype=torch.float32)
+        return self._names(candidates, desc_id), scores
+
+    def _names(self, ranklist, desc_id):
+        try:
+            return [self.idx2video[video_idx] for video_idx, _ in ranklist]
+        except KeyError as e:
+            raise DatasetError(f"ranklist {self.ranklist_store.path}: key {str(desc_id)!r} references video "
+                               f"index {e.args[0]}, which is not a video of split {self.mode!r} in "
+                               f"{self.video_duration_idx_path}") from None
+
+    def _sample_negatives(self, ranked_names, gt_name, desc_id):
+        """neg_video_num names drawn without replacement from the ranklist head, GT excluded (SPEC §3.2)."""
+        location = next((i for i, name in enumerate(ranked_names) if name == gt_name), FIRST_STAGE_TOP)
+        if self.mode == "train" and not location < FIRST_STAGE_TOP:
+            raise DatasetError(f"ranklist {self.ranklist_store.path}: GT video {gt_name!r} of desc_id {desc_id} "
+                               f"is not in the first {FIRST_STAGE_TOP} entries (the training file must hold "
+                               f"only such queries)")
+        pool = [name for name in ranked_names if name != gt_name][:location + self.use_extend_pool]
+        if len(pool) < self.neg_video_num:
+            raise DatasetError(f"ranklist {self.ranklist_store.path}: key {str(desc_id)!r} leaves a negative pool "
+                               f"of {len(pool)} videos, expected at least neg_video_num={self.neg_video_num}")
+        return random.sample(pool, k=self.neg_video_num)
+
+    def _query_inputs(self, desc_id):
+        features = self.query_store.get(desc_id)
+        feat = np.zeros((self.max_desc_len, features.shape[1]), dtype=np.float32)
+        feat[:len(features)] = features
+        mask = np.zeros(self.max_desc_len, dtype=np.int64)
+        mask[:len(features)] = 1
+        return dict(feat=torch.from_numpy(feat), feat_mask=torch.from_numpy(mask),
+                    feat_pos_id=torch.arange(self.max_desc_len, dtype=torch.int64),
+                    feat_token_id=torch.full((self.max_desc_len,), TEXT_TOKEN_ID, dtype=torch.int64))
+
+    def _video_inputs(self, video_names, store, token_id, placeholder_gt):
+        """Padded (N, L, D) features of `video_names` from `store` -> (inputs dict, GT row count).
+
+        With `placeholder_gt` (test_public) slot 0 is the dummy video, read if the store holds it; otherwise
+        it is one all-zero row. Slot 0 never affects test_public outputs: every video is encoded and scored
+        on its own at inference and SVMR (the only use of slot 0) needs a GT that test_public lacks.
+        """
+        rows_by_name = {}
+        rows = []
+        for i, name in enumerate(video_names):
+            if i == 0 and placeholder_gt and not self._stores_dummy(store):
+                rows.append(None)
+                continue
+            if name not in rows_by_name:
+                rows_by_name[name] = store.get(name)
+            rows.append(rows_by_name[name])
+        reference = next((r for r in rows if r is not None), None)
+        dim = reference.shape[1] if reference is not None else self._first_video_dim(store)
+        for name, r in zip(video_names, rows):
+            if r is not None and r.shape[1] != dim:
+                raise DatasetError(f"{store.kind} store {store.path}: video {name!r} has feature dim "
+                                   f"{r.shape[1]}, expected {dim} (dim of {video_names[0]!r})")
+        if rows[0] is None:
+            rows[0] = np.zeros((1, dim), dtype=np.float32)
+
+        n_videos, max_len = len(video_names), self.max_ctx_len
+        feat = np.zeros((n_videos, max_len, dim), dtype=np.float32)
+        mask = np.zeros((n_videos, max_len), dtype=np.int64)
+        for i, r in enumerate(rows):
+            feat[i, :len(r)] = r
+            mask[i, :len(r)] = 1
+        inputs = dict(feat=torch.from_numpy(feat), feat_mask=torch.from_numpy(mask),
+                      feat_pos_id=torch.arange(max_len, dtype=torch.int64).repeat(n_videos, 1),
+                      feat_token_id=torch.full((n_videos, max_len), token_id, dtype=torch.int64))
+        return inputs, len(rows[0])
+
+    def _stores_dummy(self, store):
+        if store.kind not in self._dummy_stored:
+            self._dummy_stored[store.kind] = DUMMY_TEST_PUBLIC_VIDEO in store
+        return self._dummy_stored[store.kind]
+
+    def _first_video_dim(self, store):
+        # The placeholder alone (cache encoding of the dummy) has no other video to take its dim from.
+        return store.get(next(iter(self.video2idx))).shape[1]
+
+    # Evaluation with a video-encoding cache (method/evaluation.py) reads queries and videos separately.
+
+    def eval_video_names(self, index):
+        """Names of the 1 + inference_top_k videos of evaluation item `index`, in item order (reads no features)."""
+        row = self.query_data[index]
+        try:
+            names, _ = self._eval_candidates(row["desc_id"])
+        except (FeatureStoreError, DatasetError) as e:
+            raise DatasetError(f"{self._item_context(index)}: {e}") from None
+        return [self._gt_name(row)] + names
+
+    def get_query_item(self, index):
+        """Evaluation item `index` without video features:
+        {"meta", "model_inputs": {"query", "inference_vr_scores"}}."""
+        if not self.is_eval:
+            raise DatasetError("get_query_item is for evaluation datasets (is_eval=True)")
+        row = self.query_data[index]
+        try:
+            names, scores = self._eval_candidates(row["desc_id"])
+            query = self._query_inputs(row["desc_id"])
+        except (FeatureStoreError, DatasetError) as e:
+            raise DatasetError(f"{self._item_context(index)}: {e}") from None
+        meta = dict(desc_id=row["desc_id"], desc=row["desc"], vid_name=self._gt_name(row), ts=row.get("ts"),
+                    sample_vid_name_list=names)
+        return dict(meta=meta, model_inputs=dict(query=query, inference_vr_scores=scores))
+
+    def get_video_inputs(self, vid_name):
+        """One video's slice of an evaluation item: {"visual": {feat (L, Dv), feat_mask, feat_pos_id,
+        feat_token_id (L,)}, "sub": {... (L, Dt)} if ctx_mode has sub}; the test_public dummy as in items."""
+        placeholder = not self.has_gt and vid_name == DUMMY_TEST_PUBLIC_VIDEO
+        try:
+            inputs = {"visual": self._video_inputs([vid_name], self.video_store, VISUAL_TOKEN_ID, placeholder)[0]}
+            if self.use_sub:
+                inputs["sub"] = self._video_inputs([vid_name], self.sub_store, TEXT_TOKEN_ID, placeholder)[0]
+        except (FeatureStoreError, DatasetError) as e:
+            raise DatasetError(f"{self.mode} video {vid_name!r}: {e}") from None
+        return {modality: {key: value[0] for key, value in tensors.items()} for modality, tensors in inputs.items()}
+
+
+def start_end_collate(batch):
+    """List of items -> (meta list, model_inputs with a leading batch dim on every tensor, SPEC §3.4)."""
+    return [item["meta"] for item in batch], default_collate([item["model_inputs"] for item in batch])
+
+
+def prepare_batch_inputs(model_inputs, device, non_blocking=False):
+    """Copy of the (nested dict of tensors) batch with every tensor moved to `device`."""
+    return {key: (prepare_batch_inputs(value, device, non_blocking) if isinstance(value, dict)
+                  else value.to(device, non_blocking=non_blocking))
+            for key, value in model_inputs.items()}

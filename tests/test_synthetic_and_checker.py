@@ -1,0 +1,270 @@
+"""Synthetic TVR corpus (layout, determinism, ranklist quality, learnable signal) and the data checker."""
+import filecmp
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import lmdb
+import numpy as np
+import pytest
+
+from method.dataset import DUMMY_TEST_PUBLIC_VIDEO, StartEndDataset, st_ed_label
+from utils import check_data, synthetic_tvr
+from utils.data_config import PATH_KEYS, load_data_config
+from utils.feature_stores import (QueryFeatureStore, RanklistStore, SubtitleFeatureStore, VideoFeatureStore,
+                                  close_store, encode_ranklist, encode_video_features)
+from utils.io_utils import load_json, load_jsonl, save_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_DIR = os.path.join(REPO, "tests", "data", "tvr_sample")
+SPLITS = {"train": ("train_data_path", "train_first_VR_ranklist_path"),
+          "val": ("eval_data_path", "eval_first_VR_ranklist_path_hero"),
+          "test_public": ("test_data_path", "test_public_first_VR_ranklist_path_hero")}
+
+
+def _gt_ranks(config, split):
+    data_key, ranklist_key = SPLITS[split]
+    video2idx = {name: v[1] for name, v in load_json(config.video_duration_idx_path)[split].items()}
+    store = RanklistStore(config[ranklist_key])
+    ranks = []
+    for row in load_jsonl(config[data_key]):
+        indices = [idx for idx, _ in store.get(row["desc_id"])]
+        gt = video2idx[row["vid_name"]]
+        ranks.append(indices.index(gt) if gt in indices else len(indices) + 10 ** 6)
+    return np.array(ranks)
+
+
+def test_layout_splits_and_sizes(tiny_corpus):
+    config = load_data_config(tiny_corpus)
+    release = json.load(open(os.path.join(REPO, "config", "tvr_data_config.json")))
+    saved = json.load(open(tiny_corpus))
+    assert saved == dict(release, root_path=os.path.dirname(tiny_corpus))
+    assert all(os.path.exists(config[key]) for key in PATH_KEYS)
+
+    splits = load_json(config.video_duration_idx_path)
+    assert list(splits) == ["test_challenge", "test_public", "train", "val"]
+    assert splits["test_challenge"][DUMMY_TEST_PUBLIC_VIDEO][1] == 0
+    indices = [v[1] for split in splits.values() for v in split.values()]
+    assert sorted(indices) == list(range(len(indices)))  # global and disjoint
+    sizes = {split: len(videos) for split, videos in splits.items()}
+    assert sizes == dict(test_challenge=1, test_public=16, train=24, val=20)
+
+    train, val = load_jsonl(config.train_data_path), load_jsonl(config.eval_data_path)
+    test = load_jsonl(config.test_data_path)
+    assert (len(train), len(val), len(test)) == (48, 24, 12)
+    assert set(val[0]) == {"vid_name", "duration", "ts", "desc", "type", "desc_id"}
+    assert all(set(row) == {"desc", "desc_id"} for row in test)
+    assert len({row["desc_id"] for row in train + val + test}) == 84
+
+    durations = [v[0] for split in ("train", "val", "test_public") for v in splits[split].values()]
+    assert 15.0 <= min(durations) and max(durations) <= 45.0
+    video = VideoFeatureStore(config.vid_feat_path, dim=12)
+    sub = SubtitleFeatureStore(config.sub_bert_path, dim=8)
+    for name, (duration, _) in splits["val"].items():
+        assert len(video.get(name)) == len(sub.get(name)) == int(np.ceil(duration / 1.5))
+    assert QueryFeatureStore(config.desc_bert_path, dim=8).get(val[0]["desc_id"]).shape[1] == 8
+
+
+def test_ranklists_have_release_shape_and_scores_descend(tiny_corpus):
+    config = load_data_config(tiny_corpus)
+    for split, (_, ranklist_key) in SPLITS.items():
+        store = RanklistStore(config[ranklist_key])
+        n_videos = len(load_json(config.video_duration_idx_path)[split])
+        for desc_id in store.keys():
+            ranklist = store.get(desc_id)
+            assert len(ranklist) == min(100 if split != "train" else 2000, n_videos)
+            scores = [score for _, score in ranklist]
+            assert scores == sorted(scores, reverse=True)
+    assert (_gt_ranks(config, "train") < 100).all()  # select100
+
+
+def test_ranklist_quality_is_realistic(tmp_path):
+    config = load_data_config(synthetic_tvr.generate_corpus(
+        tmp_path, n_train_videos=20, n_val_videos=150, n_test_videos=10, n_train_queries=10, n_val_queries=1500,
+        n_test_queries=5, visual_dim=4, text_dim=4, query_dim=4))
+    ranks = _gt_ranks(config, "val")
+    assert 0.15 < (ranks < 1).mean() < 0.25
+    assert 0.42 < (ranks < 10).mean() < 0.58
+    assert 0.94 < (ranks < 100).mean() < 1.0
+
+
+def _store_items(path):
+    env = lmdb.open(path, readonly=True, lock=False)
+    with env.begin() as txn:
+        items = list(txn.cursor().iternext())
+    env.close()
+    return items
+
+
+def test_generation_is_deterministic_under_seed(tmp_path, tiny_corpus, tiny_corpus_kwargs):
+    again = synthetic_tvr.generate_corpus(tmp_path / "again", **tiny_corpus_kwargs)
+    other = synthetic_tvr.generate_corpus(tmp_path / "other", **dict(tiny_corpus_kwargs, seed=1))
+    first, second, third = (load_data_config(path) for path in (tiny_corpus, again, other))
+    for key in ("train_data_path", "eval_data_path", "test_data_path", "video_duration_idx_path"):
+        assert filecmp.cmp(first[key], second[key], shallow=False), key
+    for key in ("desc_bert_path", "vid_feat_path", "sub_bert_path", "train_first_VR_ranklist_path"):
+        close_store(first[key])
+        assert _store_items(first[key]) == _store_items(second[key]), key
+        assert _store_items(first[key]) != _store_items(third[key]), key
+
+
+def _ridge_localiser_recall(config, rng_seed=0):
+    """SVMR R1@IoU0.5 on val of a linear map fitted on train (GT clip features -> mean query token),
+    localising by the best span of clips scored against the query; and of random spans."""
+    video, sub = VideoFeatureStore(config.vid_feat_path), SubtitleFeatureStore(config.sub_bert_path)
+    query = QueryFeatureStore(config.desc_bert_path)
+
+    def clips(name):
+        return np.concatenate([video.get(name), sub.get(name)], axis=1)
+
+    inputs, targets = [], []
+    for row in load_jsonl(config.train_data_path):
+        features = clips(row["vid_name"])
+        st, ed = st_ed_label(row["ts"], len(features), 1.5)
+        inputs.append(features[st:ed + 1].mean(0))
+        targets.append(query.get(row["desc_id"]).mean(0))
+    inputs, targets = np.array(inputs), np.array(targets)
+    weights = np.linalg.solve(inputs.T @ inputs + np.eye(inputs.shape[1]), inputs.T @ targets)
+
+    def iou(a, b):
+        union = max(a[1], b[1]) - min(a[0], b[0])
+        return max(0.0, min(a[1], b[1]) - max(a[0], b[0])) / union
+
+    rng = np.random.default_rng(rng_seed)
+    rows = load_jsonl(config.eval_data_path)
+    hits = random_hits = 0
+    for row in rows:
+        scores = clips(row["vid_name"]) @ weights @ query.get(row["desc_id"]).mean(0)
+        z = (scores - scores.mean()) / (scores.std() + 1e-9) - 0.5
+        prefix = np.concatenate([[0.0], np.cumsum(z)])
+        span_sums = prefix[None, 1:] - prefix[:-1, None]  # [st, ed] -> sum of z[st..ed]
+        span_sums[np.tril_indices(len(z), -1)] = -np.inf
+        st, ed = np.unravel_index(np.argmax(span_sums), span_sums.shape)
+        hits += iou((st * 1.5, (ed + 1) * 1.5), row["ts"]) >= 0.5
+        rst = int(rng.integers(len(z)))
+        random_hits += iou((rst * 1.5, (min(len(z) - 1, rst + int(rng.integers(1, 8))) + 1) * 1.5), row["ts"]) >= 0.5
+    return hits / len(rows), random_hits / len(rows)
+
+
+def test_planted_signal_is_learnable_and_noise_tunable(tmp_path):
+    sizes = dict(n_train_videos=100, n_val_videos=40, n_test_videos=10, n_train_queries=400, n_val_queries=120,
+                 n_test_queries=5)
+    clean = load_data_config(synthetic_tvr.generate_corpus(tmp_path / "clean", **sizes))
+    recall, random_recall = _ridge_localiser_recall(clean)
+    assert recall > 0.35 and recall > 4 * random_recall
+    assert recall < 0.95  # not trivial for a linear model
+    noisy = load_data_config(synthetic_tvr.generate_corpus(tmp_path / "noisy", noise=8.0, **sizes))
+    assert _ridge_localiser_recall(noisy)[0] < recall - 0.15
+
+
+def test_real_annotations_mode(tmp_path):
+    config_path = synthetic_tvr.generate_corpus(tmp_path, real_annotations=SAMPLE_DIR, n_train_videos=12,
+                                                n_train_queries=30)
+    config = load_data_config(config_path)
+    assert load_jsonl(config.eval_data_path) == load_jsonl(os.path.join(SAMPLE_DIR, "tvr_val_release.jsonl"))
+    assert load_jsonl(config.test_data_path) == load_jsonl(os.path.join(SAMPLE_DIR, "tvr_test_public_release.jsonl"))
+    real = load_json(os.path.join(SAMPLE_DIR, "tvr_video2dur_idx.json"))
+    written = load_json(config.video_duration_idx_path)
+    assert written["val"] == real["val"] and written["test_public"] == real["test_public"]
+    assert written["test_challenge"] == {DUMMY_TEST_PUBLIC_VIDEO: real["test_challenge"][DUMMY_TEST_PUBLIC_VIDEO]}
+    assert list(written["train"].items()) == sorted(real["train"].items(), key=lambda kv: kv[1][1])[:12]
+    train_ids = {row["desc_id"] for row in load_jsonl(config.train_data_path)}
+    real_ids = {row["desc_id"] for row in load_jsonl(config.eval_data_path) + load_jsonl(config.test_data_path)}
+    assert len(train_ids) == 30 and not train_ids & real_ids
+    counts, problems = check_data.check_corpus(config_path)
+    assert problems == [] and counts["val"]["queries"] == 50
+    item = StartEndDataset(config, mode="test_public", is_eval=True)[0]
+    assert item["model_inputs"]["visual"]["feat_mask"][0].sum() == 62  # the dummy (91.56 s) is stored
+
+
+def test_cli_writes_a_corpus_that_the_checker_passes(tmp_path, capsys):
+    synthetic_tvr.main(["--out_dir", str(tmp_path), "--n_train_videos", "12", "--n_val_videos", "12",
+                        "--n_test_videos", "12", "--n_train_queries", "10", "--n_val_queries", "10",
+                        "--n_test_queries", "10", "--visual_dim", "5", "--seed", "3"])
+    out = capsys.readouterr().out
+    assert f"--dataset_config {tmp_path}/tvr_data_config.json --visual_dim 5 --text_dim 32 --query_dim 32" in out
+    result = subprocess.run([sys.executable, "-m", "utils.check_data", "--dataset_config",
+                             str(tmp_path / "tvr_data_config.json")], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "val: 10 queries, 12 videos, 0 problems" in result.stdout and "OK" in result.stdout
+
+
+def test_checker_passes_the_clean_tiny_corpus(tiny_corpus, capsys):
+    assert check_data.main(["--dataset_config", tiny_corpus]) == 0
+    assert "train: 48 queries" in capsys.readouterr().out
+
+
+@pytest.fixture
+def broken_corpus(tmp_path, tiny_corpus):
+    """A copy of the tiny corpus with one planted problem of each kind -> (config path, expected messages)."""
+    root = tmp_path / "broken"
+    shutil.copytree(os.path.dirname(tiny_corpus), root)
+    config_path = str(root / "tvr_data_config.json")
+    with open(config_path) as f:
+        saved = json.load(f)
+    saved["root_path"] = str(root)
+    with open(config_path, "w") as f:
+        json.dump(saved, f)
+    config = load_data_config(config_path)
+    train, val = load_jsonl(config.train_data_path), load_jsonl(config.eval_data_path)
+    splits = load_json(config.video_duration_idx_path)
+
+    def edit_store(path, edit):
+        close_store(path)
+        env = lmdb.open(path)
+        with env.begin(write=True) as txn:
+            edit(txn)
+        env.close()
+
+    no_query, no_ranklist, foreign, short = val[0]["desc_id"], val[1]["desc_id"], val[2]["desc_id"], val[3]["desc_id"]
+    nan_video = train[0]["vid_name"]
+    wrong_dim_video = next(name for name in splits["val"] if name not in {row["vid_name"] for row in val[:4]})
+    edit_store(config.desc_bert_path, lambda txn: txn.delete(str(no_query).encode()))
+    edit_store(config.eval_first_VR_ranklist_path_hero, lambda txn: (
+        txn.delete(str(no_ranklist).encode()),
+        txn.put(str(foreign).encode(), encode_ranklist([(0, 1.0)] + [(idx, 0.5) for _, idx in splits["val"].values()])),
+        txn.put(str(short).encode(), encode_ranklist([(idx, 0.5) for _, idx in list(splits["val"].values())[:3]]))))
+    nan_features = np.ones((4, 12), np.float32)
+    nan_features[1, 2] = np.nan
+    edit_store(config.vid_feat_path, lambda txn: (
+        txn.put(nan_video.encode(), encode_video_features(nan_features)),
+        txn.put(wrong_dim_video.encode(), encode_video_features(np.ones((4, 13), np.float32)))))
+    train[1]["ts"] = [1.0, train[1]["duration"] + 5]
+    save_jsonl(train, config.train_data_path)
+    expected = [
+        rf"query store .*: key '{no_query}' not found",
+        rf"ranklist store .*tvr_val_top100_hero: key '{no_ranklist}' not found",
+        rf"key '{foreign}': 1 video indices are not videos of split 'val' \(first: \[0\]\)",
+        rf"key '{short}': 3 entries, expected at least max_vcmr_video=10",
+        rf"video store .*: key '{nan_video}': expected finite values, found NaN/inf in row 1",
+        rf"video store .*: key '{wrong_dim_video}' has feature dim 13, while \d+ keys have dim 12",
+        rf"tvr_train_select100_release.jsonl: row 1 \(desc_id {train[1]['desc_id']}\): ts moment .* ends after",
+    ]
+    return config_path, expected
+
+
+def test_checker_finds_every_planted_problem(broken_corpus, capsys):
+    config_path, expected = broken_corpus
+    counts, problems = check_data.check_corpus(config_path)
+    assert len(problems) == len(expected), "\n".join(problems)
+    for pattern in expected:
+        assert any(re.search(pattern, p) for p in problems), (pattern, problems)
+    assert counts["train"]["problems"] == 2 and counts["val"]["problems"] == 4
+    assert check_data.main(["--dataset_config", config_path, "--max_problems", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "7 problem(s); the first 2:" in out and out.count("\n  - ") == 2
+
+
+def test_checker_reports_a_missing_store_and_a_bad_config(tmp_path, tiny_corpus):
+    root = tmp_path / "copy"
+    shutil.copytree(os.path.dirname(tiny_corpus), root)
+    saved = json.load(open(root / "tvr_data_config.json"))
+    json.dump(dict(saved, root_path=str(root)), open(root / "tvr_data_config.json", "w"))
+    shutil.rmtree(root / "video_feature")
+    counts, problems = check_data.check_corpus(str(root / "tvr_data_config.json"), splits=["val"])
+    assert len(problems) == 1 and "video store" in problems[0] and "resnet_slowfast_1.5" in problems[0]
+    missing = tmp_path / "nope.json"
+    assert check_data.check_corpus(str(missing))[1] == [f"data config {missing}: file not found"]

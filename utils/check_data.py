@@ -1,0 +1,163 @@
+"""Check a TVR-format corpus before training on it: every problem is reported with its file and key.
+
+    python -m utils.check_data --dataset_config config/tvr_data_config.json [--splits train val test_public]
+
+Checks: the data config loads; every store opens; every annotation is well formed (fields, type, unique
+desc_id, ts inside the video); every desc_id has query features and a ranklist; ranklists reference only
+videos of their split, hold at least --max_vcmr_video entries on val/test_public and (train) rank the GT in
+the top 100; every annotated or ranked video has visual (and subtitle) features; feature values are finite
+and dims agree across keys. Exit status 0 only when no problem is found.
+"""
+import argparse
+import collections
+import sys
+
+from tqdm import tqdm
+
+from method.dataset import FIRST_STAGE_TOP, MODES, annotation_problems
+from utils.data_config import DataConfigError, load_data_config
+from utils.feature_stores import (FeatureStoreError, QueryFeatureStore, RanklistStore, SubtitleFeatureStore,
+                                  VideoFeatureStore)
+from utils.io_utils import DataFileError, load_json, load_jsonl
+
+_SPLIT_KEYS = {
+    "train": ("train_data_path", "train_first_VR_ranklist_path"),
+    "val": ("eval_data_path", "eval_first_VR_ranklist_path_hero"),
+    "test_public": ("test_data_path", "test_public_first_VR_ranklist_path_hero"),
+}
+
+
+class _FeatureCheck:
+    """Reads every key of one feature store once, remembering problems and which dim each key has."""
+
+    def __init__(self, store):
+        self.store = store
+        self.keys_by_dim = collections.defaultdict(list)
+        self.checked = set()
+
+    def check(self, key, problems):
+        if key in self.checked:
+            return
+        self.checked.add(key)
+        try:
+            self.keys_by_dim[self.store.get(key).shape[1]].append(key)
+        except FeatureStoreError as e:
+            problems.append(str(e))
+
+    def dim_problems(self):
+        if len(self.keys_by_dim) <= 1:
+            return []
+        majority = max(self.keys_by_dim, key=lambda d: len(self.keys_by_dim[d]))
+        return [f"{self.store.kind} store {self.store.path}: key {key!r} has feature dim {dim}, while "
+                f"{len(self.keys_by_dim[majority])} keys have dim {majority}"
+                for dim, keys in self.keys_by_dim.items() if dim != majority for key in keys]
+
+
+def _open(store_class, path, problems):
+    try:
+        store = store_class(path)
+        len(store)  # forces the LMDB open
+        return store
+    except FeatureStoreError as e:
+        problems.append(str(e))
+        return None
+
+
+def check_corpus(dataset_config, splits=MODES, max_vcmr_video=10, ctx_mode="visual_sub"):
+    """-> (counts per split {split: {"queries", "videos", "problems"}}, list of problem messages)."""
+    problems = []
+    try:
+        config = load_data_config(dataset_config)
+        video_splits = load_json(config.video_duration_idx_path)
+    except (DataConfigError, DataFileError) as e:
+        return {}, [str(e)]
+
+    query_store = _open(QueryFeatureStore, config.desc_bert_path, problems)
+    video_store = _open(VideoFeatureStore, config.vid_feat_path, problems)
+    sub_store = _open(SubtitleFeatureStore, config.sub_bert_path, problems) if "sub" in ctx_mode else None
+    feature_checks = [_FeatureCheck(store) for store in (video_store, sub_store) if store is not None]
+    query_check = _FeatureCheck(query_store) if query_store is not None else None
+
+    counts = {}
+    for split in splits:
+        n_before = len(problems)
+        data_key, ranklist_key = _SPLIT_KEYS[split]
+        if split not in video_splits:
+            problems.append(f"{config.video_duration_idx_path}: no split {split!r}")
+            counts[split] = dict(queries=0, videos=0, problems=len(problems) - n_before)
+            continue
+        video2idx = {name: int(dur_idx[1]) for name, dur_idx in video_splits[split].items()}
+        idx2video = {idx: name for name, idx in video2idx.items()}
+        try:
+            rows = load_jsonl(config[data_key])
+        except DataFileError as e:
+            problems.append(str(e))
+            rows = []
+        problems.extend(annotation_problems(rows, config[data_key], split, video2idx, config.dset_name,
+                                            single_moment=split == "train"))
+        rows = [row for row in rows if isinstance(row, dict) and "desc_id" in row]
+
+        videos = {row["vid_name"] for row in rows if row.get("vid_name") in video2idx}
+        ranklist_store = _open(RanklistStore, config[ranklist_key], problems)
+        for row in tqdm(rows, desc=f"{split}: queries and ranklists", disable=not rows):
+            desc_id = row["desc_id"]
+            if query_check is not None:
+                query_check.check(desc_id, problems)
+            if ranklist_store is not None:
+                videos.update(_ranklist_problems(ranklist_store, row, split, idx2video, max_vcmr_video, problems))
+        for name in tqdm(sorted(videos), desc=f"{split}: video features", disable=not videos):
+            for feature_check in feature_checks:
+                feature_check.check(name, problems)
+        counts[split] = dict(queries=len(rows), videos=len(videos), problems=len(problems) - n_before)
+
+    for check in feature_checks + ([query_check] if query_check else []):
+        problems.extend(check.dim_problems())
+    return counts, problems
+
+
+def _ranklist_problems(store, row, split, idx2video, max_vcmr_video, problems):
+    """Append the problems of one query's ranklist -> names of the split's videos it references."""
+    desc_id = row["desc_id"]
+    where = f"ranklist store {store.path}: key {str(desc_id)!r}"
+    try:
+        ranklist = store.get(desc_id)
+    except FeatureStoreError as e:
+        problems.append(str(e))
+        return []
+    foreign = [idx for idx, _ in ranklist if idx not in idx2video]
+    if foreign:
+        problems.append(f"{where}: {len(foreign)} video indices are not videos of split {split!r} "
+                        f"(first: {foreign[:5]})")
+    if split != "train" and len(ranklist) < max_vcmr_video:
+        problems.append(f"{where}: {len(ranklist)} entries, expected at least max_vcmr_video={max_vcmr_video}")
+    names = [idx2video[idx] for idx, _ in ranklist if idx in idx2video]
+    if split == "train" and row.get("vid_name") not in names[:FIRST_STAGE_TOP]:
+        problems.append(f"{where}: GT video {row.get('vid_name')!r} is not in the first {FIRST_STAGE_TOP} "
+                        f"entries (training queries must be)")
+    return names
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset_config", required=True, help="data config JSON (e.g. config/tvr_data_config.json)")
+    parser.add_argument("--splits", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--max_problems", type=int, default=20, help="problems printed (all are counted)")
+    parser.add_argument("--max_vcmr_video", type=int, default=10, help="minimum ranklist length on val/test_public")
+    parser.add_argument("--ctx_mode", choices=("visual_sub", "visual"), default="visual_sub",
+                        help="visual: the subtitle store is not needed")
+    args = parser.parse_args(argv)
+
+    counts, problems = check_corpus(args.dataset_config, args.splits, args.max_vcmr_video, args.ctx_mode)
+    for split, count in counts.items():
+        print(f"{split}: {count['queries']} queries, {count['videos']} videos, {count['problems']} problems")
+    if problems:
+        print(f"\n{len(problems)} problem(s); the first {min(len(problems), args.max_problems)}:")
+        for problem in problems[:args.max_problems]:
+            print(f"  - {problem}")
+        return 1
+    print("OK: no problems found")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
