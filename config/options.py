@@ -232,6 +232,9 @@ class BaseOptions:
         if opt.stop_task not in opt.eval_tasks_at_training:
             raise OptionError(f"--stop_task {opt.stop_task} must be one of --eval_tasks_at_training "
                               f"{' '.join(opt.eval_tasks_at_training)}")
+        if "tasks" not in opt and not opt.disable_eval and opt.eval_split_name != "val":
+            raise OptionError(f"--eval_split_name {opt.eval_split_name}: training evaluates (for early stopping) "
+                              "on a split with ground truth; use val, or --disable_eval")
         tasks = opt.get("tasks", opt.eval_tasks_at_training if not opt.disable_eval else [])
         if opt.similarity_measure == "general" and not opt.use_interal_vr_scores and {"VR", "VCMR"} & set(tasks):
             raise OptionError("--similarity_measure general ranks videos by the first-stage scores, so it needs "

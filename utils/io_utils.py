@@ -28,12 +28,20 @@ def atomic_write(path, mode="wb"):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
+        os.chmod(tmp_path, 0o666 & ~_current_umask())
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp_path)
         raise
     _fsync_directory(directory)
+
+
+def _current_umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _fsync_directory(directory):

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# CONQUER, exclusive similarity (video-scoring head), shared-normalization training, with the query and
+# video encoders initialised from a first-stage checkpoint.
+#   bash scripts/train_sharednorm_exclusive_pretrain.sh EXP_ID GPU|cpu \
+#        --encoder_pretrain_ckpt_filepath FIRST_STAGE_RUN/model.ckpt [extra train.py flags]
+# (or edit PRETRAIN_CKPT below). Unlike the original script, extra flags do reach train.py.
+set -euo pipefail
+source "$(dirname "$0")/_common.sh"
+require_exp_and_gpu "$@"
+use_device "$2"
+cd "$REPO_ROOT"
+
+PLACEHOLDER_CKPT=path/to/first_stage_trained_model/model.ckpt
+PRETRAIN_CKPT=${PRETRAIN_CKPT:-$PLACEHOLDER_CKPT}
+pretrain_given=no
+for arg in "${@:3}"; do
+  [[ "$arg" == --encoder_pretrain_ckpt_filepath || "$arg" == --encoder_pretrain_ckpt_filepath=* ]] && pretrain_given=yes
+done
+if [[ $pretrain_given == no && "$PRETRAIN_CKPT" == "$PLACEHOLDER_CKPT" ]]; then
+  die "no first-stage checkpoint: pass --encoder_pretrain_ckpt_filepath PATH/model.ckpt (or set PRETRAIN_CKPT)"
+fi
+
+exec "$PYTHON" train.py \
+  --dataset_config config/tvr_data_config.json \
+  --model_config config/model_config.json \
+  --stop_task VCMR \
+  --eval_tasks_at_training VCMR SVMR VR \
+  --bsz 16 \
+  --use_extend_pool 1000 \
+  --neg_video_num 3 \
+  --exp_id "$1" \
+  --eval_query_bsz 5 \
+  --max_vcmr_video 10 \
+  --num_workers 8 \
+  --similarity_measure exclusive \
+  --encoder_pretrain_ckpt_filepath "$PRETRAIN_CKPT" \
+  "${DEVICE_FLAGS[@]}" \
+  "${@:3}"

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# CONQUER, general similarity, shared-normalization training (3 negatives from an extended pool of 1000).
+#   bash scripts/train_sharednorm_general.sh EXP_ID GPU|cpu [extra train.py flags, which override these]
+set -euo pipefail
+source "$(dirname "$0")/_common.sh"
+require_exp_and_gpu "$@"
+use_device "$2"
+cd "$REPO_ROOT"
+
+exec "$PYTHON" train.py \
+  --dataset_config config/tvr_data_config.json \
+  --model_config config/model_config.json \
+  --stop_task VCMR \
+  --eval_tasks_at_training VCMR SVMR VR \
+  --use_interal_vr_scores \
+  --bsz 16 \
+  --use_extend_pool 1000 \
+  --neg_video_num 3 \
+  --exp_id "$1" \
+  --eval_query_bsz 5 \
+  --max_vcmr_video 10 \
+  --num_workers 8 \
+  "${DEVICE_FLAGS[@]}" \
+  "${@:3}"

@@ -1,0 +1,513 @@
+"""Train CONQUER (SPEC §8).
+
+    python train.py --dataset_config config/tvr_data_config.json --model_config config/model_config.json \
+        --exp_id my_run [--device -1] [...]            # or one of the scripts/train_*.sh recipes
+    python train.py --resume RESULTS/tvr-my_run-<time> [--n_epoch 60]   # continue a run
+
+The run directory (`<results_root>/<dset>-<exp_id>-<time>`) receives opt.json, code.zip, train.log.txt,
+eval.log.txt, tensorboard_log/, run.log (everything logged), model.ckpt (best evaluation), the latest_* /
+best_* prediction and metrics files, and last.ckpt (written atomically at the end of every epoch; what
+--resume continues from). A resumed run keeps its opt.json options, overridden by the flags given with
+--resume (e.g. a larger --n_epoch); the optimizer, including its learning rates, comes from last.ckpt;
+log lines written after last.ckpt (an unfinished epoch) are cut off, and that epoch runs again.
+
+Reproducibility: the train loader shuffles with its own torch.Generator and python `random` (used by
+negative sampling) is reseeded, both from (seed, epoch), at the start of every epoch; evaluation runs
+with the RNG states saved and restored around it. An epoch's batches and negatives therefore depend
+only on the seed and the epoch number, and a run resumed from last.ckpt (which also holds the model,
+optimizer, torch/numpy/python RNG states and early-stopping state) ends bitwise identical to an
+uninterrupted one on the CPU. With worker processes the negatives are drawn in the workers from seeds
+derived from the same generator: reproducible for a given --num_workers, but not the same draws as with
+--num_workers 0.
+"""
+import contextlib
+import itertools
+import json
+import logging
+import os
+import pprint
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+from easydict import EasyDict
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from config.options import BaseOptions, OptionError
+from method.checkpoint import build_model, load_checkpoint, load_encoder_pretrain, load_model_weights, save_checkpoint
+from method.dataset import StartEndDataset, prepare_batch_inputs, start_end_collate
+from method.evaluation import eval_epoch
+from method.optimization import apply_warmup, build_optimizer, clip_gradients, warmup_steps_for
+from utils.data_config import load_data_config
+from utils.io_utils import load_json
+
+logger = logging.getLogger("train")
+
+TIME_FORMAT = "%Y_%m_%d_%H_%M_%S"
+TRAIN_LOG_LINE = "{time_str} [Epoch] {epoch:03d} [Loss] {loss_str}\n"
+EVAL_LOG_LINE = "{time_str} [Epoch] {epoch:03d} [Metrics] {metrics_str}\n"
+LOSS_NAMES = ("moment_ce_loss", "video_ce_loss", "loss_overall")
+RUN_LOG_FILENAME = "run.log"
+
+# --debug: a small run that still trains and evaluates for real.
+DEBUG_N_EPOCH = 2
+DEBUG_BATCHES_PER_EPOCH = 3
+DEBUG_EVAL_QUERIES = 10
+
+# Independent random streams derived from (seed, epoch).
+SAMPLER_STREAM, NEGATIVES_STREAM, EVALUATION_STREAM = 0, 1, 2
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or continue as asked; the message says why and what to do."""
+
+
+class AverageMeter:
+    """Running mean of a scalar, summed in the order the values arrive (as the original)."""
+
+    def __init__(self):
+        self.sum, self.count = 0.0, 0
+
+    def update(self, value):
+        self.sum += value
+        self.count += 1
+
+    @property
+    def avg(self):
+        return self.sum / self.count if self.count else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# randomness
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def stream_seed(seed, epoch, stream):
+    """A 32-bit seed for one random stream of one epoch, independent of everything that ran before."""
+    return int(np.random.SeedSequence([seed % 2 ** 32, epoch + 1, stream]).generate_state(1)[0])
+
+
+def seed_worker(worker_id):
+    # The DataLoader gives each worker torch seed base_seed + worker_id, with base_seed drawn from the
+    # loader's generator; python `random` (negative sampling) and numpy follow it.
+    worker_seed = torch.initial_seed() % 2 ** 32
+    random.seed(worker_seed)
+    np.random.seed(worker_seed)
+
+
+def capture_rng_state():
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        # Plain Python values, so the checkpoint loads without unpickling numpy objects.
+        "numpy": (numpy_state[0], numpy_state[1].tolist()) + tuple(numpy_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state):
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def isolated_rng(seed):
+    """Run a block with python/numpy/torch RNGs seeded from `seed`, then put the previous states back,
+    so evaluation never shifts the random streams of training."""
+    saved = capture_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        restore_rng_state(saved)
+
+
+# ----------------------------------------------------------------------------------------------------
+# logging
+
+class TqdmHandler(logging.Handler):
+    """Console logging that does not break the progress bars; records logged with
+    `extra={"file_only": True}` (e.g. the model printout) go to run.log only."""
+
+    def filter(self, record):
+        return not getattr(record, "file_only", False) and super().filter(record)
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(run_dir):
+    """Log INFO to the console and to `<run_dir>/run.log` (appended); returns the handlers to remove."""
+    formatter = logging.Formatter("%(asctime)s.%(msecs)03d:%(levelname)s:%(name)s - %(message)s",
+                                  datefmt="%Y-%m-%d %H:%M:%S")
+    console = TqdmHandler(level=logging.INFO)
+    log_file = logging.FileHandler(os.path.join(run_dir, RUN_LOG_FILENAME), mode="a")
+    root = logging.getLogger()
+    for handler in (console, log_file):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return [console, log_file]
+
+
+def append_line(path, text):
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def file_size(path):
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# setup
+
+def check_training_options(opt):
+    if not opt.disable_eval and opt.eval_split_name != "val":
+        raise OptionError(f"--eval_split_name {opt.eval_split_name}: training evaluates on a split with ground "
+                          "truth to pick the best checkpoint and stop early, so it needs --eval_split_name val "
+                          "(or --disable_eval)")
+    if opt.device.type == "cpu" and opt.amp == "fp16":
+        raise OptionError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+
+
+class FirstQueries(torch.utils.data.Dataset):
+    """The first `n` queries of an evaluation dataset (--debug), with the dataset's attributes."""
+
+    def __init__(self, dataset, n):
+        self.dataset = dataset
+        self.query_data = dataset.query_data[:n]
+
+    def __len__(self):
+        return len(self.query_data)
+
+    def __getitem__(self, index):
+        return self.dataset[index]
+
+    def __getattr__(self, name):
+        dataset = self.__dict__.get("dataset")
+        if dataset is None:
+            raise AttributeError(name)
+        return getattr(dataset, name)
+
+
+def build_datasets(opt):
+    """(train, eval-loss, evaluation) datasets; the last two are None with --disable_eval.
+
+    Unlike the original, the training set receives max_ctx_len, max_desc_len, clip_length and ctx_mode
+    [Q2], so the model and its training data always agree.
+    """
+    data_config = load_data_config(opt.dataset_config)
+    common = dict(max_ctx_len=opt.max_ctx_len, max_desc_len=opt.max_desc_len, clip_length=opt.clip_length,
+                  ctx_mode=opt.ctx_mode, data_ratio=opt.data_ratio)
+    train_dataset = StartEndDataset(data_config, mode="train", is_eval=False, neg_video_num=opt.neg_video_num,
+                                    use_extend_pool=opt.use_extend_pool, **common)
+    if opt.disable_eval:
+        return train_dataset, None, None
+    eval_loss_dataset = StartEndDataset(data_config, mode="val", is_eval=False, neg_video_num=opt.neg_video_num,
+                                        use_extend_pool=opt.use_extend_pool, **common)
+    eval_dataset = StartEndDataset(data_config, mode=opt.eval_split_name, is_eval=True,
+                                   inference_top_k=opt.max_vcmr_video, **common)
+    if opt.debug:
+        eval_dataset = FirstQueries(eval_dataset, DEBUG_EVAL_QUERIES)
+    return train_dataset, eval_loss_dataset, eval_dataset
+
+
+def make_loader(dataset, batch_size, opt, shuffle, drop_last, generator):
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      collate_fn=start_end_collate, num_workers=opt.num_workers,
+                      pin_memory=opt.device.type == "cuda", generator=generator, worker_init_fn=seed_worker)
+
+
+def count_parameters(model):
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def autocast(opt):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opt.amp)
+    return torch.autocast(device_type=opt.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the loop
+
+class Trainer:
+    """Owns the model, optimizer, loaders, writer and the bookkeeping that last.ckpt saves."""
+
+    def __init__(self, model, model_cfg, train_dataset, eval_loss_dataset, eval_dataset, opt):
+        self.model, self.model_cfg, self.opt = model, model_cfg, opt
+        self.eval_dataset = eval_dataset
+        self.train_generator = torch.Generator()
+        self.train_loader = make_loader(train_dataset, opt.bsz, opt, shuffle=True, drop_last=True,
+                                        generator=self.train_generator)
+        if len(self.train_loader) == 0:
+            raise TrainingError(f"the training set has {len(train_dataset)} queries, fewer than --bsz {opt.bsz}: "
+                                "no full batch to train on (batches are dropped when incomplete)")
+        self.eval_loss_generator = torch.Generator()
+        self.eval_loss_loader = None if eval_loss_dataset is None else make_loader(
+            eval_loss_dataset, opt.bsz, opt, shuffle=False, drop_last=True, generator=self.eval_loss_generator)
+        self.batches_per_epoch = len(self.train_loader)
+        if opt.debug:
+            self.batches_per_epoch = min(self.batches_per_epoch, DEBUG_BATCHES_PER_EPOCH)
+        self.n_epoch = min(opt.n_epoch, DEBUG_N_EPOCH) if opt.debug else opt.n_epoch
+        self.warmup_steps = warmup_steps_for(self.n_epoch * self.batches_per_epoch, opt.lr_warmup_proportion)
+        self.optimizer = build_optimizer(model, opt)
+        self.scaler = torch.amp.GradScaler(opt.device.type, enabled=opt.amp == "fp16")
+        self.start_epoch = 0 if opt.no_eval_untrained else -1
+        self.submission_filename = (f"latest_{opt.dset_name}_{opt.eval_split_name}_predictions_"
+                                    f"{'_'.join(opt.eval_tasks_at_training)}.json")
+        # Bookkeeping saved in last.ckpt.
+        self.last_epoch = self.start_epoch - 1
+        self.best_score = 0.0
+        self.es_cnt = 0
+        self.stopped_early = False
+        self.writer = None
+
+    # --- checkpoints -------------------------------------------------------------------------------
+
+    def save_last_checkpoint(self, epoch):
+        opt = self.opt
+        save_checkpoint(
+            opt.last_ckpt_filepath, self.model.state_dict(), self.model_cfg, epoch,
+            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+            best_score=self.best_score, es_cnt=self.es_cnt, stopped_early=self.stopped_early,
+            global_step=(epoch + 1) * self.batches_per_epoch, rng_state=capture_rng_state(),
+            log_sizes={os.path.basename(path): file_size(path)
+                       for path in (opt.train_log_filepath, opt.eval_log_filepath)})
+
+    def restore(self, checkpoint):
+        """Continue from a last.ckpt: weights, optimizer, RNG states, early-stopping state and logs."""
+        load_model_weights(self.model, checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint["scaler"]:  # empty when the run so far had no fp16 loss scaling
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.last_epoch = checkpoint["epoch"]
+        self.best_score = checkpoint["best_score"]
+        self.es_cnt = checkpoint["es_cnt"]
+        self.stopped_early = checkpoint["stopped_early"]
+        restore_rng_state(checkpoint["rng_state"])
+        # Lines appended after last.ckpt was written belong to the unfinished epoch, which runs again.
+        for name, size in checkpoint["log_sizes"].items():
+            path = os.path.join(self.opt.results_dir, name)
+            if file_size(path) > size:
+                with open(path, "r+b") as f:
+                    f.truncate(size)
+
+    # --- training ----------------------------------------------------------------------------------
+
+    def train_epoch(self, epoch):
+        opt, model, optimizer = self.opt, self.model, self.optimizer
+        self.train_generator.manual_seed(stream_seed(opt.seed, epoch, SAMPLER_STREAM))
+        random.seed(stream_seed(opt.seed, epoch, NEGATIVES_STREAM))
+        model.train()
+        meters = {name: AverageMeter() for name in LOSS_NAMES}
+        batches = itertools.islice(self.train_loader, self.batches_per_epoch)
+        for batch_idx, (_, model_inputs) in enumerate(tqdm(batches, total=self.batches_per_epoch,
+                                                           desc=f"Training epoch {epoch}", leave=False)):
+            global_step = epoch * self.batches_per_epoch + batch_idx
+            apply_warmup(optimizer, global_step, self.warmup_steps)
+            model_inputs = prepare_batch_inputs(model_inputs, opt.device, non_blocking=opt.device.type == "cuda")
+            with autocast(opt):
+                loss, loss_dict = model(model_inputs)
+            # Zeroed rather than set to None, as the original's torch did: a parameter that once had a
+            # gradient keeps being updated (and decayed) by the optimizer.
+            optimizer.zero_grad(set_to_none=False)
+            self.scaler.scale(loss).backward()
+            if opt.grad_clip != -1:
+                self.scaler.unscale_(optimizer)
+                clip_gradients(model.parameters(), opt.grad_clip)
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+            self.writer.add_scalar("Train/LR_top", float(optimizer.param_groups[0]["lr"]), global_step)
+            self.writer.add_scalar("Train/LR_pretrain", float(optimizer.param_groups[-1]["lr"]), global_step)
+            for name, value in loss_dict.items():
+                self.writer.add_scalar(f"Train/{name}", value, global_step)
+                meters[name].update(float(value))
+
+        loss_str = " ".join(f"{name} {meter.avg:.4f}" for name, meter in meters.items())
+        append_line(opt.train_log_filepath, TRAIN_LOG_LINE.format(
+            time_str=time.strftime(TIME_FORMAT), epoch=epoch, loss_str=loss_str))
+        logger.info("epoch %d: %s", epoch, loss_str)
+
+    @torch.no_grad()
+    def eval_loss_pass(self, epoch):
+        """Training losses on the val set (with sampled negatives [Q30]) in eval mode; tensorboard only."""
+        self.model.eval()
+        meters = {name: AverageMeter() for name in LOSS_NAMES}
+        n_batches = len(self.eval_loss_loader)
+        if self.opt.debug:
+            n_batches = min(n_batches, DEBUG_BATCHES_PER_EPOCH)
+        batches = itertools.islice(self.eval_loss_loader, n_batches)
+        for _, model_inputs in tqdm(batches, total=n_batches, desc="Eval loss", leave=False):
+            model_inputs = prepare_batch_inputs(model_inputs, self.opt.device)
+            with autocast(self.opt):
+                _, loss_dict = self.model(model_inputs)
+            for name, value in loss_dict.items():
+                meters[name].update(float(value))
+        for name, meter in meters.items():
+            self.writer.add_scalar(f"Eval_Loss/{name}", meter.avg, epoch)
+
+    # --- evaluation, best checkpoint, early stopping -------------------------------------------------
+
+    def should_evaluate(self, epoch):
+        return epoch % self.opt.eval_epoch_num == 0 or epoch == self.n_epoch - 1 or epoch == self.start_epoch
+
+    def evaluate(self, epoch):
+        """Evaluate, keep the best checkpoint, count towards early stopping; True when training must stop."""
+        opt = self.opt
+        evaluation_seed = stream_seed(opt.seed, epoch, EVALUATION_STREAM)
+        self.eval_loss_generator.manual_seed(evaluation_seed)
+        with isolated_rng(evaluation_seed):
+            self.eval_loss_pass(epoch)
+            metrics_no_nms, metrics_nms, latest_file_paths = eval_epoch(
+                self.model, self.eval_dataset, opt, self.submission_filename,
+                tasks=opt.eval_tasks_at_training, max_after_nms=100)
+        append_line(opt.eval_log_filepath, EVAL_LOG_LINE.format(
+            time_str=time.strftime(TIME_FORMAT), epoch=epoch, metrics_str=json.dumps(metrics_no_nms)))
+        shown = {k: v for k, v in metrics_no_nms.items() if "by_type" not in k}
+        logger.info("metrics_no_nms %s", pprint.pformat(shown, indent=4))
+        logger.info("metrics_nms %s", pprint.pformat(metrics_nms, indent=4))
+        self.log_metrics(metrics_no_nms, (epoch + 1) * self.batches_per_epoch)
+
+        stop_metric_names = ["r1"] if opt.stop_task == "VR" else ["0.5-r1", "0.7-r1"]
+        stop_score = sum(metrics_no_nms[opt.stop_task][name] for name in stop_metric_names)
+        if stop_score > self.best_score:
+            self.es_cnt = 0
+            self.best_score = stop_score
+            save_checkpoint(opt.ckpt_filepath, self.model.state_dict(), self.model_cfg, epoch)
+            for path in latest_file_paths:
+                # Only the file name changes (the original replaced "latest" anywhere in the path [Q23]).
+                directory, name = os.path.split(path)
+                os.replace(path, os.path.join(directory, name.replace("latest", "best", 1)))
+            logger.info("epoch %d: new best %s score %.2f; %s updated", epoch, opt.stop_task, stop_score,
+                        opt.ckpt_filepath)
+            return False
+        self.es_cnt += 1
+        if opt.max_es_cnt != -1 and self.es_cnt > opt.max_es_cnt:
+            append_line(opt.train_log_filepath, f"Early Stop at epoch {epoch}")
+            logger.info("Early stop at %d with %s %s", epoch, " ".join([opt.stop_task] + stop_metric_names),
+                        self.best_score)
+            return True
+        return False
+
+    def log_metrics(self, metrics, global_step):
+        for task in ("SVMR", "VCMR"):
+            if task in metrics:
+                for iou in (0.5, 0.7):
+                    self.writer.add_scalars(f"Eval/{task}-{iou}",
+                                            {k: v for k, v in metrics[task].items() if str(iou) in k}, global_step)
+        if "VR" in metrics:
+            self.writer.add_scalars("Eval/VR", dict(metrics["VR"]), global_step)
+
+    # --- epochs ------------------------------------------------------------------------------------
+
+    def run(self):
+        opt = self.opt
+        first_epoch = self.last_epoch + 1
+        if self.stopped_early:
+            logger.info("this run stopped early at epoch %d; nothing to resume", self.last_epoch)
+            return
+        if first_epoch >= self.n_epoch:
+            logger.info("all %d epochs are done; pass a larger --n_epoch to train further", self.n_epoch)
+            return
+        # Resuming: tensorboard drops the events of the unfinished epoch (they are written again).
+        purge_step = first_epoch * self.batches_per_epoch + 1 if opt.resume else None
+        self.writer = SummaryWriter(opt.tensorboard_log_dir, purge_step=purge_step)
+        try:
+            for epoch in tqdm(range(first_epoch, self.n_epoch), desc="Epoch", initial=first_epoch - self.start_epoch,
+                              total=self.n_epoch - self.start_epoch):
+                if epoch >= 0:
+                    self.train_epoch(epoch)
+                if opt.disable_eval:
+                    save_checkpoint(opt.ckpt_filepath, self.model.state_dict(), self.model_cfg, epoch)
+                elif self.should_evaluate(epoch):
+                    self.stopped_early = self.evaluate(epoch)
+                self.last_epoch = epoch
+                self.save_last_checkpoint(epoch)
+                if self.stopped_early:
+                    break
+        finally:
+            self.writer.close()
+
+
+def main(argv=None):
+    opt = BaseOptions().parse(argv)
+    handlers = setup_logging(opt.results_dir)
+    try:
+        train(opt)
+    finally:
+        for handler in handlers:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    return opt.results_dir
+
+
+def train(opt):
+    check_training_options(opt)
+    set_seed(opt.seed)
+    if opt.debug:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+    checkpoint = None
+    if opt.resume:
+        if not os.path.isfile(opt.last_ckpt_filepath):
+            raise TrainingError(f"--resume {opt.resume}: no {os.path.basename(opt.last_ckpt_filepath)} there "
+                                "(the run did not finish an epoch); start a new run instead")
+        checkpoint = load_checkpoint(opt.last_ckpt_filepath, map_location="cpu")
+        model_cfg = checkpoint["model_cfg"]
+        logger.info("resuming %s after epoch %d", opt.results_dir, checkpoint["epoch"])
+    else:
+        model_cfg = load_json_config(opt.model_config)
+    logger.info("model_config %s", pprint.pformat(model_cfg, indent=4))
+
+    train_dataset, eval_loss_dataset, eval_dataset = build_datasets(opt)
+    model = build_model(model_cfg, opt)
+    logger.info("%s", model, extra={"file_only": True})
+    if opt.encoder_pretrain_ckpt_filepath != "None" and checkpoint is None:
+        load_encoder_pretrain(model, opt.encoder_pretrain_ckpt_filepath)
+        logger.info("loaded the encoder pretrain weights from %s", opt.encoder_pretrain_ckpt_filepath)
+    total, trainable = count_parameters(model)
+    logger.info("Parameter Count: all %s; trainable %s", f"{total:,d}", f"{trainable:,d}")
+    model.to(opt.device)
+
+    trainer = Trainer(model, model_cfg, train_dataset, eval_loss_dataset, eval_dataset, opt)
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+    logger.info("Start Training...")
+    trainer.run()
+
+
+def load_json_config(path):
+    if path is None:
+        raise OptionError("--model_config is required for training (e.g. config/model_config.json)")
+    return EasyDict(load_json(path))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (OptionError, TrainingError) as e:
+        sys.exit(f"error: {e}")
