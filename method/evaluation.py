@@ -1,0 +1,335 @@
+"""Evaluation: model predictions -> submission files and metrics (SPEC §9, §10).
+
+`eval_epoch` runs the model over an evaluation `StartEndDataset` (is_eval=True), ranks SVMR / VR / VCMR
+predictions with utils/scoring.py, writes the top-100 submission (and its metrics on val), then optionally
+the temporal-NMS submission (and its metrics).
+
+Video-encoding cache (`opt.video_cache`, default on): the video encoder does not see the query, and every
+query re-ranks its own k candidates plus its GT video, so the same video is encoded many times per
+evaluation (about 55k encodings for 2.2k distinct val videos). With the cache, every distinct video is
+encoded once up front and each query batch only runs the query encoder and the query-dependent layers on
+gathered rows. The cache lives on the model's device when it fits, else in (pinned) host memory.
+
+Dataset methods used by the cache (besides the item interface): `eval_video_names(index)`,
+`get_query_item(index)`, `get_video_inputs(vid_name)`. Model methods: `encode_query`, `encode_videos`,
+`score_encoded` (cache on) or `get_pred_from_raw_query` (cache off).
+"""
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+from tqdm import tqdm
+
+from method.dataset import prepare_batch_inputs, start_end_collate
+from utils.io_utils import save_json
+from utils.scoring import moment_rows, score_batch, video_rows
+from utils.standalone_eval import eval_retrieval
+from utils.temporal_nms import apply_nms
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("VCMR", "SVMR", "VR")
+IOU_THDS = (0.5, 0.7)
+# Share of the free accelerator memory the video cache may take; the rest is left to the query batches.
+CACHE_DEVICE_MEMORY_FRACTION = 0.5
+
+
+class ConfigError(ValueError):
+    """The evaluation options cannot work together; the message names the options."""
+
+
+def resolve_tasks(opt, tasks, has_gt):
+    """Check `tasks` against the options and the split; returns the tasks to run (a tuple)."""
+    tasks = tuple(tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ConfigError(f"unknown evaluation task(s) {unknown}; expected a subset of {list(TASKS)}")
+    if not tasks:
+        raise ConfigError(f"no evaluation task given; expected a subset of {list(TASKS)}")
+    if (opt.similarity_measure == "general" and not opt.use_interal_vr_scores
+            and ("VR" in tasks or "VCMR" in tasks)):  # [Q4]
+        raise ConfigError("--similarity_measure general has no video-scoring head, so VR/VCMR need the first-stage "
+                          "scores: add --use_interal_vr_scores, use --similarity_measure exclusive or disjoint, "
+                          "or evaluate SVMR only (--tasks SVMR)")
+    if "SVMR" in tasks and not has_gt:  # [Q6]
+        logger.info("Skipping SVMR: split %r has no ground-truth videos", opt.eval_split_name)
+        tasks = tuple(t for t in tasks if t != "SVMR")
+    return tasks
+
+
+def _model_device(model, opt):
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device(opt.device)
+
+
+def _loader(dataset, opt, device, batch_size, collate_fn):
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=opt.num_workers,
+                      collate_fn=collate_fn, pin_memory=device.type == "cuda")
+
+
+class _QueryItems(Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset.get_query_item(index)
+
+
+class _VideoItems(Dataset):
+    def __init__(self, dataset, video_names):
+        self.dataset = dataset
+        self.video_names = video_names
+
+    def __len__(self):
+        return len(self.video_names)
+
+    def __getitem__(self, index):
+        return self.dataset.get_video_inputs(self.video_names[index])
+
+
+class VideoEncodingCache:
+    """Encoder outputs of every distinct video of an evaluation, each computed once [Q38].
+
+    Attributes:
+        video_names: list of V distinct names (order of first appearance over the queries).
+        query_video_rows: (n_queries, 1 + k) int64, cache row of each video of each evaluation item.
+        encoded: {modality: (V, L, H)} on `storage_device`; video_mask: (V, L) visual mask, same device.
+    """
+
+    def __init__(self, video_names, query_video_rows, encoded, video_mask):
+        self.video_names = video_names
+        self.query_video_rows = query_video_rows
+        self.encoded = encoded
+        self.video_mask = video_mask
+
+    @property
+    def storage_device(self):
+        return self.video_mask.device
+
+    @property
+    def nbytes(self):
+        tensors = list(self.encoded.values()) + [self.video_mask]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @classmethod
+    def build(cls, model, dataset, opt, device, batch_size):
+        """Encode every video named by `dataset.eval_video_names` (model already in eval mode, no grad)."""
+        query_names = [dataset.eval_video_names(i) for i in range(len(dataset))]
+        row_of = {}
+        for names in query_names:
+            for name in names:
+                row_of.setdefault(name, len(row_of))
+        video_names = list(row_of)
+        query_video_rows = torch.tensor([[row_of[name] for name in names] for names in query_names],
+                                        dtype=torch.long)
+        encoded = video_mask = None
+        offset = 0
+        loader = _loader(_VideoItems(dataset, video_names), opt, device, batch_size, default_collate)
+        for video_inputs in tqdm(loader, desc="Encoding videos", total=len(loader)):
+            video_inputs = prepare_batch_inputs(video_inputs, device, non_blocking=True)
+            n = video_inputs["visual"]["feat_mask"].shape[0]
+            # Every chunk has the row count of a full uncached batch: GPU kernels (hence the last bits of
+            # the results) can depend on it, and the cache should not change the predictions.
+            batch_encoded = {key: value[:n] for key, value in
+                             model.encode_videos(_pad_rows(video_inputs, batch_size)).items()}
+            if encoded is None:
+                storage = _cache_storage_device(batch_encoded, len(video_names), device)
+                encoded = {key: _empty_like_rows(value, len(video_names), storage)
+                           for key, value in batch_encoded.items()}
+                video_mask = _empty_like_rows(video_inputs["visual"]["feat_mask"], len(video_names), storage)
+            for key, value in batch_encoded.items():
+                encoded[key][offset:offset + n].copy_(value)
+            video_mask[offset:offset + n].copy_(video_inputs["visual"]["feat_mask"])
+            offset += n
+        cache = cls(video_names, query_video_rows, encoded, video_mask)
+        logger.info("Video-encoding cache: %d distinct videos for %d queries (%d video slots), %.1f MiB on %s",
+                    len(video_names), len(query_names), query_video_rows.numel(), cache.nbytes / 2 ** 20,
+                    cache.storage_device)
+        return cache
+
+    def gather(self, rows, device):
+        """Cache rows (M,) -> ({modality: (M, L, H)}, video_mask (M, L)) on `device`."""
+        rows = rows.to(self.storage_device)
+        encoded = {key: value.index_select(0, rows).to(device, non_blocking=True)
+                   for key, value in self.encoded.items()}
+        return encoded, self.video_mask.index_select(0, rows).to(device, non_blocking=True)
+
+
+def _pad_rows(inputs, n_rows):
+    """Nested dict of (m, ...) tensors -> (n_rows, ...) by repeating row 0 (m <= n_rows)."""
+    if isinstance(inputs, dict):
+        return {key: _pad_rows(value, n_rows) for key, value in inputs.items()}
+    missing = n_rows - inputs.shape[0]
+    return torch.cat([inputs, inputs[:1].expand(missing, *inputs.shape[1:])]) if missing > 0 else inputs
+
+
+def _empty_like_rows(tensor, n_rows, device):
+    pin = device.type == "cpu" and tensor.device.type == "cuda"
+    return torch.empty((n_rows,) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=device, pin_memory=pin)
+
+
+def _cache_storage_device(first_batch_encoded, n_videos, device):
+    """The model's device if the whole cache takes at most a fraction of its free memory, else the host."""
+    if device.type != "cuda":
+        return device
+    bytes_per_video = sum(v[0].numel() * v.element_size() for v in first_batch_encoded.values())
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    needed = bytes_per_video * n_videos
+    if needed <= CACHE_DEVICE_MEMORY_FRACTION * free_bytes:
+        return device
+    logger.info("Video-encoding cache needs %.1f MiB, more than %.0f%% of the %.1f MiB free on %s: keeping it "
+                "in host memory", needed / 2 ** 20, 100 * CACHE_DEVICE_MEMORY_FRACTION, free_bytes / 2 ** 20, device)
+    return torch.device("cpu")
+
+
+def _forward_batches(model, dataset, opt, device):
+    """Yield (metas, first-stage scores (B, k), (video_scores, begin_logits, end_logits)) per query batch."""
+    loader = _loader(dataset, opt, device, opt.eval_query_bsz, start_end_collate)
+    for metas, model_inputs in tqdm(loader, desc="Scoring queries", total=len(loader)):
+        model_inputs = prepare_batch_inputs(model_inputs, device, non_blocking=True)
+        yield metas, model_inputs["inference_vr_scores"], model.get_pred_from_raw_query(model_inputs)
+
+
+def _cached_forward_batches(model, dataset, opt, device):
+    """As `_forward_batches`, with every video encoded once by a `VideoEncodingCache`."""
+    n_videos_per_item = 1 + dataset.inference_top_k
+    cache = VideoEncodingCache.build(model, dataset, opt, device, batch_size=opt.eval_query_bsz * n_videos_per_item)
+    loader = _loader(_QueryItems(dataset), opt, device, opt.eval_query_bsz, start_end_collate)
+    offset = 0
+    for metas, model_inputs in tqdm(loader, desc="Scoring queries", total=len(loader)):
+        rows = cache.query_video_rows[offset:offset + len(metas)]
+        for meta, item_rows in zip(metas, rows.tolist()):
+            if meta["sample_vid_name_list"] != [cache.video_names[r] for r in item_rows[1:]]:
+                raise RuntimeError(f"desc_id {meta['desc_id']}: the query items and the video cache disagree on "
+                                   "the candidate videos")
+        offset += len(metas)
+        model_inputs = prepare_batch_inputs(model_inputs, device, non_blocking=True)
+        query_inputs = model_inputs["query"]
+        encoded, video_mask = cache.gather(rows.reshape(-1), device)
+        outputs = model.score_encoded(model.encode_query(query_inputs), query_inputs["feat_mask"], encoded,
+                                      video_mask, rows.shape[1])
+        yield metas, model_inputs["inference_vr_scores"], outputs
+
+
+def compute_predictions(model, eval_dataset, opt, tasks):
+    """Ranked predictions of every query: {"VCMR", "SVMR", "VR"} (non-empty tasks), then "video2idx".
+
+    Each task maps to a list, in dataset order, of {"desc_id", "desc", "predictions"} with up to
+    max_before_nms rows [video_idx, st, ed, score] (VR: the k candidates [video_idx, 0, 0, score]).
+    """
+    video2idx = eval_dataset.video2idx
+    device = _model_device(model, opt)
+    results = {task: [] for task in TASKS}
+    model.eval()
+    batches = (_cached_forward_batches if opt.get("video_cache", True) else _forward_batches)
+    with torch.no_grad():
+        for metas, first_stage_scores, (video_scores, begin_logits, end_logits) in batches(
+                model, eval_dataset, opt, device):
+            ranked = score_batch(opt.similarity_measure, begin_logits, end_logits, tasks=tasks,
+                                 max_before_nms=opt.max_before_nms, min_pred_l=opt.min_pred_l,
+                                 max_pred_l=opt.max_pred_l, video_scores=video_scores,
+                                 first_stage_scores=first_stage_scores,
+                                 use_internal_vr_scores=opt.use_interal_vr_scores)
+            for task, rows in _prediction_rows(ranked, metas, video2idx, opt.clip_length).items():
+                results[task] += [dict(desc_id=meta["desc_id"], desc=meta["desc"], predictions=query_rows)
+                                  for meta, query_rows in zip(metas, rows)]
+    results = {task: value for task, value in results.items() if value}
+    results["video2idx"] = video2idx
+    return results
+
+
+def _prediction_rows(ranked, metas, video2idx, clip_length):
+    """`score_batch` output -> {task: B lists of submission rows}."""
+    rows = {}
+    if "SVMR" in ranked:
+        r = ranked["SVMR"]
+        gt_video = np.array([[video2idx[meta["vid_name"]]] for meta in metas], dtype=np.int64)
+        rows["SVMR"] = moment_rows(np.broadcast_to(gt_video, r["st"].shape), r["st"], r["ed"], r["score"],
+                                   clip_length, seconds_dtype=np.float64)
+    candidate_video = np.array([[video2idx[name] for name in meta["sample_vid_name_list"]] for meta in metas],
+                               dtype=np.int64).reshape(len(metas), -1)
+    if "VR" in ranked:
+        r = ranked["VR"]
+        rows["VR"] = video_rows(np.take_along_axis(candidate_video, r["candidate"], axis=1), r["score"])
+    if "VCMR" in ranked:
+        r = ranked["VCMR"]
+        rows["VCMR"] = moment_rows(np.take_along_axis(candidate_video, r["candidate"], axis=1), r["st"], r["ed"],
+                                   r["score"], clip_length, seconds_dtype=np.float32)
+    return rows
+
+
+def top_n_submission(results, top_n):
+    """{"video2idx", then each task} with every query's predictions cut to the first `top_n` (new dicts)."""
+    submission = {"video2idx": results["video2idx"]}
+    for task, queries in results.items():
+        if task != "video2idx":
+            submission[task] = [dict(query, predictions=query["predictions"][:top_n]) for query in queries]
+    return submission
+
+
+def _derived_path(submission_path, suffix):
+    """`x.json` -> `x<suffix>` (suffix includes its own extension)."""
+    stem = submission_path[:-len(".json")] if submission_path.endswith(".json") else submission_path
+    return stem + suffix
+
+
+def eval_epoch(model, eval_dataset, opt, save_submission_filename, tasks=TASKS, max_after_nms=100):
+    """Predict, save and (on val) evaluate; SPEC §9.5.
+
+    Files in opt.results_dir: the submission `save_submission_filename` (top `max_after_nms` per query,
+    compact JSON) and on val `<name>_metrics.json`; with opt.nms_thd != -1 also `<name>_nms_thd_<thd>.json`
+    and on val `<name>_nms_thd_<thd>_metrics.json`.
+
+    NMS reads each query's first max_before_nms predictions of the *truncated* submission, i.e. at most
+    `max_after_nms` rows, as the original [Q7]; `opt.nms_input_full` makes it read the untruncated list.
+
+    Returns:
+        (metrics without NMS or None, metrics with NMS or None, list of the paths written).
+    """
+    start_time = time.time()
+    tasks = resolve_tasks(opt, tasks, eval_dataset.has_gt)
+    if len(eval_dataset) == 0:
+        raise ConfigError(f"the {opt.eval_split_name} evaluation dataset has no queries")
+    logger.info("Computing %s predictions of %d queries", "/".join(tasks), len(eval_dataset))
+    results = compute_predictions(model, eval_dataset, opt, tasks)
+    has_metrics = opt.eval_split_name == "val"  # the other splits have no GT
+
+    submission_path = os.path.join(opt.results_dir, save_submission_filename)
+    submission = top_n_submission(results, max_after_nms)
+    save_json(submission, submission_path)
+    written = [submission_path]
+    metrics = metrics_nms = None
+    if has_metrics:
+        metrics = eval_retrieval(submission, eval_dataset.query_data, iou_thds=IOU_THDS, match_number=not opt.debug,
+                                 verbose=opt.debug, use_desc_type=opt.dset_name == "tvr")
+        metrics_path = _derived_path(submission_path, "_metrics.json")
+        save_json(metrics, metrics_path, save_pretty=True)
+        written.append(metrics_path)
+
+    if opt.nms_thd != -1:
+        logger.info("Temporal NMS with threshold %s", opt.nms_thd)
+        nms_source = results if opt.get("nms_input_full", False) else submission
+        submission_nms = {"video2idx": results["video2idx"]}
+        if "VR" in submission:
+            submission_nms["VR"] = submission["VR"]
+        for task in ("SVMR", "VCMR"):
+            if task in submission:
+                submission_nms[task] = apply_nms(nms_source[task], opt.nms_thd, opt.max_before_nms, max_after_nms)
+        nms_path = _derived_path(submission_path, f"_nms_thd_{opt.nms_thd}.json")
+        save_json(submission_nms, nms_path)
+        written.append(nms_path)
+        if has_metrics:
+            # The original evaluates the NMS submission with the evaluator's default use_desc_type=True [Q22].
+            metrics_nms = eval_retrieval(submission_nms, eval_dataset.query_data, iou_thds=IOU_THDS,
+                                         match_number=not opt.debug, verbose=opt.debug, use_desc_type=True)
+            metrics_nms_path = _derived_path(nms_path, "_metrics.json")
+            save_json(metrics_nms, metrics_nms_path, save_pretty=True)
+            written.append(metrics_nms_path)
+    logger.info("Evaluation finished in %d seconds", int(time.time() - start_time))
+    return metrics, metrics_nms, written

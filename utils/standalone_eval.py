@@ -1,0 +1,264 @@
+"""TVR retrieval metrics (SPEC §10): VCMR / SVMR recall at IoU thresholds, VR recall, by query type.
+
+A prediction row is [video_idx, st, ed, score]; only the first 100 rows of a query and their first three
+fields count. A row is *matched* when its video is the query's GT video, and *correct at θ* when it is
+matched and its IoU with the GT moment is >= θ (float32 IoU with the hull denominator, 0 when that is 0).
+DiDeMo-style queries with a list of >= 4 GT moments need IoU >= θ with at least 2 of them.
+
+* VCMR  "<θ>-r<k>": share of queries with a correct row among their first k rows.
+* SVMR  "<θ>-r<k>": the same among the first k *matched* rows.
+* VR    "r<k>":     share of queries with a matched row among their first k rows.
+Percentages are round(100 * x, 2) in numpy float64, as the original's. With `use_desc_type` (TVR) the same
+counts per query type v / t / vt follow, plus "desc_type_ratio"; a type without queries gives NaN (0/0), as
+in the original.
+
+All queries are evaluated at once on zero-padded (queries, rows) arrays.
+
+CLI: python -m utils.standalone_eval --submission_path S --gt_path G --save_path O [--not_verbose]
+"""
+import argparse
+import json
+import logging
+import sys
+
+import numpy as np
+
+from utils.io_utils import DataFileError, load_json, load_jsonl, save_json
+
+logger = logging.getLogger(__name__)
+
+TASK_TYPES = ("VCMR", "SVMR", "VR")
+IOU_THDS = (0.5, 0.7)
+RECALL_TOPKS = (1, 5, 10, 100)
+DESC_TYPES = ("v", "t", "vt")
+MAX_PRED_PER_QUERY = 100
+MULTI_GT_MIN_TS = 4  # a "ts" with at least this many entries is a list of GT moments (DiDeMo)
+MULTI_GT_MIN_OVERLAPS = 2
+
+
+class SubmissionError(ValueError):
+    """The submission does not match the GT or is malformed; the message names the task and desc_id."""
+
+
+class GroundTruthError(ValueError):
+    """A GT row lacks what the evaluation needs; the message names the desc_id and key."""
+
+
+def rounded_percentage(fraction):
+    """round(100 * x, 2) with numpy float64 rounding (what the original's metrics went through)."""
+    return float(round(np.float64(fraction) * 100, 2))
+
+
+def _ratio(count, total):
+    return float("nan") if total == 0 else np.float64(count) / total
+
+
+def temporal_iou_float32(pred_st, pred_ed, gt_st, gt_ed):
+    """Elementwise float32 IoU (hull denominator, 0 where it is 0); arguments broadcast."""
+    intersection = np.maximum(np.float32(0), np.minimum(pred_ed, gt_ed) - np.maximum(pred_st, gt_st))
+    hull = np.maximum(pred_ed, gt_ed) - np.minimum(pred_st, gt_st)
+    return np.divide(intersection, hull, out=np.zeros_like(intersection), where=hull != 0)
+
+
+def _is_prediction_row(row):
+    if not isinstance(row, (list, tuple)) or len(row) != 4:
+        return False
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in row):
+        return False
+    return float(row[0]).is_integer()
+
+
+def prediction_matrix(rows, task_type, desc_id, max_pred=MAX_PRED_PER_QUERY):
+    """Validate one query's rows and return the first `max_pred` as a float32 (n, 3) [video_idx, st, ed]."""
+    expected = "a list of rows [video_idx:int, st:float, ed:float, score:float]"
+    if not isinstance(rows, list):
+        raise SubmissionError(f"{task_type}: desc_id {desc_id}: 'predictions' must be {expected}, "
+                              f"got {type(rows).__name__}")
+    if not rows:
+        return np.zeros((0, 3), dtype=np.float32)
+    try:
+        array = np.array(rows)
+    except (ValueError, TypeError):
+        array = None
+    well_formed = (array is not None and array.ndim == 2 and array.shape[1] == 4 and array.dtype.kind in "iuf"
+                   and bool(np.all(array[:, 0] == np.floor(array[:, 0]))))
+    if not well_formed:
+        bad = next(j for j, row in enumerate(rows) if not _is_prediction_row(row))
+        raise SubmissionError(f"{task_type}: desc_id {desc_id}: prediction row {bad} is {rows[bad]!r}; "
+                              f"expected [video_idx:int, st:float, ed:float, score:float]")
+    return array[:max_pred, :3].astype(np.float32)
+
+
+def _gt_moments(gt_item):
+    """GT moments of one query as a list of (st, ed); the DiDeMo form is a list of >= 4 pairs."""
+    desc_id = gt_item.get("desc_id")
+    if "ts" not in gt_item:
+        raise GroundTruthError(f"GT desc_id {desc_id}: no 'ts' (moment) to evaluate VCMR/SVMR against")
+    ts = gt_item["ts"]
+    try:
+        if len(ts) >= MULTI_GT_MIN_TS:
+            moments = [(float(st), float(ed)) for st, ed in ts]
+        else:
+            st, ed = ts
+            moments = [(float(st), float(ed))]
+    except (TypeError, ValueError):
+        raise GroundTruthError(f"GT desc_id {desc_id}: 'ts' must be [st, ed] or a list of >= "
+                               f"{MULTI_GT_MIN_TS} [st, ed] pairs, got {ts!r}") from None
+    return moments
+
+
+def _require(gt_item, key):
+    if key not in gt_item:
+        raise GroundTruthError(f"GT desc_id {gt_item.get('desc_id')}: missing key {key!r}")
+    return gt_item[key]
+
+
+def _predictions_by_desc_id(task_results, task_type):
+    if not isinstance(task_results, list):
+        raise SubmissionError(f"{task_type}: expected a list of per-query dicts, got {type(task_results).__name__}")
+    by_desc_id = {}
+    for j, entry in enumerate(task_results):
+        if not isinstance(entry, dict) or "desc_id" not in entry or "predictions" not in entry:
+            raise SubmissionError(f"{task_type}: entry {j} must be a dict with 'desc_id' and 'predictions'")
+        if entry["desc_id"] in by_desc_id:
+            raise SubmissionError(f"{task_type}: desc_id {entry['desc_id']} appears more than once")
+        by_desc_id[entry["desc_id"]] = entry["predictions"]
+    return by_desc_id
+
+
+def eval_by_task_type(task_results, video2idx, ground_truth, task_type, iou_thds=IOU_THDS,
+                      recall_topks=RECALL_TOPKS, max_pred_per_query=MAX_PRED_PER_QUERY, match_number=True,
+                      use_desc_type=True):
+    """Metrics of one task. Returns (metrics, metrics_by_type) as insertion-ordered dicts."""
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
+    predictions = _predictions_by_desc_id(task_results, task_type)
+    gt_by_desc_id = {_require(e, "desc_id"): e for e in ground_truth}  # GT order; a repeated id keeps its last row
+    if match_number:
+        missing = next((d for d in gt_by_desc_id if d not in predictions), None)
+        if missing is not None:
+            raise SubmissionError(f"{task_type}: no predictions for GT desc_id {missing} "
+                                  f"(desc_ids of predictions and GT must match)")
+        extra = next((d for d in predictions if d not in gt_by_desc_id), None)
+        if extra is not None:
+            raise SubmissionError(f"{task_type}: desc_id {extra} is not in the GT "
+                                  f"(desc_ids of predictions and GT must match)")
+    gt_items = [e for d, e in gt_by_desc_id.items() if d in predictions]
+    n_queries = len(gt_items)
+    needs_moments = task_type != "VR"
+
+    matrices = [prediction_matrix(predictions[e["desc_id"]], task_type, e["desc_id"], max_pred_per_query)
+                for e in gt_items]
+    n_rows = max([len(m) for m in matrices], default=0)
+    preds = np.zeros((n_queries, n_rows, 3), dtype=np.float32)  # zero padding is never matched
+    is_row = np.zeros((n_queries, n_rows), dtype=bool)
+    for q, m in enumerate(matrices):
+        preds[q, :len(m)] = m
+        is_row[q, :len(m)] = True
+
+    gt_video = np.zeros(n_queries, dtype=np.float32)
+    for q, e in enumerate(gt_items):
+        vid_name = _require(e, "vid_name")
+        if vid_name not in video2idx:
+            raise SubmissionError(f"video2idx has no entry for GT video {vid_name!r} (desc_id {e['desc_id']})")
+        gt_video[q] = video2idx[vid_name]
+    matched = (preds[:, :, 0] == gt_video[:, None]) & is_row  # (Q, P)
+
+    corrects = []  # per θ: (Q, P) bool
+    if needs_moments:
+        moments = [_gt_moments(e) for e in gt_items]
+        n_moments = max([len(m) for m in moments], default=0)
+        gt_ts = np.zeros((n_queries, n_moments, 2), dtype=np.float32)
+        is_moment = np.zeros((n_queries, n_moments), dtype=bool)
+        for q, m in enumerate(moments):
+            gt_ts[q, :len(m)] = m
+            is_moment[q, :len(m)] = True
+        overlaps_needed = np.array([MULTI_GT_MIN_OVERLAPS if len(e["ts"]) >= MULTI_GT_MIN_TS else 1
+                                    for e in gt_items], dtype=np.int64)
+        iou = temporal_iou_float32(preds[:, :, None, 1], preds[:, :, None, 2],
+                                   gt_ts[:, None, :, 0], gt_ts[:, None, :, 1])  # (Q, P, G)
+        iou = iou * matched[:, :, None]
+        for thd in iou_thds:
+            n_overlaps = np.sum((iou >= np.float32(thd)) & is_moment[:, None, :], axis=2)
+            corrects.append(n_overlaps >= overlaps_needed[:, None])
+
+    def hits_within(k):
+        """Per θ (or once for VR): (Q,) bool, the query has a hit among the rows that count for top-k."""
+        if task_type == "VCMR":
+            return [c[:, :k].any(axis=1) for c in corrects]
+        if task_type == "SVMR":
+            within = matched & (np.cumsum(matched, axis=1) <= k)  # the first k matched rows
+            return [(c & within).any(axis=1) for c in corrects]
+        return [matched[:, :k].any(axis=1)]
+
+    hits = {k: hits_within(k) for k in recall_topks}
+    metrics, metrics_by_type = {}, {}
+    labels = [f"{thd}-" for thd in iou_thds] if needs_moments else [""]
+    for i, label in enumerate(labels):
+        for k in recall_topks:
+            metrics[f"{label}r{k}"] = rounded_percentage(_ratio(hits[k][i].sum(), n_queries))
+    if use_desc_type:
+        types = np.array([_require(e, "type") for e in gt_items], dtype=object)
+        unknown = next((e for e in gt_items if e["type"] not in DESC_TYPES), None)
+        if unknown is not None:
+            raise GroundTruthError(f"GT desc_id {unknown['desc_id']}: 'type' must be one of {DESC_TYPES}, "
+                                   f"got {unknown['type']!r}")
+        for desc_type in DESC_TYPES:
+            of_type = types == desc_type
+            for i, label in enumerate(labels):
+                for k in recall_topks:
+                    metrics_by_type[f"{desc_type}-{label}r{k}"] = rounded_percentage(
+                        _ratio(np.sum(hits[k][i] & of_type), of_type.sum()))
+        metrics_by_type["desc_type_ratio"] = "v {} t {} vt {}".format(
+            *[rounded_percentage(_ratio(np.sum(types == t), n_queries)) for t in DESC_TYPES])
+    return metrics, metrics_by_type
+
+
+def eval_retrieval(submission, ground_truth, iou_thds=IOU_THDS, verbose=False, match_number=True,
+                   use_desc_type=True):
+    """Metrics of every task present in `submission` (order VCMR, SVMR, VR), then their by-type metrics.
+
+    Args:
+        submission: {"video2idx": {name: idx}, task: [{"desc_id", "desc", "predictions"}, ...], ...}.
+        ground_truth: annotation rows (dicts with desc_id, vid_name, ts, type).
+        match_number: require the desc_ids of every task to equal the GT's (False only for debugging).
+    """
+    if not isinstance(submission, dict) or not isinstance(submission.get("video2idx"), dict):
+        raise SubmissionError("the submission must be a dict with a 'video2idx' mapping {video name: index}")
+    tasks = [t for t in TASK_TYPES if t in submission]
+    if verbose:
+        logger.info("Evaluating tasks %s on %d GT queries", tasks, len(ground_truth))
+    eval_metrics, by_type = {}, {}
+    for task_type in tasks:
+        eval_metrics[task_type], by_type[task_type + "_by_type"] = eval_by_task_type(
+            submission[task_type], submission["video2idx"], ground_truth, task_type, iou_thds=iou_thds,
+            match_number=match_number, use_desc_type=use_desc_type)
+    if use_desc_type:
+        eval_metrics.update(by_type)
+    return eval_metrics
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="TVR evaluation: VCMR / SVMR / VR recall of a submission file")
+    parser.add_argument("--submission_path", required=True, help="submission JSON (video2idx + task lists)")
+    parser.add_argument("--gt_path", required=True, help="GT annotation jsonl")
+    parser.add_argument("--save_path", required=True, help="where to write the metrics JSON")
+    parser.add_argument("--not_verbose", action="store_true", help="do not print the metrics")
+    args = parser.parse_args(argv)
+    try:
+        submission = load_json(args.submission_path)
+        ground_truth = load_jsonl(args.gt_path)
+        metrics = eval_retrieval(submission, ground_truth, verbose=not args.not_verbose)
+    except (SubmissionError, GroundTruthError) as e:
+        parser.exit(1, f"error: {args.submission_path} vs {args.gt_path}: {e}\n")
+    except DataFileError as e:
+        parser.exit(1, f"error: {e}\n")
+    save_json(metrics, args.save_path, save_pretty=True)
+    if not args.not_verbose:
+        print(json.dumps(metrics, indent=4))
+    return metrics
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    main()
