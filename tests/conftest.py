@@ -3,7 +3,10 @@
 tiny_corpus: a small synthetic TVR-format corpus (utils/synthetic_tvr.py), generated once per test session;
 the fixture value is the path of its data config; `tiny_corpus_kwargs` gives the generate_corpus arguments
 (sizes, dims: visual 12, text 8, query 8).
+tiny_train_flags: train.py / inference.py flags for that corpus with the tiny model config on the CPU.
 """
+import os
+
 import pytest
 
 from utils.synthetic_tvr import generate_corpus
@@ -22,3 +25,17 @@ def tiny_corpus_kwargs():
 def tiny_corpus(tmp_path_factory):
     """Path of the data config of a session-wide tiny synthetic corpus (read-only: copy it to modify)."""
     return generate_corpus(tmp_path_factory.mktemp("tiny_corpus"), **TINY_CORPUS_KWARGS)
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL_CONFIG = os.path.join(REPO_ROOT, "config", "model_config_tiny.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_train_flags(tiny_corpus):
+    """Data, tiny model and CPU flags; everything else from the defaults or the caller."""
+    k = TINY_CORPUS_KWARGS
+    return ["--dataset_config", tiny_corpus, "--model_config", TINY_MODEL_CONFIG,
+            "--visual_dim", str(k["visual_dim"]), "--text_dim", str(k["text_dim"]), "--query_dim", str(k["query_dim"]),
+            "--hidden_dim", "32", "--max_ctx_len", "30", "--device", "-1", "--num_workers", "0", "--bsz", "8",
+            "--eval_query_bsz", "8", "--lr", "1e-3"]

@@ -16,7 +16,6 @@ from config.options import OptionError
 from method.checkpoint import load_checkpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL_CONFIG = os.path.join(REPO_ROOT, "config", "model_config_tiny.json")
 # One thread: fast on a shared 2-core machine, and the same numerics in this process and in subprocesses.
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
 LOSS_LINE = re.compile(r"^\d{4}(_\d\d){5} \[Epoch\] (\d{3}) \[Loss\] moment_ce_loss (\d+\.\d{4}) "
@@ -32,18 +31,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_flags(tiny_corpus, tiny_corpus_kwargs):
-    """Data, tiny model and CPU flags; everything else from the defaults or the caller."""
-    return ["--dataset_config", tiny_corpus, "--model_config", TINY_MODEL_CONFIG,
-            "--visual_dim", str(tiny_corpus_kwargs["visual_dim"]), "--text_dim", str(tiny_corpus_kwargs["text_dim"]),
-            "--query_dim", str(tiny_corpus_kwargs["query_dim"]), "--hidden_dim", "32", "--max_ctx_len", "30",
-            "--device", "-1", "--num_workers", "0", "--bsz", "8", "--eval_query_bsz", "8", "--lr", "1e-3"]
-
-
 @pytest.fixture(scope="module")
-def base_args(tiny_corpus, tiny_corpus_kwargs):
+def base_args(tiny_train_flags):
     # SVMR R@1 is the stop score: on this corpus it is positive from the start, so model.ckpt gets written.
-    return tiny_flags(tiny_corpus, tiny_corpus_kwargs) + ["--use_interal_vr_scores", "--stop_task", "SVMR"]
+    return tiny_train_flags + ["--use_interal_vr_scores", "--stop_task", "SVMR"]
 
 
 @pytest.fixture(scope="module")
@@ -264,8 +255,8 @@ def run_script(name, *args):
                           capture_output=True, text=True)
 
 
-def test_paper_scripts_run_end_to_end(full_run, tiny_corpus, tiny_corpus_kwargs, tmp_path):
-    extra = tiny_flags(tiny_corpus, tiny_corpus_kwargs) + [
+def test_paper_scripts_run_end_to_end(full_run, tiny_train_flags, tmp_path):
+    extra = tiny_train_flags + [
         "--results_root", str(tmp_path / "results"), "--n_epoch", "1", "--no_eval_untrained", "--max_vcmr_video", "5"]
     pretrain = os.path.join(full_run, "last.ckpt")
     expected = {

@@ -1,0 +1,80 @@
+"""Evaluate a trained CONQUER run directory (opt.json + model.ckpt) on val or test_public.
+
+    python inference.py --model_dir RUN_DIR --dataset_config config/tvr_data_config.json \
+        [--eval_split_name val|test_public] [--tasks VCMR SVMR VR] [--nms_thd 0.7] [--device -1]
+
+or `bash scripts/inference.sh RUN_DIR GPU [flags]`. The model is rebuilt from the checkpoint's own
+`model_cfg`; outputs are written next to the checkpoint that was read (or to --output_dir).
+"""
+import logging
+import os
+import sys
+
+import torch
+from easydict import EasyDict
+
+from config.options import OptionError, TestOptions
+from method.checkpoint import build_model, load_checkpoint, load_model_weights
+from method.dataset import StartEndDataset
+from method.evaluation import eval_epoch
+from utils.data_config import load_data_config
+from utils.report import format_metrics_table
+
+logger = logging.getLogger(__name__)
+
+
+def submission_filename(opt):
+    return (f"inference_{opt.dset_name}_{opt.eval_split_name}_{opt.eval_id}_predictions_"
+            f"{'_'.join(opt.tasks)}_hero.json")
+
+
+def check_writable(output_dir):
+    os.makedirs(output_dir, exist_ok=True)
+    if not os.access(output_dir, os.W_OK):
+        raise OptionError(f"output directory {output_dir!r} is not writable (a read-only run directory?); "
+                          "pass --output_dir DIR to write the predictions elsewhere")
+
+
+def build_eval_dataset(opt):
+    data_config = load_data_config(opt.dataset_config)
+    return StartEndDataset(
+        data_config, max_ctx_len=opt.max_ctx_len, max_desc_len=opt.max_desc_len, clip_length=opt.clip_length,
+        ctx_mode=opt.ctx_mode, is_eval=True, mode=opt.eval_split_name, neg_video_num=0,
+        data_ratio=opt.data_ratio, inference_top_k=opt.max_vcmr_video)
+
+
+def load_trained_model(opt):
+    checkpoint = load_checkpoint(opt.ckpt_filepath, map_location="cpu")
+    model = build_model(checkpoint["model_cfg"], opt)
+    load_model_weights(model, checkpoint["model"])
+    logger.info("loaded %s (epoch %s)", opt.ckpt_filepath, checkpoint.get("epoch"))
+    return model.to(opt.device)
+
+
+def run_inference(opt):
+    """Evaluate the run of `opt`; returns (metrics without NMS, metrics with NMS, written paths)."""
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    check_writable(opt.output_dir)
+    eval_dataset = build_eval_dataset(opt)
+    model = load_trained_model(opt)
+    eval_opt = EasyDict(opt, results_dir=opt.output_dir)
+    return eval_epoch(model, eval_dataset, eval_opt, submission_filename(opt), tasks=opt.tasks,
+                      max_after_nms=100)
+
+
+def main(argv=None):
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    opt = TestOptions().parse(argv)
+    metrics_no_nms, metrics_nms, paths = run_inference(opt)
+    for title, metrics in (("no NMS", metrics_no_nms), (f"NMS {opt.nms_thd}", metrics_nms)):
+        if metrics is not None:
+            print(f"\n{opt.eval_split_name} metrics ({title})\n{format_metrics_table(metrics)}")
+    print("\nwritten:\n" + "\n".join(paths))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (OptionError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
