@@ -27,6 +27,7 @@ import logging
 import os
 import pprint
 import random
+import shutil
 import sys
 import time
 
@@ -43,7 +44,8 @@ from method.dataset import StartEndDataset, prepare_batch_inputs, start_end_coll
 from method.evaluation import eval_epoch
 from method.optimization import apply_warmup, build_optimizer, clip_gradients, warmup_steps_for
 from utils.data_config import load_data_config
-from utils.io_utils import load_json
+from utils.errors import ConquerError, run_cli
+from utils.io_utils import load_json, remove_stale_temp_files
 
 logger = logging.getLogger("train")
 
@@ -62,7 +64,7 @@ DEBUG_EVAL_QUERIES = 10
 SAMPLER_STREAM, NEGATIVES_STREAM, EVALUATION_STREAM = 0, 1, 2
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ConquerError):
     """Training cannot start or continue as asked; the message says why and what to do."""
 
 
@@ -182,10 +184,6 @@ def file_size(path):
 # setup
 
 def check_training_options(opt):
-    if not opt.disable_eval and opt.eval_split_name != "val":
-        raise OptionError(f"--eval_split_name {opt.eval_split_name}: training evaluates on a split with ground "
-                          "truth to pick the best checkpoint and stop early, so it needs --eval_split_name val "
-                          "(or --disable_eval)")
     if opt.device.type == "cpu" and opt.amp == "fp16":
         raise OptionError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
 
@@ -298,7 +296,7 @@ class Trainer:
 
     def restore(self, checkpoint):
         """Continue from a last.ckpt: weights, optimizer, RNG states, early-stopping state and logs."""
-        load_model_weights(self.model, checkpoint["model"])
+        load_model_weights(self.model, checkpoint["model"], source=self.opt.last_ckpt_filepath)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint["scaler"]:  # empty when the run so far had no fp16 loss scaling
             self.scaler.load_state_dict(checkpoint["scaler"])
@@ -455,12 +453,20 @@ class Trainer:
 def main(argv=None):
     opt = BaseOptions().parse(argv)
     handlers = setup_logging(opt.results_dir)
+    discard_run_dir = False
     try:
         train(opt)
+    except ConquerError:
+        # A new run stopped by bad input before its first checkpoint holds nothing worth keeping.
+        checkpoints = (opt.ckpt_filepath, opt.last_ckpt_filepath)
+        discard_run_dir = not opt.resume and not any(map(os.path.exists, checkpoints))
+        raise
     finally:
         for handler in handlers:
             logging.getLogger().removeHandler(handler)
             handler.close()
+        if discard_run_dir:
+            shutil.rmtree(opt.results_dir, ignore_errors=True)
     return opt.results_dir
 
 
@@ -478,13 +484,17 @@ def train(opt):
                                 "(the run did not finish an epoch); start a new run instead")
         checkpoint = load_checkpoint(opt.last_ckpt_filepath, map_location="cpu")
         model_cfg = checkpoint["model_cfg"]
+        remove_stale_temp_files(opt.results_dir)  # left by a process killed while writing
         logger.info("resuming %s after epoch %d", opt.results_dir, checkpoint["epoch"])
     else:
         model_cfg = load_json_config(opt.model_config)
     logger.info("model_config %s", pprint.pformat(model_cfg, indent=4))
 
     train_dataset, eval_loss_dataset, eval_dataset = build_datasets(opt)
-    model = build_model(model_cfg, opt)
+    for dataset in (train_dataset, eval_dataset):
+        if dataset is not None:
+            dataset.check_feature_dims(opt.query_dim, opt.visual_dim, opt.text_dim)
+    model = build_model(model_cfg, opt, source=opt.last_ckpt_filepath if checkpoint else opt.model_config)
     logger.info("%s", model, extra={"file_only": True})
     if opt.encoder_pretrain_ckpt_filepath != "None" and checkpoint is None:
         load_encoder_pretrain(model, opt.encoder_pretrain_ckpt_filepath)
@@ -507,7 +517,4 @@ def load_json_config(path):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (OptionError, TrainingError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

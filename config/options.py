@@ -15,6 +15,7 @@ import torch
 from easydict import EasyDict
 
 from utils.io_utils import load_json, make_code_zip, save_json
+from utils.errors import ConquerError
 
 CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUPPORTED_CTX_MODES = ("visual_sub", "visual")
@@ -32,7 +33,7 @@ NOT_RESTORED_AT_INFERENCE = (
 )
 
 
-class OptionError(ValueError):
+class OptionError(ConquerError):
     """An option value (or a combination of them) is invalid; the message names the flag."""
 
 
@@ -233,8 +234,9 @@ class BaseOptions:
             raise OptionError(f"--stop_task {opt.stop_task} must be one of --eval_tasks_at_training "
                               f"{' '.join(opt.eval_tasks_at_training)}")
         if "tasks" not in opt and not opt.disable_eval and opt.eval_split_name != "val":
-            raise OptionError(f"--eval_split_name {opt.eval_split_name}: training evaluates (for early stopping) "
-                              "on a split with ground truth; use val, or --disable_eval")
+            raise OptionError(f"--eval_split_name {opt.eval_split_name}: training evaluates on a split with ground "
+                              "truth to pick the best checkpoint and stop early, so it needs --eval_split_name val "
+                              "(or --disable_eval)")
         tasks = opt.get("tasks", opt.eval_tasks_at_training if not opt.disable_eval else [])
         if opt.similarity_measure == "general" and not opt.use_interal_vr_scores and {"VR", "VCMR"} & set(tasks):
             raise OptionError("--similarity_measure general ranks videos by the first-stage scores, so it needs "

@@ -248,6 +248,7 @@ def test_debug_run_is_small_and_real(base_args, tmp_path):
 def test_training_needs_val(base_args, tmp_path):
     with pytest.raises(OptionError, match="--eval_split_name val"):
         train.main(base_args + ["--results_root", str(tmp_path), "--exp_id", "x", "--eval_split_name", "test_public"])
+    assert os.listdir(tmp_path) == [], "no run directory is created for rejected options"
 
 
 def run_script(name, *args):
