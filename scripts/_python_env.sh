@@ -18,9 +18,9 @@ install_project() {
     "$PYTHON" -m pip install --quiet "torch==2.13.0"
   fi
   # Skip pip when everything is already importable from this checkout (a second run starts at once).
-  if ! "$PYTHON" - "$1" >/dev/null 2>&1 <<'PY'
+  if ! "$PYTHON" - "${1:-}" >/dev/null 2>&1 <<'PY'
 import importlib, os, sys
-for name in ["numpy", "lmdb", "msgpack", "msgpack_numpy", "easydict", "tqdm", "tensorboard"] + (["pytest"] if sys.argv[1] == "test" else []):
+for name in ["numpy", "lmdb", "msgpack", "msgpack_numpy", "easydict", "tqdm", "tensorboard"] + (["pytest"] if sys.argv[1:] == ["test"] else []):
     importlib.import_module(name)
 import method
 assert os.path.dirname(os.path.dirname(os.path.abspath(method.__file__))) == os.getcwd()
