@@ -8,7 +8,7 @@ or `bash scripts/inference.sh RUN_DIR GPU [flags]`. The model is rebuilt from th
 """
 import logging
 import os
-import sys
+import tempfile
 
 import torch
 from easydict import EasyDict
@@ -18,6 +18,7 @@ from method.checkpoint import build_model, load_checkpoint, load_model_weights
 from method.dataset import StartEndDataset
 from method.evaluation import eval_epoch
 from utils.data_config import load_data_config
+from utils.errors import run_cli
 from utils.report import format_metrics_table
 
 logger = logging.getLogger(__name__)
@@ -29,10 +30,18 @@ def submission_filename(opt):
 
 
 def check_writable(output_dir):
-    os.makedirs(output_dir, exist_ok=True)
-    if not os.access(output_dir, os.W_OK):
-        raise OptionError(f"output directory {output_dir!r} is not writable (a read-only run directory?); "
-                          "pass --output_dir DIR to write the predictions elsewhere")
+    """Create `output_dir` if needed and write a probe file there (permission bits tell nothing for root or on
+    a read-only file system), so a read-only run directory fails before any output is written."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        if os.access(output_dir, os.W_OK):
+            with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write_probe."):
+                return
+        reason = "no write permission"
+    except OSError as e:
+        reason = e.strerror
+    raise OptionError(f"output directory {output_dir!r} is not writable ({reason}; a read-only run directory?); "
+                      "pass --output_dir DIR to write the predictions elsewhere")
 
 
 def build_eval_dataset(opt):
@@ -45,8 +54,8 @@ def build_eval_dataset(opt):
 
 def load_trained_model(opt):
     checkpoint = load_checkpoint(opt.ckpt_filepath, map_location="cpu")
-    model = build_model(checkpoint["model_cfg"], opt)
-    load_model_weights(model, checkpoint["model"])
+    model = build_model(checkpoint["model_cfg"], opt, source=f"{opt.ckpt_filepath} (model_cfg)")
+    load_model_weights(model, checkpoint["model"], source=opt.ckpt_filepath)
     logger.info("loaded %s (epoch %s)", opt.ckpt_filepath, checkpoint.get("epoch"))
     return model.to(opt.device)
 
@@ -55,9 +64,11 @@ def run_inference(opt):
     """Evaluate the run of `opt`; returns (metrics without NMS, metrics with NMS, written paths)."""
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
-    check_writable(opt.output_dir)
+    # Every input is checked before the output directory is touched.
     eval_dataset = build_eval_dataset(opt)
+    eval_dataset.check_feature_dims(opt.query_dim, opt.visual_dim, opt.text_dim)
     model = load_trained_model(opt)
+    check_writable(opt.output_dir)
     eval_opt = EasyDict(opt, results_dir=opt.output_dir)
     return eval_epoch(model, eval_dataset, eval_opt, submission_filename(opt), tasks=opt.tasks,
                       max_after_nms=100)
@@ -74,7 +85,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (OptionError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

@@ -19,8 +19,17 @@ optimizer, torch/numpy/python RNG states and early-stopping state) ends bitwise 
 uninterrupted one on the CPU. With worker processes the negatives are drawn in the workers from seeds
 derived from the same generator: reproducible for a given --num_workers, but not the same draws as with
 --num_workers 0.
+
+Several GPUs or nodes (utils/distributed.py): `torchrun --nproc_per_node N train.py ...` trains with
+DistributedDataParallel. --bsz stays the global batch (each rank takes a contiguous 1/N of every batch a
+single process would draw); negatives, dropout and worker seeds are drawn per rank (rank 0 draws what a
+single process would); rank 0 alone writes the run directory, logs, TensorBoard and checkpoints, and takes
+the early-stopping decision, which every rank follows; evaluation is sharded across the ranks. last.ckpt
+keeps the RNG states of every rank, so --resume under torchrun with the same number of processes
+continues each rank's streams.
 """
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -39,10 +48,12 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from config.options import BaseOptions, OptionError
+from method.amp import autocast_context, make_grad_scaler
 from method.checkpoint import build_model, load_checkpoint, load_encoder_pretrain, load_model_weights, save_checkpoint
 from method.dataset import StartEndDataset, prepare_batch_inputs, start_end_collate
 from method.evaluation import eval_epoch
 from method.optimization import apply_warmup, build_optimizer, clip_gradients, warmup_steps_for
+from utils import distributed
 from utils.data_config import load_data_config
 from utils.errors import ConquerError, run_cli
 from utils.io_utils import load_json, remove_stale_temp_files
@@ -61,7 +72,7 @@ DEBUG_BATCHES_PER_EPOCH = 3
 DEBUG_EVAL_QUERIES = 10
 
 # Independent random streams derived from (seed, epoch).
-SAMPLER_STREAM, NEGATIVES_STREAM, EVALUATION_STREAM = 0, 1, 2
+SAMPLER_STREAM, NEGATIVES_STREAM, EVALUATION_STREAM, RESUMED_RANK_STREAM = 0, 1, 2, 3
 
 
 class TrainingError(ConquerError):
@@ -98,10 +109,11 @@ def stream_seed(seed, epoch, stream):
     return int(np.random.SeedSequence([seed % 2 ** 32, epoch + 1, stream]).generate_state(1)[0])
 
 
-def seed_worker(worker_id):
+def seed_worker(worker_id, rank=0):
     # The DataLoader gives each worker torch seed base_seed + worker_id, with base_seed drawn from the
-    # loader's generator; python `random` (negative sampling) and numpy follow it.
-    worker_seed = torch.initial_seed() % 2 ** 32
+    # loader's generator (the same on every rank); python `random` (negative sampling) and numpy follow it,
+    # mixed with the rank.
+    worker_seed = distributed.rank_seed(torch.initial_seed() % 2 ** 32, rank)
     random.seed(worker_seed)
     np.random.seed(worker_seed)
 
@@ -158,17 +170,21 @@ class TqdmHandler(logging.Handler):
 
 
 def setup_logging(run_dir):
-    """Log INFO to the console and to `<run_dir>/run.log` (appended); returns the handlers to remove."""
+    """Log INFO to the console and to `<run_dir>/run.log` (appended); returns the handlers to remove.
+    Under torchrun only rank 0 does so; the other ranks show warnings and errors on the console."""
     formatter = logging.Formatter("%(asctime)s.%(msecs)03d:%(levelname)s:%(name)s - %(message)s",
                                   datefmt="%Y-%m-%d %H:%M:%S")
-    console = TqdmHandler(level=logging.INFO)
-    log_file = logging.FileHandler(os.path.join(run_dir, RUN_LOG_FILENAME), mode="a")
+    if not distributed.is_main_process():
+        handlers = [TqdmHandler(level=logging.WARNING)]
+    else:
+        handlers = [TqdmHandler(level=logging.INFO),
+                    logging.FileHandler(os.path.join(run_dir, RUN_LOG_FILENAME), mode="a")]
     root = logging.getLogger()
-    for handler in (console, log_file):
+    for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(logging.INFO)
-    return [console, log_file]
+    return handlers
 
 
 def append_line(path, text):
@@ -183,7 +199,38 @@ def file_size(path):
 # ----------------------------------------------------------------------------------------------------
 # setup
 
+class TrainOptions(BaseOptions):
+    """BaseOptions whose run directory is created by rank 0 alone under torchrun; the other ranks receive its
+    path (they must not create run directories of their own)."""
+
+    def _create_run_dir(self, opt):
+        error = None
+        if distributed.is_main_process():
+            try:
+                super()._create_run_dir(opt)
+            except OptionError as e:
+                error = e
+        results_dir, error = distributed.broadcast_object((opt.get("results_dir"), error))
+        if error is not None:
+            raise error
+        opt.results_dir = results_dir
+
+
+class NullWriter:
+    """The SummaryWriter of the ranks other than 0, which write nothing."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def add_scalars(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
 def check_training_options(opt):
+    distributed.per_rank_batch_size(opt.bsz)
     if opt.device.type == "cpu" and opt.amp == "fp16":
         raise OptionError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
 
@@ -231,9 +278,15 @@ def build_datasets(opt):
 
 
 def make_loader(dataset, batch_size, opt, shuffle, drop_last, generator):
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      collate_fn=start_end_collate, num_workers=opt.num_workers,
-                      pin_memory=opt.device.type == "cuda", generator=generator, worker_init_fn=seed_worker)
+    """Batches of `batch_size`; under torchrun, this rank's slice of each such global batch (drop_last)."""
+    common = dict(collate_fn=start_end_collate, num_workers=opt.num_workers, pin_memory=opt.device.type == "cuda",
+                  generator=generator, worker_init_fn=functools.partial(seed_worker, rank=distributed.get_rank()))
+    if not distributed.is_distributed():
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, **common)
+    assert drop_last, "a global batch is split evenly across the ranks only when incomplete batches are dropped"
+    batch_sampler = distributed.GlobalBatchSampler(len(dataset), batch_size, distributed.get_rank(),
+                                                   distributed.get_world_size(), shuffle, generator)
+    return DataLoader(dataset, batch_sampler=batch_sampler, **common)
 
 
 def count_parameters(model):
@@ -243,8 +296,7 @@ def count_parameters(model):
 
 
 def autocast(opt):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opt.amp)
-    return torch.autocast(device_type=opt.device.type, dtype=dtype, enabled=dtype is not None)
+    return autocast_context(opt.amp, opt.device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -255,6 +307,8 @@ class Trainer:
 
     def __init__(self, model, model_cfg, train_dataset, eval_loss_dataset, eval_dataset, opt):
         self.model, self.model_cfg, self.opt = model, model_cfg, opt
+        # What training steps run through: DDP around `model` under torchrun, else `model` itself.
+        self.train_model = distributed.wrap_model(model, opt.device)
         self.eval_dataset = eval_dataset
         self.train_generator = torch.Generator()
         self.train_loader = make_loader(train_dataset, opt.bsz, opt, shuffle=True, drop_last=True,
@@ -271,7 +325,7 @@ class Trainer:
         self.n_epoch = min(opt.n_epoch, DEBUG_N_EPOCH) if opt.debug else opt.n_epoch
         self.warmup_steps = warmup_steps_for(self.n_epoch * self.batches_per_epoch, opt.lr_warmup_proportion)
         self.optimizer = build_optimizer(model, opt)
-        self.scaler = torch.amp.GradScaler(opt.device.type, enabled=opt.amp == "fp16")
+        self.scaler = make_grad_scaler(opt.amp, opt.device)
         self.start_epoch = 0 if opt.no_eval_untrained else -1
         self.submission_filename = (f"latest_{opt.dset_name}_{opt.eval_split_name}_predictions_"
                                     f"{'_'.join(opt.eval_tasks_at_training)}.json")
@@ -286,13 +340,18 @@ class Trainer:
 
     def save_last_checkpoint(self, epoch):
         opt = self.opt
+        rank_rng_states = distributed.gather_object(capture_rng_state())
+        if not distributed.is_main_process():
+            return
+        # Under torchrun also every rank's RNG states, in rank order (rng_state is rank 0's).
+        extra = {"rank_rng_states": rank_rng_states} if distributed.is_distributed() else {}
         save_checkpoint(
             opt.last_ckpt_filepath, self.model.state_dict(), self.model_cfg, epoch,
             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
             best_score=self.best_score, es_cnt=self.es_cnt, stopped_early=self.stopped_early,
-            global_step=(epoch + 1) * self.batches_per_epoch, rng_state=capture_rng_state(),
+            global_step=(epoch + 1) * self.batches_per_epoch, rng_state=rank_rng_states[0],
             log_sizes={os.path.basename(path): file_size(path)
-                       for path in (opt.train_log_filepath, opt.eval_log_filepath)})
+                       for path in (opt.train_log_filepath, opt.eval_log_filepath)}, **extra)
 
     def restore(self, checkpoint):
         """Continue from a last.ckpt: weights, optimizer, RNG states, early-stopping state and logs."""
@@ -304,7 +363,9 @@ class Trainer:
         self.best_score = checkpoint["best_score"]
         self.es_cnt = checkpoint["es_cnt"]
         self.stopped_early = checkpoint["stopped_early"]
-        restore_rng_state(checkpoint["rng_state"])
+        self.restore_rank_rng_state(checkpoint)
+        if not distributed.is_main_process():
+            return
         # Lines appended after last.ckpt was written belong to the unfinished epoch, which runs again.
         for name, size in checkpoint["log_sizes"].items():
             path = os.path.join(self.opt.results_dir, name)
@@ -312,22 +373,41 @@ class Trainer:
                 with open(path, "r+b") as f:
                     f.truncate(size)
 
+    def restore_rank_rng_state(self, checkpoint):
+        """This rank's RNG states: its own when last.ckpt was saved by as many ranks (a single process saves
+        only rng_state); otherwise rank 0 takes rng_state and the other ranks start streams derived from
+        (seed, epoch, rank)."""
+        rank_states = checkpoint.get("rank_rng_states") or [checkpoint["rng_state"]]
+        rank, world_size = distributed.get_rank(), distributed.get_world_size()
+        if len(rank_states) == world_size:
+            restore_rng_state(rank_states[rank])
+            return
+        logger.warning("last.ckpt holds the RNG states of %d process(es), this run has %d: ranks other than 0 "
+                       "start new random streams", len(rank_states), world_size)
+        if rank == 0:
+            restore_rng_state(checkpoint["rng_state"])
+        else:
+            set_seed(distributed.rank_seed(stream_seed(self.opt.seed, checkpoint["epoch"], RESUMED_RANK_STREAM)))
+
     # --- training ----------------------------------------------------------------------------------
 
     def train_epoch(self, epoch):
-        opt, model, optimizer = self.opt, self.model, self.optimizer
+        opt, model, optimizer = self.opt, self.train_model, self.optimizer
         self.train_generator.manual_seed(stream_seed(opt.seed, epoch, SAMPLER_STREAM))
-        random.seed(stream_seed(opt.seed, epoch, NEGATIVES_STREAM))
+        random.seed(distributed.rank_seed(stream_seed(opt.seed, epoch, NEGATIVES_STREAM)))
         model.train()
         meters = {name: AverageMeter() for name in LOSS_NAMES}
         batches = itertools.islice(self.train_loader, self.batches_per_epoch)
         for batch_idx, (_, model_inputs) in enumerate(tqdm(batches, total=self.batches_per_epoch,
-                                                           desc=f"Training epoch {epoch}", leave=False)):
+                                                           desc=f"Training epoch {epoch}", leave=False,
+                                                           disable=not distributed.is_main_process())):
             global_step = epoch * self.batches_per_epoch + batch_idx
             apply_warmup(optimizer, global_step, self.warmup_steps)
             model_inputs = prepare_batch_inputs(model_inputs, opt.device, non_blocking=opt.device.type == "cuda")
             with autocast(opt):
                 loss, loss_dict = model(model_inputs)
+            # The losses are means over queries: their mean over the ranks is the global batch's.
+            loss_dict = dict(zip(loss_dict, distributed.mean_over_ranks(loss_dict.values())))
             # Zeroed rather than set to None, as the original's torch did: a parameter that once had a
             # gradient keeps being updated (and decayed) by the optimizer.
             optimizer.zero_grad(set_to_none=False)
@@ -345,8 +425,9 @@ class Trainer:
                 meters[name].update(float(value))
 
         loss_str = " ".join(f"{name} {meter.avg:.4f}" for name, meter in meters.items())
-        append_line(opt.train_log_filepath, TRAIN_LOG_LINE.format(
-            time_str=time.strftime(TIME_FORMAT), epoch=epoch, loss_str=loss_str))
+        if distributed.is_main_process():
+            append_line(opt.train_log_filepath, TRAIN_LOG_LINE.format(
+                time_str=time.strftime(TIME_FORMAT), epoch=epoch, loss_str=loss_str))
         logger.info("epoch %d: %s", epoch, loss_str)
 
     @torch.no_grad()
@@ -358,14 +439,17 @@ class Trainer:
         if self.opt.debug:
             n_batches = min(n_batches, DEBUG_BATCHES_PER_EPOCH)
         batches = itertools.islice(self.eval_loss_loader, n_batches)
-        for _, model_inputs in tqdm(batches, total=n_batches, desc="Eval loss", leave=False):
+        for _, model_inputs in tqdm(batches, total=n_batches, desc="Eval loss", leave=False,
+                                    disable=not distributed.is_main_process()):
             model_inputs = prepare_batch_inputs(model_inputs, self.opt.device)
             with autocast(self.opt):
                 _, loss_dict = self.model(model_inputs)
             for name, value in loss_dict.items():
                 meters[name].update(float(value))
-        for name, meter in meters.items():
-            self.writer.add_scalar(f"Eval_Loss/{name}", meter.avg, epoch)
+        # Every rank saw its slice of the same batches: the mean of the ranks' means is the global mean.
+        averages = distributed.mean_over_ranks(meter.avg for meter in meters.values())
+        for name, average in zip(meters, averages):
+            self.writer.add_scalar(f"Eval_Loss/{name}", average, epoch)
 
     # --- evaluation, best checkpoint, early stopping -------------------------------------------------
 
@@ -373,15 +457,28 @@ class Trainer:
         return epoch % self.opt.eval_epoch_num == 0 or epoch == self.n_epoch - 1 or epoch == self.start_epoch
 
     def evaluate(self, epoch):
-        """Evaluate, keep the best checkpoint, count towards early stopping; True when training must stop."""
+        """Evaluate, keep the best checkpoint, count towards early stopping; True when training must stop.
+
+        Under torchrun every rank scores its share of the queries; rank 0 gets all predictions, writes the
+        files and decides, and every rank receives the decision and the early-stopping state.
+        """
         opt = self.opt
         evaluation_seed = stream_seed(opt.seed, epoch, EVALUATION_STREAM)
         self.eval_loss_generator.manual_seed(evaluation_seed)
-        with isolated_rng(evaluation_seed):
+        with isolated_rng(distributed.rank_seed(evaluation_seed)):
             self.eval_loss_pass(epoch)
             metrics_no_nms, metrics_nms, latest_file_paths = eval_epoch(
                 self.model, self.eval_dataset, opt, self.submission_filename,
                 tasks=opt.eval_tasks_at_training, max_after_nms=100)
+        stop = None
+        if distributed.is_main_process():
+            stop = self.record_evaluation(epoch, metrics_no_nms, metrics_nms, latest_file_paths)
+        stop, self.best_score, self.es_cnt = distributed.broadcast_object((stop, self.best_score, self.es_cnt))
+        return stop
+
+    def record_evaluation(self, epoch, metrics_no_nms, metrics_nms, latest_file_paths):
+        """Log an evaluation, keep the best checkpoint, count towards early stopping (rank 0)."""
+        opt = self.opt
         append_line(opt.eval_log_filepath, EVAL_LOG_LINE.format(
             time_str=time.strftime(TIME_FORMAT), epoch=epoch, metrics_str=json.dumps(metrics_no_nms)))
         shown = {k: v for k, v in metrics_no_nms.items() if "by_type" not in k}
@@ -432,14 +529,16 @@ class Trainer:
             return
         # Resuming: tensorboard drops the events of the unfinished epoch (they are written again).
         purge_step = first_epoch * self.batches_per_epoch + 1 if opt.resume else None
-        self.writer = SummaryWriter(opt.tensorboard_log_dir, purge_step=purge_step)
+        self.writer = (SummaryWriter(opt.tensorboard_log_dir, purge_step=purge_step)
+                       if distributed.is_main_process() else NullWriter())
         try:
             for epoch in tqdm(range(first_epoch, self.n_epoch), desc="Epoch", initial=first_epoch - self.start_epoch,
-                              total=self.n_epoch - self.start_epoch):
+                              total=self.n_epoch - self.start_epoch, disable=not distributed.is_main_process()):
                 if epoch >= 0:
                     self.train_epoch(epoch)
                 if opt.disable_eval:
-                    save_checkpoint(opt.ckpt_filepath, self.model.state_dict(), self.model_cfg, epoch)
+                    if distributed.is_main_process():
+                        save_checkpoint(opt.ckpt_filepath, self.model.state_dict(), self.model_cfg, epoch)
                 elif self.should_evaluate(epoch):
                     self.stopped_early = self.evaluate(epoch)
                 self.last_epoch = epoch
@@ -451,7 +550,17 @@ class Trainer:
 
 
 def main(argv=None):
-    opt = BaseOptions().parse(argv)
+    distributed.init_from_env()  # under torchrun; a plain `python train.py` has no process group
+    try:
+        opt = TrainOptions().parse(argv)
+        opt.device = distributed.local_device(opt.device)
+        run_logged(opt)
+    finally:
+        distributed.shutdown()
+    return opt.results_dir
+
+
+def run_logged(opt):
     handlers = setup_logging(opt.results_dir)
     discard_run_dir = False
     try:
@@ -465,14 +574,18 @@ def main(argv=None):
         for handler in handlers:
             logging.getLogger().removeHandler(handler)
             handler.close()
-        if discard_run_dir:
+        if discard_run_dir and distributed.is_main_process():
             shutil.rmtree(opt.results_dir, ignore_errors=True)
-    return opt.results_dir
 
 
 def train(opt):
     check_training_options(opt)
-    set_seed(opt.seed)
+    # Rank 0 seeds as a single process; DDP gives every rank rank 0's initial weights.
+    set_seed(distributed.rank_seed(opt.seed))
+    if distributed.is_distributed():
+        logger.info("DistributedDataParallel: %d processes (backend %s), global batch %d (%d per process), "
+                    "%s on rank 0", distributed.get_world_size(), distributed.get_backend(), opt.bsz,
+                    distributed.per_rank_batch_size(opt.bsz), opt.device)
     if opt.debug:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
@@ -484,7 +597,8 @@ def train(opt):
                                 "(the run did not finish an epoch); start a new run instead")
         checkpoint = load_checkpoint(opt.last_ckpt_filepath, map_location="cpu")
         model_cfg = checkpoint["model_cfg"]
-        remove_stale_temp_files(opt.results_dir)  # left by a process killed while writing
+        if distributed.is_main_process():
+            remove_stale_temp_files(opt.results_dir)  # left by a process killed while writing
         logger.info("resuming %s after epoch %d", opt.results_dir, checkpoint["epoch"])
     else:
         model_cfg = load_json_config(opt.model_config)

@@ -252,6 +252,7 @@ class BaseOptions:
             raise OptionError(f"--neg_video_num must be >= 0, got {opt.neg_video_num}")
         if not 0 <= opt.lr_warmup_proportion < 1:
             raise OptionError(f"--lr_warmup_proportion must be in [0, 1), got {opt.lr_warmup_proportion}")
+        resolve_device(opt.device, opt.device_ids)  # no GPU: fail before a run directory is created
 
 
 class TestOptions(BaseOptions):

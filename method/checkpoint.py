@@ -17,6 +17,8 @@ import re
 import torch
 
 from method.conquer import CONQUER, to_easydict
+from method.layers import ModelConfigError
+from utils.errors import ConquerError
 from utils.io_utils import atomic_torch_save
 
 logger = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ _ALLOWED_LEAF_TYPES = (torch.Tensor, bool, int, float, complex, str, bytes, type
 _REQUIRED = object()
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ConquerError):
     """A checkpoint cannot be read or does not fit the model; the message names the file when there is one."""
 
 
@@ -168,26 +170,34 @@ def _option(opt, key, default=_REQUIRED):
     return value
 
 
-def build_model(model_cfg, opt):
-    """CONQUER from a model config (e.g. checkpoint["model_cfg"]) and the options (SPEC §7; dict or EasyDict)."""
-    return CONQUER(
-        model_cfg,
-        visual_dim=_option(opt, "visual_dim"),
-        text_dim=_option(opt, "text_dim"),
-        query_dim=_option(opt, "query_dim"),
-        hidden_dim=_option(opt, "hidden_dim"),
-        video_len=_option(opt, "max_ctx_len"),
-        ctx_mode=_option(opt, "ctx_mode"),
-        lw_st_ed=_option(opt, "lw_st_ed", 0.01),
-        lw_video_ce=_option(opt, "lw_video_ce", 0.05),
-        similarity_measure=_option(opt, "similarity_measure"),
-        use_debug=_option(opt, "debug", False),
-        no_output_moe_weight=_option(opt, "no_output_moe_weight", False),
-        qal_impl=_option(opt, "qal_impl", "decomposed"),
-        masked_vs_pool=_option(opt, "masked_vs_pool", False),
-        masked_netvlad=_option(opt, "masked_netvlad", False),
-        gate_per_query=_option(opt, "gate_per_query", False),
-    )
+def build_model(model_cfg, opt, source=None):
+    """CONQUER from a model config (e.g. checkpoint["model_cfg"]) and the options (SPEC §7; dict or EasyDict).
+
+    `source`, the file the model config was read from, is named in a ModelConfigError.
+    """
+    try:
+        return CONQUER(
+            model_cfg,
+            visual_dim=_option(opt, "visual_dim"),
+            text_dim=_option(opt, "text_dim"),
+            query_dim=_option(opt, "query_dim"),
+            hidden_dim=_option(opt, "hidden_dim"),
+            video_len=_option(opt, "max_ctx_len"),
+            ctx_mode=_option(opt, "ctx_mode"),
+            lw_st_ed=_option(opt, "lw_st_ed", 0.01),
+            lw_video_ce=_option(opt, "lw_video_ce", 0.05),
+            similarity_measure=_option(opt, "similarity_measure"),
+            use_debug=_option(opt, "debug", False),
+            no_output_moe_weight=_option(opt, "no_output_moe_weight", False),
+            qal_impl=_option(opt, "qal_impl", "decomposed"),
+            masked_vs_pool=_option(opt, "masked_vs_pool", False),
+            masked_netvlad=_option(opt, "masked_netvlad", False),
+            gate_per_query=_option(opt, "gate_per_query", False),
+        )
+    except ModelConfigError as e:
+        if source is None:
+            raise
+        raise ModelConfigError(f"{source}: {e}") from None
 
 
 def load_encoder_pretrain(model, path):

@@ -94,12 +94,14 @@ def index_encoded_videos(encoded_videos, index):
 class CONQUER(nn.Module):
     """CONQUER re-ranker. `config` is the model config (model_config.json, dict or EasyDict); dimensions and
     variant options follow SPEC §7. Extensions, all off by default (faithful): qal_impl "plain" (original
-    similarity formulation), masked_vs_pool [Q12], masked_netvlad [Q13], gate_per_query [Q14]."""
+    similarity formulation), masked_vs_pool [Q12], masked_netvlad [Q13], gate_per_query [Q14].
+    `memory_light` (default True) trains with the formulations of method/memory_light.py (same values, less
+    memory kept for backward); False keeps the plain ops, for tests and benchmarks."""
 
     def __init__(self, config, visual_dim=4352, text_dim=768, query_dim=768, hidden_dim=768, video_len=100,
                  ctx_mode="visual_sub", lw_st_ed=0.01, lw_video_ce=0.05, similarity_measure="general",
                  use_debug=False, no_output_moe_weight=False, qal_impl="decomposed", masked_vs_pool=False,
-                 masked_netvlad=False, gate_per_query=False):
+                 masked_netvlad=False, gate_per_query=False, memory_light=True):
         super().__init__()
         if ctx_mode not in CTX_MODES:  # [Q28]
             raise ModelConfigError(f"ctx_mode {ctx_mode!r} is unsupported; expected one of {CTX_MODES}")
@@ -129,7 +131,14 @@ class CONQUER(nn.Module):
         self.video_scoring_head = (VideoScoringHead(self.config.video_scoring_config, self.config.bert_config,
                                                     hidden_dim, masked_pool=masked_vs_pool)
                                    if similarity_measure == "exclusive" else None)
+        self.set_memory_light(memory_light)
         self.reset_parameters()
+
+    def set_memory_light(self, enabled):
+        """Switch every submodule between its memory-light and plain training formulation."""
+        for module in self.modules():
+            if hasattr(module, "memory_light"):
+                module.memory_light = bool(enabled)
 
     def reset_parameters(self):
         """SPEC §4.12: Linear/Embedding weights N(0, initializer_range), biases 0, LayerNorm (1, 0),

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from utils.errors import ConquerError
 from utils.feature_stores import (FeatureStoreError, QueryFeatureStore, RanklistStore, SubtitleFeatureStore,
                                   VideoFeatureStore)
 from utils.io_utils import load_json, load_jsonl
@@ -36,7 +37,7 @@ DUMMY_TEST_PUBLIC_VIDEO = "castle_s01e01_seg02_clip_20"
 _MAX_REPORTED_PROBLEMS = 5
 
 
-class DatasetError(ValueError):
+class DatasetError(ConquerError):
     """Bad annotations, ranklists or arguments; the message names the file, key and desc_id."""
 
 
@@ -183,6 +184,26 @@ class StartEndDataset(Dataset):
         self.sub_store = SubtitleFeatureStore(config.sub_bert_path, max_len=max_ctx_len) if self.use_sub else None
         self.ranklist_store = RanklistStore(ranklist_path)
         self._dummy_stored = {}  # store kind -> whether it holds the test_public dummy (checked lazily)
+
+    def check_feature_dims(self, query_dim, visual_dim, text_dim):
+        """Compare the feature dims of the first query and its first video with the model's input dims, so a
+        mismatch stops the run at start-up with the store and the option to fix; afterwards every read of
+        these stores checks its dim too."""
+        if not self.query_data:
+            return
+        row = self.query_data[0]
+        video_name = self._gt_name(row) if self.has_gt else self.eval_video_names(0)[1]
+        checks = [(self.query_store, row["desc_id"], query_dim, "--query_dim"),
+                  (self.video_store, video_name, visual_dim, "--visual_dim")]
+        if self.use_sub:
+            checks.append((self.sub_store, video_name, text_dim, "--text_dim"))
+        for store, key, expected, flag in checks:
+            found = store.get(key).shape[1]
+            if found != expected:
+                raise DatasetError(f"{store.kind} store {store.path}: features have dim {found} (key {str(key)!r}) "
+                                   f"but the model expects {flag} {expected}; pass {flag} {found}, or point the "
+                                   f"data config at the features the model was built for")
+            store.dim = expected
 
     def __len__(self):
         return len(self.query_data)

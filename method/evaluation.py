@@ -23,7 +23,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
+from method.amp import autocast_context
 from method.dataset import prepare_batch_inputs, start_end_collate
+from utils import distributed
+from utils.errors import ConquerError
 from utils.io_utils import save_json
 from utils.scoring import moment_rows, score_batch, video_rows
 from utils.standalone_eval import eval_retrieval
@@ -37,7 +40,7 @@ IOU_THDS = (0.5, 0.7)
 CACHE_DEVICE_MEMORY_FRACTION = 0.5
 
 
-class ConfigError(ValueError):
+class ConfigError(ConquerError):
     """The evaluation options cannot work together; the message names the options."""
 
 
@@ -131,7 +134,8 @@ class VideoEncodingCache:
         encoded = video_mask = None
         offset = 0
         loader = _loader(_VideoItems(dataset, video_names), opt, device, batch_size, default_collate)
-        for video_inputs in tqdm(loader, desc="Encoding videos", total=len(loader)):
+        for video_inputs in tqdm(loader, desc="Encoding videos", total=len(loader),
+                                 disable=not distributed.is_main_process()):
             video_inputs = prepare_batch_inputs(video_inputs, device, non_blocking=True)
             n = video_inputs["visual"]["feat_mask"].shape[0]
             # Every chunk has the row count of a full uncached batch: GPU kernels (hence the last bits of
@@ -191,7 +195,8 @@ def _cache_storage_device(first_batch_encoded, n_videos, device):
 def _forward_batches(model, dataset, opt, device):
     """Yield (metas, first-stage scores (B, k), (video_scores, begin_logits, end_logits)) per query batch."""
     loader = _loader(dataset, opt, device, opt.eval_query_bsz, start_end_collate)
-    for metas, model_inputs in tqdm(loader, desc="Scoring queries", total=len(loader)):
+    for metas, model_inputs in tqdm(loader, desc="Scoring queries", total=len(loader),
+                                    disable=not distributed.is_main_process()):
         model_inputs = prepare_batch_inputs(model_inputs, device, non_blocking=True)
         yield metas, model_inputs["inference_vr_scores"], model.get_pred_from_raw_query(model_inputs)
 
@@ -202,7 +207,8 @@ def _cached_forward_batches(model, dataset, opt, device):
     cache = VideoEncodingCache.build(model, dataset, opt, device, batch_size=opt.eval_query_bsz * n_videos_per_item)
     loader = _loader(_QueryItems(dataset), opt, device, opt.eval_query_bsz, start_end_collate)
     offset = 0
-    for metas, model_inputs in tqdm(loader, desc="Scoring queries", total=len(loader)):
+    for metas, model_inputs in tqdm(loader, desc="Scoring queries", total=len(loader),
+                                    disable=not distributed.is_main_process()):
         rows = cache.query_video_rows[offset:offset + len(metas)]
         for meta, item_rows in zip(metas, rows.tolist()):
             if meta["sample_vid_name_list"] != [cache.video_names[r] for r in item_rows[1:]]:
@@ -228,7 +234,8 @@ def compute_predictions(model, eval_dataset, opt, tasks):
     results = {task: [] for task in TASKS}
     model.eval()
     batches = (_cached_forward_batches if opt.get("video_cache", True) else _forward_batches)
-    with torch.no_grad():
+    # --amp: the forward passes run lazily inside the loop, so autocast wraps it; scoring casts to fp32.
+    with torch.no_grad(), autocast_context(opt.get("amp", "off"), device):
         for metas, first_stage_scores, (video_scores, begin_logits, end_logits) in batches(
                 model, eval_dataset, opt, device):
             ranked = score_batch(opt.similarity_measure, begin_logits, end_logits, tasks=tasks,
@@ -290,14 +297,20 @@ def eval_epoch(model, eval_dataset, opt, save_submission_filename, tasks=TASKS, 
     `max_after_nms` rows, as the original [Q7]; `opt.nms_input_full` makes it read the untruncated list.
 
     Returns:
-        (metrics without NMS or None, metrics with NMS or None, list of the paths written).
+        (metrics without NMS or None, metrics with NMS or None, list of the paths written); under torchrun
+        (utils/distributed.py) only rank 0 writes and returns them, the other ranks get (None, None, []).
     """
     start_time = time.time()
     tasks = resolve_tasks(opt, tasks, eval_dataset.has_gt)
     if len(eval_dataset) == 0:
         raise ConfigError(f"the {opt.eval_split_name} evaluation dataset has no queries")
     logger.info("Computing %s predictions of %d queries", "/".join(tasks), len(eval_dataset))
-    results = compute_predictions(model, eval_dataset, opt, tasks)
+    # Under torchrun each rank scores a contiguous share of the queries (whole query batches) and rank 0,
+    # which alone writes files, gathers them in dataset order; the other ranks return here.
+    shard = distributed.query_shard(eval_dataset, opt.eval_query_bsz)
+    results = distributed.gather_predictions(compute_predictions(model, shard, opt, tasks) if len(shard) else {})
+    if results is None:
+        return None, None, []
     has_metrics = opt.eval_split_name == "val"  # the other splits have no GT
 
     submission_path = os.path.join(opt.results_dir, save_submission_filename)

@@ -4,10 +4,17 @@
 * `mask_logits`: the arithmetic logit masking of the original, with its two fill constants.
 * `BertEmbeddings`, `BertEncoder`: a BERT-style post-LN Transformer without word embeddings. Parameter
   names follow the HuggingFace BERT layout so that checkpoints of the original load unchanged.
+
+Modules with a `memory_light` attribute (True by default; CONQUER sets it) train with the formulations of
+method/memory_light.py, which keep less for the backward pass; False gives the plain ops (the original's
+memory use). Values and dropout masks are the same either way; eval mode always runs the plain ops.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from method import memory_light as light
+from utils.errors import ConquerError
 
 # The original defines mask_logits twice with different fill values [Q11]: ConvSE uses -1e4, the
 # bi-directional attention (and disjoint post-processing) uses -1e10. Both are part of the numerics.
@@ -17,7 +24,7 @@ VERY_NEGATIVE_NUMBER = -1e10
 ATTENTION_MASK_VALUE = -10000.0
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(ConquerError):
     """The model configuration (model_config.json / constructor arguments) is inconsistent."""
 
 
@@ -32,16 +39,39 @@ def mask_logits(target, mask, fill_value):
     return target * mask + (1 - mask) * fill_value
 
 
+def uses_memory_light(module, x):
+    """Whether `module` should run its memory-light training formulation on input `x`."""
+    autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+    return module.memory_light and module.training and torch.is_grad_enabled() and not autocast
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout whose training backward keeps a bool mask instead of a float32 one (`memory_light`)."""
+
+    def __init__(self, p=0.5):
+        super().__init__(p)
+        self.memory_light = True
+
+    def forward(self, x):
+        if self.p > 0 and uses_memory_light(self, x):
+            return light.dropout(x, self.p)
+        return super().forward(x)
+
+
 class LinearLayer(nn.Module):
     """y = ReLU(Linear(Dropout(LayerNorm(x)))); parameters `LayerNorm.*`, `net.1.*` (`net.0` is the dropout)."""
 
     def __init__(self, in_hsz, out_hsz, dropout=0.1):
         super().__init__()
         self.LayerNorm = nn.LayerNorm(in_hsz)
-        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_hsz, out_hsz))
+        self.net = nn.Sequential(Dropout(dropout), nn.Linear(in_hsz, out_hsz))
+        self.memory_light = True
 
     def forward(self, x):
         """x (..., in_hsz) -> (..., out_hsz)"""
+        dropout, linear = self.net
+        if dropout.p > 0 and uses_memory_light(self, x):
+            return F.relu(light.layer_norm_dropout_linear(x, self.LayerNorm, dropout.p, linear))
         return F.relu(self.net(self.LayerNorm(x)))
 
 
@@ -53,7 +83,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, features, position_ids, token_type_ids):
         """features (M, T, H), position_ids (M, T), token_type_ids (M, T) -> (M, T, H)"""
@@ -76,6 +106,7 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_prob = config.attention_probs_dropout_prob
+        self.memory_light = True
 
     def _split_heads(self, x):
         m, t, _ = x.shape
@@ -90,8 +121,13 @@ class BertSelfAttention(nn.Module):
         q = self._split_heads(self.query(hidden_states))
         k = self._split_heads(self.key(hidden_states))
         v = self._split_heads(self.value(hidden_states))
-        context = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=additive_mask.to(q.dtype), dropout_p=self.dropout_prob if self.training else 0.0)
+        # With dropout, CPU SDPA runs its math kernel, which keeps three (T, T) float tensors per head for
+        # backward; CUDA's fused kernels keep none, so the memory-light attention is for the CPU only.
+        if self.dropout_prob > 0 and hidden_states.device.type == "cpu" and uses_memory_light(self, hidden_states):
+            context = light.attention_context(q, k, v, additive_mask.to(q.dtype), self.dropout_prob)
+        else:
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=additive_mask.to(q.dtype), dropout_p=self.dropout_prob if self.training else 0.0)
         return context.transpose(1, 2).reshape(m, t, h)
 
 
@@ -102,7 +138,7 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states, residual):
         """hidden_states, residual (M, T, H) -> (M, T, H)"""
@@ -147,11 +183,15 @@ class BertOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states, residual):
         """hidden_states (M, T, intermediate_size), residual (M, T, H) -> (M, T, H)"""
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+        return self.add_and_norm(self.dense(hidden_states), residual)
+
+    def add_and_norm(self, projected, residual):
+        """projected = dense(hidden_states), residual (M, T, H) -> LayerNorm(Dropout(projected) + residual)"""
+        return self.LayerNorm(self.dropout(projected) + residual)
 
 
 class BertLayer(nn.Module):
@@ -162,10 +202,16 @@ class BertLayer(nn.Module):
         self.attention = BertAttention(config)
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
+        self.memory_light = True
 
     def forward(self, hidden_states, additive_mask):
         """hidden_states (M, T, H), additive_mask (M, 1, 1, T) -> (M, T, H)"""
         attention_output = self.attention(hidden_states, additive_mask)
+        if self.intermediate.activation is F.gelu and uses_memory_light(self, attention_output):
+            # The 4H-wide GELU output is recomputed in backward instead of being kept.
+            projected = light.gelu_linear(self.intermediate.dense(attention_output), self.output.dense.weight,
+                                          self.output.dense.bias)
+            return self.output.add_and_norm(projected, attention_output)
         return self.output(self.intermediate(attention_output), attention_output)
 
 

@@ -14,6 +14,7 @@ import torch
 
 import config as config_package
 from method.conquer import CONQUER, CTX_MODES, SIMILARITY_MEASURES
+from utils.errors import run_cli
 from utils.io_utils import DataFileError, load_json
 
 DEFAULT_MODEL_CONFIG = os.path.join(os.path.dirname(config_package.__file__), "model_config.json")
@@ -59,4 +60,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from method.layers import Dropout
+
 
 class NetVLAD(nn.Module):
     """NetVLAD pooling of a token sequence into one (feature_size · cluster_size) vector.
@@ -50,7 +52,7 @@ class QueryWeightEncoder(nn.Module):
     def __init__(self, config, video_modality, masked_netvlad=False, gate_per_query=False):
         super().__init__()
         self.text_pooling = NetVLAD(feature_size=config.hidden_size, cluster_size=config.text_cluster)
-        self.moe_txt_dropout = nn.Dropout(config.moe_dropout_prob)
+        self.moe_txt_dropout = Dropout(config.moe_dropout_prob)
         self.moe_fc_txt = nn.Linear(self.text_pooling.out_dim, len(video_modality), bias=False)
         self.masked_netvlad = masked_netvlad
         self.gate_per_query = gate_per_query

@@ -1,8 +1,14 @@
-# Shared by the training scripts (sourced, not run). Run the scripts from anywhere; they cd to the
-# repository root, so relative paths in their flags are relative to it.
+# Shared by the training and inference scripts (sourced, not run). Run the scripts from anywhere; they cd
+# to the repository root, so relative paths in their flags are relative to it.
 #
-#   use_device GPU   GPU is a CUDA device id (exported as CUDA_VISIBLE_DEVICES, then --device 0)
-#                    or `cpu` (--device -1); sets the array DEVICE_FLAGS.
+#   use_device GPU    GPU is a CUDA device id (exported as CUDA_VISIBLE_DEVICES, then --device 0) or `cpu`
+#                     (--device -1); sets the array DEVICE_FLAGS.
+#   use_devices GPUS  as use_device, and GPUS may also be a comma-separated list of CUDA ids (e.g. 0,1,2,3):
+#                     one DistributedDataParallel process per GPU, started by torchrun. Sets DEVICE_FLAGS
+#                     and LAUNCHER, the command that runs the Python script (python, or torchrun for a list).
+#                     torchrun gets `--standalone` (one node), or the flags in $TORCHRUN_ARGS for several
+#                     nodes, e.g. TORCHRUN_ARGS="--nnodes 2 --node_rank 0 --rdzv_backend c10d
+#                     --rdzv_endpoint HOST:29500 --rdzv_id RUN".
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
@@ -20,15 +26,34 @@ use_device() {
     export CUDA_VISIBLE_DEVICES="$gpu"
     DEVICE_FLAGS=(--device 0)
   elif [[ "$gpu" == *,* ]]; then
-    die "GPU '$gpu': a list of GPUs (multi-GPU training) is not supported yet; give one CUDA id or 'cpu'"
+    die "GPU '$gpu': a list of GPUs is for the training scripts (scripts/train*.sh); give one CUDA id or 'cpu'"
   else
     die "GPU '$gpu': expected a CUDA device id (e.g. 0) or 'cpu'"
   fi
 }
 
+use_devices() {
+  local gpus="$1"
+  LAUNCHER=("$PYTHON")
+  if [[ "$gpus" != *,* ]]; then
+    use_device "$gpus"
+    return
+  fi
+  if [[ ! "$gpus" =~ ^[0-9]+(,[0-9]+)+$ ]]; then
+    die "GPU list '$gpus': expected comma-separated CUDA device ids (e.g. 0,1,2,3)"
+  fi
+  local n_gpus
+  n_gpus=$(tr ',' '\n' <<<"$gpus" | wc -l)
+  export CUDA_VISIBLE_DEVICES="$gpus"
+  DEVICE_FLAGS=(--device 0)  # process i (LOCAL_RANK i) runs on the i-th GPU of the list
+  local torchrun_args
+  read -r -a torchrun_args <<<"${TORCHRUN_ARGS:---standalone}"
+  LAUNCHER=("$PYTHON" -m torch.distributed.run "${torchrun_args[@]}" --nproc_per_node "$n_gpus")
+}
+
 # require_exp_and_gpu "$@": the first two arguments must be given.
 require_exp_and_gpu() {
   if [[ $# -lt 2 ]]; then
-    die "usage: bash $0 EXP_ID GPU|cpu [extra train.py flags]"
+    die "usage: bash $0 EXP_ID GPU|GPU,GPU,...|cpu [extra train.py flags]"
   fi
 }

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # CONQUER, disjoint similarity (raw begin + end logits), shared-normalization training.
-#   bash scripts/train_sharednorm_disjoint.sh EXP_ID GPU|cpu [extra train.py flags, which override these]
+#   bash scripts/train_sharednorm_disjoint.sh EXP_ID GPU|GPU,GPU,...|cpu [extra train.py flags, which override these]
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 require_exp_and_gpu "$@"
-use_device "$2"
+use_devices "$2"
 cd "$REPO_ROOT"
 
-exec "$PYTHON" train.py \
+exec "${LAUNCHER[@]}" train.py \
   --dataset_config config/tvr_data_config.json \
   --model_config config/model_config.json \
   --stop_task VCMR \

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # CONQUER, exclusive similarity (video-scoring head), shared-normalization training, with the query and
 # video encoders initialised from a first-stage checkpoint.
-#   bash scripts/train_sharednorm_exclusive_pretrain.sh EXP_ID GPU|cpu \
+#   bash scripts/train_sharednorm_exclusive_pretrain.sh EXP_ID GPU|GPU,GPU,...|cpu \
 #        --encoder_pretrain_ckpt_filepath FIRST_STAGE_RUN/model.ckpt [extra train.py flags]
 # (or edit PRETRAIN_CKPT below). Unlike the original script, extra flags do reach train.py.
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 require_exp_and_gpu "$@"
-use_device "$2"
+use_devices "$2"
 cd "$REPO_ROOT"
 
 PLACEHOLDER_CKPT=path/to/first_stage_trained_model/model.ckpt
@@ -20,7 +20,7 @@ if [[ $pretrain_given == no && "$PRETRAIN_CKPT" == "$PLACEHOLDER_CKPT" ]]; then
   die "no first-stage checkpoint: pass --encoder_pretrain_ckpt_filepath PATH/model.ckpt (or set PRETRAIN_CKPT)"
 fi
 
-exec "$PYTHON" train.py \
+exec "${LAUNCHER[@]}" train.py \
   --dataset_config config/tvr_data_config.json \
   --model_config config/model_config.json \
   --stop_task VCMR \

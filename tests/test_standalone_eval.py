@@ -227,5 +227,5 @@ def test_cli_writes_pretty_metrics_and_reports_errors(tmp_path, capsys):
     save_json({"video2idx": VIDEO2IDX, "VR": task_entries({10: []})}, tmp_path / "bad.json")
     with pytest.raises(SystemExit) as exit_info:
         main(["--submission_path", str(tmp_path / "bad.json")] + argv[2:])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2
     assert "no predictions for GT desc_id 11" in capsys.readouterr().err

@@ -295,8 +295,8 @@ def test_paper_scripts_run_end_to_end(full_run, tiny_train_flags, tmp_path):
 def test_scripts_reject_bad_arguments(tmp_path):
     result = run_script("train_general.sh", "only_exp_id")
     assert result.returncode == 2 and "usage: bash" in result.stderr
-    result = run_script("train_sharednorm_general.sh", "x", "0,1")
-    assert result.returncode == 2 and "not supported yet" in result.stderr
+    result = run_script("train_sharednorm_general.sh", "x", "0,gpu1")
+    assert result.returncode == 2 and "expected comma-separated CUDA device ids" in result.stderr
     result = run_script("train.sh", "x", "gpu0")
     assert result.returncode == 2 and "expected a CUDA device id" in result.stderr
     result = run_script("train_sharednorm_exclusive_pretrain.sh", "x", "cpu", "--n_epoch", "1")

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from method.dataset import FIRST_STAGE_TOP, MODES, annotation_problems
 from utils.data_config import DataConfigError, load_data_config
+from utils.errors import run_cli
 from utils.feature_stores import (FeatureStoreError, QueryFeatureStore, RanklistStore, SubtitleFeatureStore,
                                   VideoFeatureStore)
 from utils.io_utils import DataFileError, load_json, load_jsonl
@@ -160,4 +161,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -9,6 +9,8 @@ import os
 
 from easydict import EasyDict
 
+from utils.errors import ConquerError
+
 # Keys whose value is a path below root_path, in the order of SPEC §2.1.
 PATH_KEYS = (
     "desc_bert_path",
@@ -26,7 +28,7 @@ PATH_KEYS = (
 REQUIRED_KEYS = ("dset_name", "root_path") + PATH_KEYS
 
 
-class DataConfigError(ValueError):
+class DataConfigError(ConquerError):
     """The data config file is missing, malformed or points nowhere; the message names file and key."""
 
 

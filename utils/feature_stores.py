@@ -24,11 +24,13 @@ import msgpack
 import msgpack_numpy
 import numpy as np
 
+from utils.errors import ConquerError
+
 VISUAL_L2_EPS = 1e-5
 _MAX_READERS = 4096 * 8
 
 
-class FeatureStoreError(ValueError):
+class FeatureStoreError(ConquerError):
     """A store is missing or holds a bad value; the message names store path, key, expected vs found."""
 
 

@@ -11,8 +11,10 @@ import json
 import os
 import tempfile
 
+from utils.errors import ConquerError
 
-class DataFileError(ValueError):
+
+class DataFileError(ConquerError):
     """A user-supplied file is missing or malformed; the message names the file and what was expected."""
 
 
@@ -36,6 +38,17 @@ def atomic_write(path, mode="wb"):
             os.remove(tmp_path)
         raise
     _fsync_directory(directory)
+
+
+def remove_stale_temp_files(directory):
+    """Delete the temporary files (`.<name>.<random>.tmp`) that `atomic_write` leaves in `directory` when its
+    process is killed mid-write; only call it when no other process is writing there. Returns their names."""
+    stale = [name for name in os.listdir(directory) if name.startswith(".") and name.endswith(".tmp")
+             and os.path.isfile(os.path.join(directory, name))]
+    for name in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(directory, name))
+    return stale
 
 
 def _current_umask():

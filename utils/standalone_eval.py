@@ -23,6 +23,7 @@ import sys
 
 import numpy as np
 
+from utils.errors import CLI_ERROR_EXIT_STATUS, ConquerError, run_cli
 from utils.io_utils import DataFileError, load_json, load_jsonl, save_json
 
 logger = logging.getLogger(__name__)
@@ -36,11 +37,11 @@ MULTI_GT_MIN_TS = 4  # a "ts" with at least this many entries is a list of GT mo
 MULTI_GT_MIN_OVERLAPS = 2
 
 
-class SubmissionError(ValueError):
+class SubmissionError(ConquerError):
     """The submission does not match the GT or is malformed; the message names the task and desc_id."""
 
 
-class GroundTruthError(ValueError):
+class GroundTruthError(ConquerError):
     """A GT row lacks what the evaluation needs; the message names the desc_id and key."""
 
 
@@ -250,9 +251,9 @@ def main(argv=None):
         ground_truth = load_jsonl(args.gt_path)
         metrics = eval_retrieval(submission, ground_truth, verbose=not args.not_verbose)
     except (SubmissionError, GroundTruthError) as e:
-        parser.exit(1, f"error: {args.submission_path} vs {args.gt_path}: {e}\n")
+        parser.exit(CLI_ERROR_EXIT_STATUS, f"error: {args.submission_path} vs {args.gt_path}: {e}\n")
     except DataFileError as e:
-        parser.exit(1, f"error: {e}\n")
+        parser.exit(CLI_ERROR_EXIT_STATUS, f"error: {e}\n")
     save_json(metrics, args.save_path, save_pretty=True)
     if not args.not_verbose:
         print(json.dumps(metrics, indent=4))
@@ -261,4 +262,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    main()
+    run_cli(main)

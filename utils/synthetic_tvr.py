@@ -31,6 +31,7 @@ from tqdm import tqdm
 import config as config_package
 from method.dataset import DUMMY_TEST_PUBLIC_VIDEO, st_ed_label
 from utils.data_config import PATH_KEYS
+from utils.errors import run_cli
 from utils.feature_stores import StoreWriter, encode_npz_features, encode_ranklist, encode_video_features
 from utils.io_utils import load_json, load_jsonl, save_json, save_jsonl
 
@@ -292,4 +293,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
