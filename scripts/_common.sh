@@ -57,3 +57,11 @@ require_exp_and_gpu() {
     die "usage: bash $0 EXP_ID GPU|GPU,GPU,...|cpu [extra train.py flags]"
   fi
 }
+
+# paper_recipe_flags EXP_ID: sets PAPER_FLAGS, the flags every training recipe of the paper passes (the
+# scripts add their own recipe flags, then the device flags, then the user's extra flags, which win).
+paper_recipe_flags() {
+  PAPER_FLAGS=(--dataset_config config/tvr_data_config.json --model_config config/model_config.json
+               --stop_task VCMR --eval_tasks_at_training VCMR SVMR VR --exp_id "$1" --eval_query_bsz 5
+               --max_vcmr_video 10 --num_workers 8)
+}

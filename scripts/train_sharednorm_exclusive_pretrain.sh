@@ -20,19 +20,7 @@ if [[ $pretrain_given == no && "$PRETRAIN_CKPT" == "$PLACEHOLDER_CKPT" ]]; then
   die "no first-stage checkpoint: pass --encoder_pretrain_ckpt_filepath PATH/model.ckpt (or set PRETRAIN_CKPT)"
 fi
 
-exec "${LAUNCHER[@]}" train.py \
-  --dataset_config config/tvr_data_config.json \
-  --model_config config/model_config.json \
-  --stop_task VCMR \
-  --eval_tasks_at_training VCMR SVMR VR \
-  --bsz 16 \
-  --use_extend_pool 1000 \
-  --neg_video_num 3 \
-  --exp_id "$1" \
-  --eval_query_bsz 5 \
-  --max_vcmr_video 10 \
-  --num_workers 8 \
-  --similarity_measure exclusive \
-  --encoder_pretrain_ckpt_filepath "$PRETRAIN_CKPT" \
-  "${DEVICE_FLAGS[@]}" \
-  "${@:3}"
+paper_recipe_flags "$1"
+exec "${LAUNCHER[@]}" train.py "${PAPER_FLAGS[@]}" --bsz 16 --use_extend_pool 1000 --neg_video_num 3 \
+  --similarity_measure exclusive --encoder_pretrain_ckpt_filepath "$PRETRAIN_CKPT" \
+  "${DEVICE_FLAGS[@]}" "${@:3}"

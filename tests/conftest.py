@@ -4,10 +4,13 @@ tiny_corpus: a small synthetic TVR-format corpus (utils/synthetic_tvr.py), gener
 the fixture value is the path of its data config; `tiny_corpus_kwargs` gives the generate_corpus arguments
 (sizes, dims: visual 12, text 8, query 8).
 tiny_train_flags: train.py / inference.py flags for that corpus with the tiny model config on the CPU.
+one_thread: torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): fast on a
+shared 2-core machine, and the same numerics in the test process and in its OMP_NUM_THREADS=1 subprocesses.
 """
 import os
 
 import pytest
+import torch
 
 from utils.synthetic_tvr import generate_corpus
 
@@ -39,3 +42,11 @@ def tiny_train_flags(tiny_corpus):
             "--visual_dim", str(k["visual_dim"]), "--text_dim", str(k["text_dim"]), "--query_dim", str(k["query_dim"]),
             "--hidden_dim", "32", "--max_ctx_len", "30", "--device", "-1", "--num_workers", "0", "--bsz", "8",
             "--eval_query_bsz", "8", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -32,12 +32,7 @@ SUBMISSION = "tvr_val_predictions_VCMR_SVMR_VR.json"
 LOG_EPOCH = re.compile(r"\[Epoch\] (-01|\d{3})")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------------

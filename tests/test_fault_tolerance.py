@@ -56,13 +56,7 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The same numerics in this process (the reference run) and in the killed ones.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ LOSS_LINE = re.compile(r"^\d{4}(_\d\d){5} \[Epoch\] (\d{3}) \[Loss\] moment_ce_l
 EVAL_LINE = re.compile(r"^\d{4}(_\d\d){5} \[Epoch\] (-01|\d{3}) \[Metrics\] (\{.*\})$")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

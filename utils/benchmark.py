@@ -365,8 +365,10 @@ def run_eval_section(sizes, device, amp_modes):
 
         for index in range(n_queries):  # warm-up: every feature read once (page cache), then the kernels
             dataset[index]
-        with torch.no_grad():
-            model.get_pred_from_raw_query(to_device(make_training_batch(sizes, 1, 11), device))
+        warm_up_batch = to_device(make_training_batch(sizes, 1, 11), device)
+        for amp in ["off"] + list(amp_modes):  # kernels of every precision chosen/compiled before timing
+            with torch.no_grad(), autocast_context(amp, device):
+                model.get_pred_from_raw_query(warm_up_batch)
         runs, results = {}, {}
         for key, video_cache, amp in [("cache_off", False, "off"), ("cache_on", True, "off")] + [
                 (f"cache_on_{amp}", True, amp) for amp in amp_modes]:
@@ -463,28 +465,33 @@ def random_logit_batches(rows, video2idx, durations, batch_size, device, length=
 def postprocess(batches, ground_truth, video2idx, fast, nms_thd=0.7, max_before_nms=200, max_after_nms=100):
     """Scores -> ranked predictions -> top-100 submission -> NMS -> metrics, timed per stage: score_and_select
     (utils.scoring.score_batch), rows (submission rows and dicts), nms (top-100 cut and NMS), metrics.
-    fast: partial top-N selection and vectorised NMS; else full sort and list NMS (the plain formulations)."""
+    fast: scores of the valid pairs only with partial top-N selection, and NMS vectorised over all queries;
+    else full scores with a full sort and list NMS query by query (the plain formulations)."""
     from method.evaluation import top_n_submission
-    from utils.scoring import moment_rows, score_batch, select_top_n, select_top_n_reference, video_rows
+    from utils.scoring import (moment_rows, moment_rows_reference, score_batch, score_batch_band,
+                               select_top_n_reference, video_rows)
     from utils.standalone_eval import eval_retrieval
-    from utils.temporal_nms import apply_nms, nms_per_video_reference
+    from utils.temporal_nms import apply_nms, apply_nms_reference
 
     times = {"score_and_select": 0.0, "rows": 0.0}
     results = {"VCMR": [], "SVMR": [], "VR": []}
     for batch in batches:
         start = time.perf_counter()
-        ranked = score_batch("general", batch["begin"], batch["end"], tasks=("VCMR", "SVMR", "VR"),
-                             max_before_nms=max_before_nms, min_pred_l=0, max_pred_l=24,
-                             first_stage_scores=batch["first_stage"], use_internal_vr_scores=True,
-                             select=select_top_n if fast else select_top_n_reference)
+        common = dict(tasks=("VCMR", "SVMR", "VR"), max_before_nms=max_before_nms, min_pred_l=0, max_pred_l=24,
+                      first_stage_scores=batch["first_stage"], use_internal_vr_scores=True)
+        if fast:
+            ranked = score_batch_band("general", batch["begin"], batch["end"], **common)
+        else:
+            ranked = score_batch("general", batch["begin"], batch["end"], select=select_top_n_reference, **common)
         middle = time.perf_counter()
         svmr, vr, vcmr = ranked["SVMR"], ranked["VR"], ranked["VCMR"]
         candidate = batch["candidate_video"]
+        to_rows = moment_rows if fast else moment_rows_reference
         rows = {
-            "SVMR": moment_rows(np.broadcast_to(batch["gt_video"][:, None], svmr["st"].shape), svmr["st"], svmr["ed"],
+            "SVMR": to_rows(np.broadcast_to(batch["gt_video"][:, None], svmr["st"].shape), svmr["st"], svmr["ed"],
                                 svmr["score"], 1.5, seconds_dtype=np.float64),
             "VR": video_rows(np.take_along_axis(candidate, vr["candidate"], axis=1), vr["score"]),
-            "VCMR": moment_rows(np.take_along_axis(candidate, vcmr["candidate"], axis=1), vcmr["st"], vcmr["ed"],
+            "VCMR": to_rows(np.take_along_axis(candidate, vcmr["candidate"], axis=1), vcmr["st"], vcmr["ed"],
                                 vcmr["score"], 1.5, seconds_dtype=np.float32)}
         for task, task_rows in rows.items():
             results[task] += [dict(desc_id=row["desc_id"], desc=row["desc"], predictions=predictions)
@@ -497,12 +504,8 @@ def postprocess(batches, ground_truth, video2idx, fast, nms_thd=0.7, max_before_
     submission = top_n_submission(results, max_after_nms)
     nms = {"video2idx": video2idx, "VR": submission["VR"]}
     for task in ("SVMR", "VCMR"):
-        if fast:
-            nms[task] = apply_nms(submission[task], nms_thd, max_before_nms, max_after_nms)
-        else:
-            nms[task] = [dict(query, predictions=nms_per_video_reference(query["predictions"][:max_before_nms],
-                                                                         nms_thd, max_after_nms))
-                         for query in submission[task]]
+        nms[task] = (apply_nms if fast else apply_nms_reference)(submission[task], nms_thd, max_before_nms,
+                                                                  max_after_nms)
     times["nms"] = time.perf_counter() - start
 
     start = time.perf_counter()
