@@ -28,7 +28,7 @@ from method.dataset import prepare_batch_inputs, start_end_collate
 from utils import distributed
 from utils.errors import ConquerError
 from utils.io_utils import save_json
-from utils.scoring import moment_rows, score_batch, video_rows
+from utils.scoring import concatenate_ranked, moment_rows, score_batch, score_batch_band, video_rows
 from utils.standalone_eval import eval_retrieval
 from utils.temporal_nms import apply_nms
 
@@ -234,18 +234,24 @@ def compute_predictions(model, eval_dataset, opt, tasks):
     results = {task: [] for task in TASKS}
     model.eval()
     batches = (_cached_forward_batches if opt.get("video_cache", True) else _forward_batches)
+    ranked_batches, all_metas = [], []
     # --amp: the forward passes run lazily inside the loop, so autocast wraps it; scoring casts to fp32.
     with torch.no_grad(), autocast_context(opt.get("amp", "off"), device):
         for metas, first_stage_scores, (video_scores, begin_logits, end_logits) in batches(
                 model, eval_dataset, opt, device):
-            ranked = score_batch(opt.similarity_measure, begin_logits, end_logits, tasks=tasks,
-                                 max_before_nms=opt.max_before_nms, min_pred_l=opt.min_pred_l,
-                                 max_pred_l=opt.max_pred_l, video_scores=video_scores,
-                                 first_stage_scores=first_stage_scores,
-                                 use_internal_vr_scores=opt.use_interal_vr_scores)
-            for task, rows in _prediction_rows(ranked, metas, video2idx, opt.clip_length).items():
-                results[task] += [dict(desc_id=meta["desc_id"], desc=meta["desc"], predictions=query_rows)
-                                  for meta, query_rows in zip(metas, rows)]
+            # On CPU only the valid (st, ed) pairs are scored; on accelerators full scores sort faster.
+            rank = score_batch_band if begin_logits.device.type == "cpu" else score_batch
+            ranked_batches.append(rank(opt.similarity_measure, begin_logits, end_logits, tasks=tasks,
+                                       max_before_nms=opt.max_before_nms, min_pred_l=opt.min_pred_l,
+                                       max_pred_l=opt.max_pred_l, video_scores=video_scores,
+                                       first_stage_scores=first_stage_scores,
+                                       use_internal_vr_scores=opt.use_interal_vr_scores))
+            all_metas += metas
+    # Submission rows for all queries at once (one vectorised conversion instead of one per batch).
+    for task, rows in _prediction_rows(concatenate_ranked(ranked_batches), all_metas, video2idx,
+                                       opt.clip_length).items():
+        results[task] = [dict(desc_id=meta["desc_id"], desc=meta["desc"], predictions=query_rows)
+                         for meta, query_rows in zip(all_metas, rows)]
     results = {task: value for task, value in results.items() if value}
     results["video2idx"] = video2idx
     return results

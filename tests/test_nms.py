@@ -4,7 +4,7 @@ import copy
 import numpy as np
 import pytest
 
-from utils.temporal_nms import (apply_nms, nms_per_video, nms_per_video_reference, temporal_iou,
+from utils.temporal_nms import (apply_nms, apply_nms_reference, nms_per_video, nms_per_video_batch, nms_per_video_reference, temporal_iou,
                                 temporal_iou_matrix, temporal_nms, temporal_nms_reference)
 
 
@@ -113,3 +113,38 @@ def test_apply_nms_reads_first_rows_and_leaves_input_untouched():
     assert query == before
     assert out == [{"desc_id": 1, "desc": "d", "predictions": [[5, 0.0, 3.0, 0.9]]}]
     assert list(out[0]) == ["desc_id", "desc", "predictions"]
+
+
+def random_query(rng, n_max=120, n_videos=4, n_scores=3):
+    n = int(rng.integers(0, n_max))
+    videos = rng.integers(0, n_videos, size=n)
+    return [[int(v)] + m for v, m in zip(videos, random_moments(rng, n, n_scores=n_scores))]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_nms_equals_per_query_reference(seed):
+    """Many queries at once (ragged, empty, ties, identical intervals, IoU exactly at the threshold) vs the
+    grouped list reference; small chunks so several chunks and paddings are exercised."""
+    rng = np.random.default_rng(500 + seed)
+    queries = [dict(desc_id=i, desc="d", predictions=random_query(rng)) for i in range(40)]
+    queries.append(dict(desc_id=40, desc="d", predictions=[[3, 0.0, 3.0, 0.5]] * 5))  # identical rows
+    queries.append(dict(desc_id=41, desc="d", predictions=[[3, 0.0, 3.0, 0.5], [3, 1.0, 3.0, 0.5]]))  # IoU 2/3
+    for thd in (0.5, 2 / 3, 0.7):
+        for max_before, max_after in ((200, 100), (50, 100), (200, 7)):
+            expected = apply_nms_reference(queries, thd, max_before, max_after)
+            for chunk_elements in (1, 5000, 2 ** 22):
+                assert apply_nms(queries, thd, max_before, max_after, chunk_elements=chunk_elements) == expected
+
+
+def test_batched_nms_keeps_at_most_100_per_video_of_long_inputs():
+    """nms_input_full: 150 non-overlapping rows of one video and 50 of another -> 100 + 50 kept, top 100 out."""
+    one = [[7, float(i), float(i) + 0.5, 1.0 - i / 1000] for i in range(150)]
+    other = [[8, float(i), float(i) + 0.5, 0.95 - i / 100] for i in range(50)]
+    rng = np.random.default_rng(1)
+    predictions = [row for i in rng.permutation(200) for row in [(one + other)[i]]]
+    for max_after in (100, 200):
+        expected = nms_per_video_reference(predictions, 0.5, max_after_nms=max_after)
+        rows = nms_per_video_batch([predictions, predictions[:3]], 0.5, max_after_nms=max_after)
+        assert [predictions[i] for i in rows[0]] == expected
+        assert [predictions[i] for i in rows[1]] == nms_per_video_reference(predictions[:3], 0.5)
+    assert len(expected) == 150 and sum(row[0] == 7 for row in expected) == 100

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.scoring import (DISJOINT_INVALID_SCORE, moment_rows, moment_scores, rank_candidates, score_batch,
+from utils.scoring import (DISJOINT_INVALID_SCORE, moment_rows, moment_rows_reference, moment_scores, rank_candidates, score_batch,
+                           score_batch_band,
                            select_top_n, select_top_n_partial, select_top_n_reference, valid_pair_mask, valid_pair_mask_on, video_rows)
 
 MASKED_LOGIT = -1e4
@@ -185,6 +186,46 @@ def test_score_batch_equals_plain_loops(measure, use_internal, short, quantize):
         assert (fast["SVMR"]["score"] == fast["SVMR"]["score"][:, -1:]).sum() > b
 
 
+BAND_CASES = [(measure, use_internal, short, quantize, lengths)
+              for measure, use_internal, short, quantize in CASES
+              for lengths in [(8, 0, 5), (12, 2, 6), (5, 0, 24), (6, 7, 9)]]
+
+
+@pytest.mark.parametrize("measure,use_internal,short,quantize,lengths", BAND_CASES)
+def test_score_batch_band_equals_full_sort(measure, use_internal, short, quantize, lengths):
+    """Band scoring + partial selection == full scores + full stable sort, bitwise; short videos and quantized
+    logits make many valid pairs tie with the invalid pairs' score, so the top-n mixes both."""
+    length, min_l, max_l = lengths
+    rng = np.random.default_rng(11)
+    b, k = 6, 4
+    begin, end = random_logits(rng, b, 1 + k, length, short=short, quantize=quantize)
+    video_scores = np.round(rng.normal(size=(b, 1 + k))).astype(np.float32)
+    first_stage = np.round(rng.normal(size=(b, k)), 1).astype(np.float32)  # negative weights too
+    for n in (1, 7, 40, 10_000):
+        kwargs = dict(tasks=("VCMR", "SVMR", "VR"), max_before_nms=n, min_pred_l=min_l, max_pred_l=max_l,
+                      video_scores=torch.from_numpy(video_scores) if measure == "exclusive" else None,
+                      first_stage_scores=torch.from_numpy(first_stage), use_internal_vr_scores=use_internal)
+        band = score_batch_band(measure, torch.from_numpy(begin), torch.from_numpy(end), **kwargs)
+        full_sort = score_batch(measure, torch.from_numpy(begin), torch.from_numpy(end),
+                                select=select_top_n_reference, **kwargs)
+        for task, columns in full_sort.items():
+            for name, value in columns.items():
+                assert band[task][name].dtype == value.dtype, (task, name)
+                np.testing.assert_array_equal(band[task][name], value, err_msg=f"{task} {name} n={n}")
+
+
+def test_score_batch_band_at_benchmark_scale():
+    rng = np.random.default_rng(5)
+    begin, end = (torch.from_numpy(x) for x in random_logits(rng, 5, 11, 100))
+    kwargs = dict(tasks=("VCMR", "SVMR", "VR"), max_before_nms=200, min_pred_l=0, max_pred_l=24,
+                  first_stage_scores=torch.rand(5, 10), use_internal_vr_scores=True)
+    band = score_batch_band("general", begin, end, **kwargs)
+    full_sort = score_batch("general", begin, end, select=select_top_n_reference, **kwargs)
+    for task, columns in full_sort.items():
+        for name, value in columns.items():
+            np.testing.assert_array_equal(band[task][name], value, err_msg=f"{task} {name}")
+
+
 def test_score_batch_task_subsets_and_fewer_pairs_than_n():
     rng = np.random.default_rng(3)
     begin, end = (torch.from_numpy(x) for x in random_logits(rng, 2, 3, 4))
@@ -226,6 +267,20 @@ def test_moment_rows_float32_and_float64_recipes():
     assert r32[1:3] == [float(np.float32(2) * np.float32(cl)), float(np.float32(5) * np.float32(cl) + np.float32(cl))]
     assert r64[1:3] == [2 * cl, 6 * cl]
     assert r32[1:3] != r64[1:3]
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (2, 0), (0, 5)])
+@pytest.mark.parametrize("seconds_dtype", [np.float32, np.float64])
+def test_moment_rows_equal_plain_zip_with_types(shape, seconds_dtype):
+    rng = np.random.default_rng(2)
+    video_idx, st = rng.integers(0, 3000, shape), rng.integers(0, 100, shape)
+    ed = st + rng.integers(0, 24, shape)
+    scores = rng.random(shape).astype(np.float32)
+    for cl in (1.5, 0.1):
+        fast = moment_rows(video_idx, st, ed, scores, cl, seconds_dtype=seconds_dtype)
+        plain = moment_rows_reference(video_idx, st, ed, scores, cl, seconds_dtype=seconds_dtype)
+        assert fast == plain and len(fast) == shape[0]
+        assert [[list(map(type, r)) for r in q] for q in fast] == [[list(map(type, r)) for r in q] for q in plain]
 
 
 def test_video_rows_use_integer_zero_times():

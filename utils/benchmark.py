@@ -17,8 +17,9 @@ Every number is measured in this run, on this machine, and given as a ratio to i
   cache on vs off in fp32 (predictions must be identical), and the AMP modes with the cache on (their
   metrics next to fp32's, with the binomial standard error of a recall over that many queries as the noise).
 * post: scores -> top-N -> temporal NMS -> metrics on the real-scale val split (--real_annotations: 10,895
-  queries, 2,179 videos; random logits), fast vs plain formulations (partial top-N selection vs full sort,
-  vectorised vs list NMS; the metrics code is shared).
+  queries, 2,179 videos; random logits), fast vs plain formulations (valid-pair scores with partial top-N
+  selection vs full scores with a full sort, rows built once for all queries vs per batch, NMS vectorised over
+  all queries vs list NMS per query; the metrics code is shared).
 
 FLOPs per training step and per query are counted with torch's FlopCounterMode on the meta device (no
 compute), and the machine's matmul peak (fp32 and each AMP dtype) is measured in the same run to give the
@@ -468,36 +469,45 @@ def postprocess(batches, ground_truth, video2idx, fast, nms_thd=0.7, max_before_
     fast: scores of the valid pairs only with partial top-N selection, and NMS vectorised over all queries;
     else full scores with a full sort and list NMS query by query (the plain formulations)."""
     from method.evaluation import top_n_submission
-    from utils.scoring import (moment_rows, moment_rows_reference, score_batch, score_batch_band,
-                               select_top_n_reference, video_rows)
+    from utils.scoring import (concatenate_ranked, moment_rows, moment_rows_reference, score_batch,
+                               score_batch_band, select_top_n_reference, video_rows)
     from utils.standalone_eval import eval_retrieval
     from utils.temporal_nms import apply_nms, apply_nms_reference
 
+    def add_rows(ranked, query_rows, gt_video, candidate, to_rows):
+        svmr, vr, vcmr = ranked["SVMR"], ranked["VR"], ranked["VCMR"]
+        rows = {
+            "SVMR": to_rows(np.broadcast_to(gt_video[:, None], svmr["st"].shape), svmr["st"], svmr["ed"],
+                            svmr["score"], 1.5, seconds_dtype=np.float64),
+            "VR": video_rows(np.take_along_axis(candidate, vr["candidate"], axis=1), vr["score"]),
+            "VCMR": to_rows(np.take_along_axis(candidate, vcmr["candidate"], axis=1), vcmr["st"], vcmr["ed"],
+                            vcmr["score"], 1.5, seconds_dtype=np.float32)}
+        for task, task_rows in rows.items():
+            results[task] += [dict(desc_id=row["desc_id"], desc=row["desc"], predictions=predictions)
+                              for row, predictions in zip(query_rows, task_rows)]
+
     times = {"score_and_select": 0.0, "rows": 0.0}
     results = {"VCMR": [], "SVMR": [], "VR": []}
+    ranked_batches = []
     for batch in batches:
         start = time.perf_counter()
         common = dict(tasks=("VCMR", "SVMR", "VR"), max_before_nms=max_before_nms, min_pred_l=0, max_pred_l=24,
                       first_stage_scores=batch["first_stage"], use_internal_vr_scores=True)
         if fast:
-            ranked = score_batch_band("general", batch["begin"], batch["end"], **common)
+            ranked_batches.append(score_batch_band("general", batch["begin"], batch["end"], **common))
+            times["score_and_select"] += time.perf_counter() - start
         else:
             ranked = score_batch("general", batch["begin"], batch["end"], select=select_top_n_reference, **common)
-        middle = time.perf_counter()
-        svmr, vr, vcmr = ranked["SVMR"], ranked["VR"], ranked["VCMR"]
-        candidate = batch["candidate_video"]
-        to_rows = moment_rows if fast else moment_rows_reference
-        rows = {
-            "SVMR": to_rows(np.broadcast_to(batch["gt_video"][:, None], svmr["st"].shape), svmr["st"], svmr["ed"],
-                                svmr["score"], 1.5, seconds_dtype=np.float64),
-            "VR": video_rows(np.take_along_axis(candidate, vr["candidate"], axis=1), vr["score"]),
-            "VCMR": to_rows(np.take_along_axis(candidate, vcmr["candidate"], axis=1), vcmr["st"], vcmr["ed"],
-                                vcmr["score"], 1.5, seconds_dtype=np.float32)}
-        for task, task_rows in rows.items():
-            results[task] += [dict(desc_id=row["desc_id"], desc=row["desc"], predictions=predictions)
-                              for row, predictions in zip(batch["rows"], task_rows)]
-        times["score_and_select"] += middle - start
-        times["rows"] += time.perf_counter() - middle
+            middle = time.perf_counter()
+            add_rows(ranked, batch["rows"], batch["gt_video"], batch["candidate_video"], moment_rows_reference)
+            times["score_and_select"] += middle - start
+            times["rows"] += time.perf_counter() - middle
+    if fast:  # as method.evaluation.compute_predictions: the rows of all queries in one conversion
+        start = time.perf_counter()
+        add_rows(concatenate_ranked(ranked_batches), [row for batch in batches for row in batch["rows"]],
+                 np.concatenate([batch["gt_video"] for batch in batches]),
+                 np.concatenate([batch["candidate_video"] for batch in batches]), moment_rows)
+        times["rows"] += time.perf_counter() - start
     results["video2idx"] = video2idx
 
     start = time.perf_counter()

@@ -6,9 +6,13 @@ uses the hull max(ed) - min(st) as denominator (the true union whenever the inte
 that is 0. Arithmetic is float64, as the original's on Python floats, so the kept lists are identical.
 
 `temporal_nms` is the vectorised form (one pairwise IoU matrix, then a greedy pass over booleans);
-`temporal_nms_reference` is the plain list algorithm; tests check they agree.
+`temporal_nms_reference` is the plain list algorithm; tests check they agree. `apply_nms` runs
+`nms_per_video_batch` (all queries of a chunk padded into (Q, R, R) arrays, R greedy steps over Q at once);
+`apply_nms_reference` is the query-by-query list formulation.
 """
 import numpy as np
+
+from utils.scoring import gc_paused
 
 MAX_KEPT_PER_VIDEO = 100
 
@@ -119,12 +123,84 @@ def nms_per_video_reference(predictions, nms_thd, max_after_nms=MAX_KEPT_PER_VID
     return sorted(merged, key=lambda p: p[3], reverse=True)[:max_after_nms]
 
 
-def apply_nms(query_results, nms_thd, max_before_nms, max_after_nms=MAX_KEPT_PER_VIDEO):
+def nms_per_video_batch(query_predictions, nms_thd, max_after_nms=MAX_KEPT_PER_VIDEO,
+                        max_kept_per_video=MAX_KEPT_PER_VIDEO):
+    """`nms_per_video` of many queries at once: lists padded to (Q, R) arrays, the greedy passes run as R
+    vectorised steps over all Q queries.
+
+    Args:
+        query_predictions: Q lists of [video_idx, st, ed, score] rows.
+    Returns:
+        Q int64 arrays, the input positions of the rows `nms_per_video` returns, in its order.
+    """
+    n_rows = np.array([len(p) for p in query_predictions], dtype=np.int64)
+    n_queries, width = len(query_predictions), int(n_rows.max(initial=0))
+    if width == 0:
+        return [np.zeros(0, dtype=np.int64) for _ in query_predictions]
+    present = np.arange(width)[None, :] < n_rows[:, None]  # (Q, R)
+    table = np.zeros((n_queries, width, 4), dtype=np.float64)
+    rows = [row for p in query_predictions for row in p]
+    try:
+        values = np.array(rows, dtype=np.float64)
+    except ValueError:  # rows of different lengths
+        values = None
+    if values is None or values.shape != (len(rows), 4):
+        values = np.array([row[:4] for row in rows], dtype=np.float64)
+    table[present] = values
+    # Processing order per query: stable by descending score, padding last.
+    order = np.argsort(np.where(present, -table[..., 3], np.inf), axis=1, kind="stable")
+    video, st, ed, score = (np.take_along_axis(table[..., c], order, axis=1) for c in range(4))
+    present = np.take_along_axis(present, order, axis=1)
+    # A row's group: the input position of the first row of its video (orders groups by first appearance).
+    same_video = (table[:, :, None, 0] == table[:, None, :, 0])
+    first_row = np.take_along_axis(np.argmax(same_video, axis=2), order, axis=1)
+    intersection = np.maximum(0.0, np.minimum(ed[:, :, None], ed[:, None, :]) - np.maximum(st[:, :, None], st[:, None, :]))
+    hull = np.maximum(ed[:, :, None], ed[:, None, :]) - np.minimum(st[:, :, None], st[:, None, :])
+    iou = np.divide(intersection, hull, out=np.zeros_like(intersection), where=hull != 0)
+    suppresses = (iou > nms_thd) & (first_row[:, :, None] == first_row[:, None, :])  # (Q, R, R)
+    suppressed = ~present
+    kept = np.zeros((n_queries, width), dtype=bool)
+    kept_per_group = np.zeros((n_queries, width), dtype=np.int64)
+    queries = np.arange(n_queries)
+    for i in range(width):
+        group = first_row[:, i]
+        keep = ~suppressed[:, i] & (kept_per_group[queries, group] < max_kept_per_video)
+        kept[:, i] = keep
+        kept_per_group[queries, group] += keep
+        suppressed |= suppresses[:, i, :] & keep[:, None]
+    # Final order: (kept first, -score, group of first appearance, input position); positions in `order` are
+    # already ascending in input position among equal scores.
+    final = np.lexsort((np.broadcast_to(np.arange(width), kept.shape), first_row, -score, ~kept), axis=-1)
+    final_rows = np.take_along_axis(order, final, axis=1)
+    n_out = np.minimum(kept.sum(axis=1), max_after_nms)
+    return [final_rows[q, :n_out[q]] for q in range(n_queries)]
+
+
+def apply_nms(query_results, nms_thd, max_before_nms, max_after_nms=MAX_KEPT_PER_VIDEO, chunk_elements=2 ** 22):
     """NMS over a task's per-query results; returns new dicts, the input is left untouched.
+
+    Queries are processed by `nms_per_video_batch` in chunks whose (Q, R, R) IoU arrays hold about
+    `chunk_elements` entries.
 
     Args:
         query_results: list of {"desc_id", "desc", "predictions": [[video_idx, st, ed, score], ...]}.
         max_before_nms: NMS reads the first max_before_nms predictions of each query.
     """
-    return [dict(query, predictions=nms_per_video(query["predictions"][:max_before_nms], nms_thd, max_after_nms))
+    inputs = [query["predictions"][:max_before_nms] for query in query_results]
+    width = max((len(p) for p in inputs), default=0)
+    chunk = max(1, chunk_elements // max(1, width * width))
+    out = []
+    with gc_paused():  # only new acyclic lists and dicts: collections would find nothing to free
+        for start in range(0, len(inputs), chunk):
+            chunk_inputs = inputs[start:start + chunk]
+            for query, predictions, rows in zip(query_results[start:start + chunk], chunk_inputs,
+                                                nms_per_video_batch(chunk_inputs, nms_thd, max_after_nms)):
+                out.append(dict(query, predictions=[list(predictions[i]) for i in rows.tolist()]))
+    return out
+
+
+def apply_nms_reference(query_results, nms_thd, max_before_nms, max_after_nms=MAX_KEPT_PER_VIDEO):
+    """Plain formulation of `apply_nms`: `nms_per_video_reference` query by query."""
+    return [dict(query, predictions=nms_per_video_reference(query["predictions"][:max_before_nms], nms_thd,
+                                                            max_after_nms))
             for query in query_results]
