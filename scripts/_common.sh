@@ -65,3 +65,12 @@ paper_recipe_flags() {
                --stop_task VCMR --eval_tasks_at_training VCMR SVMR VR --exp_id "$1" --eval_query_bsz 5
                --max_vcmr_video 10 --num_workers 8)
 }
+
+# start_training_script "$@": the checks and setup every training recipe starts with (usage, devices, cwd,
+# PAPER_FLAGS).
+start_training_script() {
+  require_exp_and_gpu "$@"
+  use_devices "$2"
+  cd "$REPO_ROOT"
+  paper_recipe_flags "$1"
+}

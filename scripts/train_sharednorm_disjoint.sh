@@ -3,10 +3,7 @@
 #   bash scripts/train_sharednorm_disjoint.sh EXP_ID GPU|GPU,GPU,...|cpu [extra train.py flags, which override these]
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
-require_exp_and_gpu "$@"
-use_devices "$2"
-cd "$REPO_ROOT"
+start_training_script "$@"
 
-paper_recipe_flags "$1"
 exec "${LAUNCHER[@]}" train.py "${PAPER_FLAGS[@]}" --bsz 16 --use_extend_pool 1000 --neg_video_num 3 --similarity_measure disjoint \
   "${DEVICE_FLAGS[@]}" "${@:3}"

@@ -6,9 +6,7 @@
 # (or edit PRETRAIN_CKPT below). Unlike the original script, extra flags do reach train.py.
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
-require_exp_and_gpu "$@"
-use_devices "$2"
-cd "$REPO_ROOT"
+start_training_script "$@"
 
 PLACEHOLDER_CKPT=path/to/first_stage_trained_model/model.ckpt
 PRETRAIN_CKPT=${PRETRAIN_CKPT:-$PLACEHOLDER_CKPT}
@@ -20,7 +18,6 @@ if [[ $pretrain_given == no && "$PRETRAIN_CKPT" == "$PLACEHOLDER_CKPT" ]]; then
   die "no first-stage checkpoint: pass --encoder_pretrain_ckpt_filepath PATH/model.ckpt (or set PRETRAIN_CKPT)"
 fi
 
-paper_recipe_flags "$1"
 exec "${LAUNCHER[@]}" train.py "${PAPER_FLAGS[@]}" --bsz 16 --use_extend_pool 1000 --neg_video_num 3 \
   --similarity_measure exclusive --encoder_pretrain_ckpt_filepath "$PRETRAIN_CKPT" \
   "${DEVICE_FLAGS[@]}" "${@:3}"

@@ -3,10 +3,7 @@
 #   bash scripts/train_sharednorm_general.sh EXP_ID GPU|GPU,GPU,...|cpu [extra train.py flags, which override these]
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
-require_exp_and_gpu "$@"
-use_devices "$2"
-cd "$REPO_ROOT"
+start_training_script "$@"
 
-paper_recipe_flags "$1"
 exec "${LAUNCHER[@]}" train.py "${PAPER_FLAGS[@]}" --use_interal_vr_scores --bsz 16 --use_extend_pool 1000 --neg_video_num 3 \
   "${DEVICE_FLAGS[@]}" "${@:3}"
