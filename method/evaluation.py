@@ -28,7 +28,8 @@ from method.dataset import prepare_batch_inputs, start_end_collate
 from utils import distributed
 from utils.errors import ConquerError
 from utils.io_utils import save_json
-from utils.scoring import concatenate_ranked, moment_rows, score_batch, score_batch_band, video_rows
+from utils.scoring import (concatenate_ranked, gc_paused, moment_rows, score_batch, score_batch_band,
+                           video_rows)
 from utils.standalone_eval import eval_retrieval
 from utils.temporal_nms import apply_nms
 
@@ -223,15 +224,25 @@ def _cached_forward_batches(model, dataset, opt, device):
         yield metas, model_inputs["inference_vr_scores"], outputs
 
 
-def compute_predictions(model, eval_dataset, opt, tasks):
+def ranked_rows_needed(opt, max_after_nms):
+    """Rows per query the submission and NMS will read, so ranking needs no more.
+
+    The submission keeps max_after_nms rows; NMS reads the first max_before_nms rows of the truncated
+    submission [Q7], or of the full lists with `nms_input_full`.
+    """
+    if opt.nms_thd != -1 and opt.get("nms_input_full", False):
+        return opt.max_before_nms
+    return min(opt.max_before_nms, max_after_nms)
+
+
+def compute_predictions(model, eval_dataset, opt, tasks, n_ranked=None):
     """Ranked predictions of every query: {"VCMR", "SVMR", "VR"} (non-empty tasks), then "video2idx".
 
-    Each task maps to a list, in dataset order, of {"desc_id", "desc", "predictions"} with up to
-    max_before_nms rows [video_idx, st, ed, score] (VR: the k candidates [video_idx, 0, 0, score]).
+    Each task maps to a list, in dataset order, of {"desc_id", "desc", "predictions"} with up to n_ranked
+    (default max_before_nms) rows [video_idx, st, ed, score] (VR: the k candidates [video_idx, 0, 0, score]).
     """
-    video2idx = eval_dataset.video2idx
     device = _model_device(model, opt)
-    results = {task: [] for task in TASKS}
+    n_ranked = opt.max_before_nms if n_ranked is None else n_ranked
     model.eval()
     batches = (_cached_forward_batches if opt.get("video_cache", True) else _forward_batches)
     ranked_batches, all_metas = [], []
@@ -242,17 +253,22 @@ def compute_predictions(model, eval_dataset, opt, tasks):
             # On CPU only the valid (st, ed) pairs are scored; on accelerators full scores sort faster.
             rank = score_batch_band if begin_logits.device.type == "cpu" else score_batch
             ranked_batches.append(rank(opt.similarity_measure, begin_logits, end_logits, tasks=tasks,
-                                       max_before_nms=opt.max_before_nms, min_pred_l=opt.min_pred_l,
+                                       max_before_nms=n_ranked, min_pred_l=opt.min_pred_l,
                                        max_pred_l=opt.max_pred_l, video_scores=video_scores,
                                        first_stage_scores=first_stage_scores,
                                        use_internal_vr_scores=opt.use_interal_vr_scores))
             all_metas += metas
-    # Submission rows for all queries at once (one vectorised conversion instead of one per batch).
-    for task, rows in _prediction_rows(concatenate_ranked(ranked_batches), all_metas, video2idx,
-                                       opt.clip_length).items():
-        results[task] = [dict(desc_id=meta["desc_id"], desc=meta["desc"], predictions=query_rows)
-                         for meta, query_rows in zip(all_metas, rows)]
-    results = {task: value for task, value in results.items() if value}
+    return query_results(concatenate_ranked(ranked_batches), all_metas, eval_dataset.video2idx, opt.clip_length)
+
+
+def query_results(ranked, metas, video2idx, clip_length):
+    """`score_batch` output of all queries -> {task: [{"desc_id", "desc", "predictions"}, ...]} for the
+    non-empty tasks in TASKS order, then "video2idx". The rows of all queries are built in one conversion."""
+    with gc_paused():  # millions of new acyclic lists: collections would find nothing to free
+        rows = _prediction_rows(ranked, metas, video2idx, clip_length)
+        results = {task: [dict(desc_id=meta["desc_id"], desc=meta["desc"], predictions=query_rows)
+                          for meta, query_rows in zip(metas, rows[task])]
+                   for task in TASKS if rows.get(task)}
     results["video2idx"] = video2idx
     return results
 
@@ -278,12 +294,26 @@ def _prediction_rows(ranked, metas, video2idx, clip_length):
 
 
 def top_n_submission(results, top_n):
-    """{"video2idx", then each task} with every query's predictions cut to the first `top_n` (new dicts)."""
+    """{"video2idx", then each task} with every query's predictions cut to the first `top_n` (new dicts; a list
+    that is short enough is shared, not copied)."""
     submission = {"video2idx": results["video2idx"]}
     for task, queries in results.items():
         if task != "video2idx":
-            submission[task] = [dict(query, predictions=query["predictions"][:top_n]) for query in queries]
+            submission[task] = [dict(query, predictions=query["predictions"] if len(query["predictions"]) <= top_n
+                                     else query["predictions"][:top_n]) for query in queries]
     return submission
+
+
+def nms_submission(submission, nms_source, nms_thd, max_before_nms, max_after_nms):
+    """{"video2idx", "VR" of `submission` if present, then "SVMR" and "VCMR" after temporal NMS of the
+    first max_before_nms rows of each query of `nms_source`} (SPEC §9.5.3)."""
+    submission_nms = {"video2idx": submission["video2idx"]}
+    if "VR" in submission:
+        submission_nms["VR"] = submission["VR"]
+    for task in ("SVMR", "VCMR"):
+        if task in submission:
+            submission_nms[task] = apply_nms(nms_source[task], nms_thd, max_before_nms, max_after_nms)
+    return submission_nms
 
 
 def _derived_path(submission_path, suffix):
@@ -301,6 +331,8 @@ def eval_epoch(model, eval_dataset, opt, save_submission_filename, tasks=TASKS, 
 
     NMS reads each query's first max_before_nms predictions of the *truncated* submission, i.e. at most
     `max_after_nms` rows, as the original [Q7]; `opt.nms_input_full` makes it read the untruncated list.
+    Ranking stops at the rows these files read (`ranked_rows_needed`), which gives the same files as ranking
+    max_before_nms rows and truncating.
 
     Returns:
         (metrics without NMS or None, metrics with NMS or None, list of the paths written); under torchrun
@@ -314,11 +346,21 @@ def eval_epoch(model, eval_dataset, opt, save_submission_filename, tasks=TASKS, 
     # Under torchrun each rank scores a contiguous share of the queries (whole query batches) and rank 0,
     # which alone writes files, gathers them in dataset order; the other ranks return here.
     shard = distributed.query_shard(eval_dataset, opt.eval_query_bsz)
-    results = distributed.gather_predictions(compute_predictions(model, shard, opt, tasks) if len(shard) else {})
+    n_ranked = ranked_rows_needed(opt, max_after_nms)
+    results = distributed.gather_predictions(compute_predictions(model, shard, opt, tasks, n_ranked)
+                                             if len(shard) else {})
     if results is None:
         return None, None, []
-    has_metrics = opt.eval_split_name == "val"  # the other splits have no GT
+    with gc_paused():  # the submissions are millions of acyclic lists: collections would find nothing to free
+        metrics, metrics_nms, written = _save_and_evaluate(results, eval_dataset, opt, save_submission_filename,
+                                                           max_after_nms)
+    logger.info("Evaluation finished in %d seconds", int(time.time() - start_time))
+    return metrics, metrics_nms, written
 
+
+def _save_and_evaluate(results, eval_dataset, opt, save_submission_filename, max_after_nms):
+    """The submission files of `eval_epoch` and their metrics on val: (metrics, metrics_nms, written paths)."""
+    has_metrics = opt.eval_split_name == "val"  # the other splits have no GT
     submission_path = os.path.join(opt.results_dir, save_submission_filename)
     submission = top_n_submission(results, max_after_nms)
     save_json(submission, submission_path)
@@ -333,13 +375,8 @@ def eval_epoch(model, eval_dataset, opt, save_submission_filename, tasks=TASKS, 
 
     if opt.nms_thd != -1:
         logger.info("Temporal NMS with threshold %s", opt.nms_thd)
-        nms_source = results if opt.get("nms_input_full", False) else submission
-        submission_nms = {"video2idx": results["video2idx"]}
-        if "VR" in submission:
-            submission_nms["VR"] = submission["VR"]
-        for task in ("SVMR", "VCMR"):
-            if task in submission:
-                submission_nms[task] = apply_nms(nms_source[task], opt.nms_thd, opt.max_before_nms, max_after_nms)
+        submission_nms = nms_submission(submission, results if opt.get("nms_input_full", False) else submission,
+                                        opt.nms_thd, opt.max_before_nms, max_after_nms)
         nms_path = _derived_path(submission_path, f"_nms_thd_{opt.nms_thd}.json")
         save_json(submission_nms, nms_path)
         written.append(nms_path)
@@ -350,5 +387,4 @@ def eval_epoch(model, eval_dataset, opt, save_submission_filename, tasks=TASKS, 
             metrics_nms_path = _derived_path(nms_path, "_metrics.json")
             save_json(metrics_nms, metrics_nms_path, save_pretty=True)
             written.append(metrics_nms_path)
-    logger.info("Evaluation finished in %d seconds", int(time.time() - start_time))
     return metrics, metrics_nms, written

@@ -255,6 +255,7 @@ def test_nms_reads_truncated_list_unless_nms_input_full(tmp_path):
                           nms_input_full=full_input)
         nms = json.load(open(paths[2]))
         assert nms["VCMR"] == apply_nms(source, 0.3, max_before_nms=200, max_after_nms=100)
+        assert json.load(open(paths[0]))["VCMR"] == truncated  # ranking only the rows needed changes nothing
     faithful = json.load(open(tmp_path / "nms_False" / SUBMISSION.replace(".json", "_nms_thd_0.3.json")))
     full = json.load(open(tmp_path / "nms_True" / SUBMISSION.replace(".json", "_nms_thd_0.3.json")))
     assert faithful["VCMR"] != full["VCMR"]  # the extra 100 rows refill the lists after suppression

@@ -4,8 +4,9 @@ import copy
 import numpy as np
 import pytest
 
-from utils.temporal_nms import (apply_nms, apply_nms_reference, nms_per_video, nms_per_video_batch, nms_per_video_reference, temporal_iou,
-                                temporal_iou_matrix, temporal_nms, temporal_nms_reference)
+from utils.temporal_nms import (apply_nms, apply_nms_reference, first_appearance_groups, nms_per_video,
+                                nms_per_video_batch, nms_per_video_reference, temporal_iou, temporal_iou_matrix,
+                                temporal_nms, temporal_nms_reference)
 
 
 def original_style_nms(predictions, nms_threshold, max_after_nms=100):
@@ -148,3 +149,19 @@ def test_batched_nms_keeps_at_most_100_per_video_of_long_inputs():
         assert [predictions[i] for i in rows[0]] == expected
         assert [predictions[i] for i in rows[1]] == nms_per_video_reference(predictions[:3], 0.5)
     assert len(expected) == 150 and sum(row[0] == 7 for row in expected) == 100
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_first_appearance_groups_equal_a_plain_scan(seed):
+    rng = np.random.default_rng(900 + seed)
+    n_rows = rng.integers(0, 30, size=25)
+    video = rng.integers(0, 5, size=(25, 30)).astype(np.float64)
+    present = np.arange(30)[None, :] < n_rows[:, None]
+    groups = first_appearance_groups(video, present)
+    for q in range(25):
+        first = {}
+        for j in range(n_rows[q]):
+            first.setdefault(video[q, j], j)
+            assert groups[q, j] == first[video[q, j]]
+        padding_groups = groups[q, n_rows[q]:]
+        assert not np.isin(padding_groups, groups[q, :n_rows[q]]).any()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from utils.io_utils import save_json, save_jsonl
-from utils.standalone_eval import (GroundTruthError, SubmissionError, eval_retrieval, main, rounded_percentage)
+from utils.standalone_eval import (GroundTruthError, SubmissionError, eval_retrieval, main, prediction_matrix,
+                                   prediction_table, rounded_percentage)
 
 VIDEO2IDX = {"a": 0, "b": 1, "c": 2, "d": 3}
 GT = [
@@ -165,6 +166,27 @@ def test_vectorised_equals_per_query_loops_on_random_submissions(seed):
                                      for v, s in zip(rng.integers(0, 4, size=n), st)]
         submission[task] = task_entries(entries)
     same_metrics(eval_retrieval(submission, gt), plain_metrics(submission, gt))
+
+
+def test_bulk_prediction_table_equals_per_query_matrices():
+    """One np.array call over all queries (ragged, empty, int-only, longer than 100) = per-query conversion."""
+    rng = np.random.default_rng(7)
+    queries = [[[int(v), float(s), float(s) + 1.5, float(p)] for v, s, p in
+                zip(rng.integers(0, 9, n), rng.integers(0, 50, n) * 1.5, rng.random(n))]
+               for n in rng.integers(0, 140, size=30)]
+    queries += [[], [[3, 0, 6, 1]] * 4]  # an empty list and int-only rows
+    preds, is_row = prediction_table(queries, "VCMR", list(range(len(queries))))
+    plain_preds, plain_is_row = prediction_table(queries, "VCMR", list(range(len(queries))), bulk=False)
+    np.testing.assert_array_equal(preds, plain_preds)
+    np.testing.assert_array_equal(is_row, plain_is_row)
+    for q, rows in enumerate(queries):
+        matrix = prediction_matrix(rows, "VCMR", q)
+        assert is_row[q].sum() == len(matrix) == min(len(rows), 100)
+        np.testing.assert_array_equal(preds[q, :len(matrix)], matrix)
+        assert not preds[q, len(matrix):].any()
+    bad = queries[:3] + [[[0, 0.0, 1.0, 0.5]] * 101 + [[0, "x", 1.0, 0.5]]]  # bad row past the first 100
+    with pytest.raises(SubmissionError, match="desc_id 3: prediction row 101"):
+        prediction_table(bad, "VCMR", list(range(4)))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -436,92 +436,105 @@ def val_split(real_annotations, n_queries, seed=0):
 
 
 def random_logit_batches(rows, video2idx, durations, batch_size, device, length=100, k=10, clip_length=1.5, seed=0):
-    """Per batch of queries: (rows, GT video idx (B,), candidate video idx (B, k), begin/end logits (B, 1+k, L)
-    with -1e4 on padded clips as the model gives them, first-stage scores (B, k) descending)."""
+    """Per batch of queries: metas as the evaluation dataset gives them (desc_id, desc, vid_name,
+    sample_vid_name_list), begin/end logits (B, 1+k, L) with -1e4 on padded clips as the model gives them, and
+    first-stage scores (B, k) descending."""
     rng = np.random.default_rng(seed)
     names = list(video2idx)
     n_clips = {name: min(length, max(1, math.ceil(durations[name] / clip_length))) for name in names}
     batches = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        videos = []
+        metas = []
         for row in chunk:
             candidates = [names[i] for i in rng.choice(len(names), k + 1, replace=False) if names[i] != row["vid_name"]]
             candidates = candidates[:k]
             if rng.random() < 0.5:  # the first stage finds the GT video for about half the queries
                 candidates[int(rng.integers(k))] = row["vid_name"]
-            videos.append([row["vid_name"]] + candidates)
-        valid = np.array([[n_clips[name] for name in query_videos] for query_videos in videos])
+            metas.append(dict(desc_id=row["desc_id"], desc=row["desc"], vid_name=row["vid_name"],
+                              sample_vid_name_list=candidates))
+        valid = np.array([[n_clips[name] for name in [m["vid_name"]] + m["sample_vid_name_list"]] for m in metas])
         padded = np.arange(length)[None, None, :] >= valid[:, :, None]
         begin = np.where(padded, -1e4, rng.normal(0, 3, padded.shape)).astype(np.float32)
         end = np.where(padded, -1e4, rng.normal(0, 3, padded.shape)).astype(np.float32)
         first_stage = -np.sort(-rng.uniform(0.05, 1.0, (len(chunk), k)), axis=1).astype(np.float32)
-        batches.append(dict(rows=chunk, gt_video=np.array([video2idx[v[0]] for v in videos], dtype=np.int64),
-                            candidate_video=np.array([[video2idx[n] for n in v[1:]] for v in videos], dtype=np.int64),
-                            begin=torch.from_numpy(begin).to(device), end=torch.from_numpy(end).to(device),
-                            first_stage=torch.from_numpy(first_stage).to(device)))
+        batches.append(dict(metas=metas, begin=torch.from_numpy(begin).to(device),
+                            end=torch.from_numpy(end).to(device), first_stage=torch.from_numpy(first_stage).to(device)))
     return batches
 
 
-def postprocess(batches, ground_truth, video2idx, fast, nms_thd=0.7, max_before_nms=200, max_after_nms=100):
-    """Scores -> ranked predictions -> top-100 submission -> NMS -> metrics, timed per stage: score_and_select
-    (utils.scoring.score_batch), rows (submission rows and dicts), nms (top-100 cut and NMS), metrics.
-    fast: scores of the valid pairs only with partial top-N selection, and NMS vectorised over all queries;
-    else full scores with a full sort and list NMS query by query (the plain formulations)."""
-    from method.evaluation import top_n_submission
-    from utils.scoring import (concatenate_ranked, moment_rows, moment_rows_reference, score_batch,
-                               score_batch_band, select_top_n_reference, video_rows)
+def postprocess(batches, ground_truth, video2idx, fast, nms_thd=0.7, max_before_nms=200, max_after_nms=100,
+                clip_length=1.5):
+    """Scores -> ranked predictions -> top-100 submission -> NMS -> metrics, timed per stage: score_and_select,
+    rows (per-query result dicts), nms (top-100 cut and NMS), metrics.
+
+    fast: what method.evaluation.eval_epoch runs on CPU: valid-pair scores with partial selection of only the
+    rows the files read (method.evaluation.ranked_rows_needed), rows built once for all queries, NMS greedy
+    steps vectorised over all queries, the evaluator's bulk conversion, the garbage collector paused.
+    plain: the original's formulations: full scores with a full sort of max_before_nms rows, rows per batch,
+    list NMS query by query, the evaluator converting query by query.
+    """
+    from method.evaluation import nms_submission, query_results, ranked_rows_needed, top_n_submission
+    from utils.scoring import (concatenate_ranked, gc_paused, moment_rows_reference, score_batch, score_batch_band,
+                               select_top_n_reference, video_rows)
     from utils.standalone_eval import eval_retrieval
-    from utils.temporal_nms import apply_nms, apply_nms_reference
+    from utils.temporal_nms import apply_nms_reference
 
-    def add_rows(ranked, query_rows, gt_video, candidate, to_rows):
-        svmr, vr, vcmr = ranked["SVMR"], ranked["VR"], ranked["VCMR"]
-        rows = {
-            "SVMR": to_rows(np.broadcast_to(gt_video[:, None], svmr["st"].shape), svmr["st"], svmr["ed"],
-                            svmr["score"], 1.5, seconds_dtype=np.float64),
-            "VR": video_rows(np.take_along_axis(candidate, vr["candidate"], axis=1), vr["score"]),
-            "VCMR": to_rows(np.take_along_axis(candidate, vcmr["candidate"], axis=1), vcmr["st"], vcmr["ed"],
-                            vcmr["score"], 1.5, seconds_dtype=np.float32)}
-        for task, task_rows in rows.items():
-            results[task] += [dict(desc_id=row["desc_id"], desc=row["desc"], predictions=predictions)
-                              for row, predictions in zip(query_rows, task_rows)]
+    def scored(batch, score, n_ranked, **select):
+        return score("general", batch["begin"], batch["end"], tasks=("VCMR", "SVMR", "VR"), max_before_nms=n_ranked,
+                     min_pred_l=0, max_pred_l=24, first_stage_scores=batch["first_stage"],
+                     use_internal_vr_scores=True, **select)
 
-    times = {"score_and_select": 0.0, "rows": 0.0}
-    results = {"VCMR": [], "SVMR": [], "VR": []}
-    ranked_batches = []
-    for batch in batches:
-        start = time.perf_counter()
-        common = dict(tasks=("VCMR", "SVMR", "VR"), max_before_nms=max_before_nms, min_pred_l=0, max_pred_l=24,
-                      first_stage_scores=batch["first_stage"], use_internal_vr_scores=True)
-        if fast:
-            ranked_batches.append(score_batch_band("general", batch["begin"], batch["end"], **common))
-            times["score_and_select"] += time.perf_counter() - start
-        else:
-            ranked = score_batch("general", batch["begin"], batch["end"], select=select_top_n_reference, **common)
-            middle = time.perf_counter()
-            add_rows(ranked, batch["rows"], batch["gt_video"], batch["candidate_video"], moment_rows_reference)
-            times["score_and_select"] += middle - start
-            times["rows"] += time.perf_counter() - middle
-    if fast:  # as method.evaluation.compute_predictions: the rows of all queries in one conversion
-        start = time.perf_counter()
-        add_rows(concatenate_ranked(ranked_batches), [row for batch in batches for row in batch["rows"]],
-                 np.concatenate([batch["gt_video"] for batch in batches]),
-                 np.concatenate([batch["candidate_video"] for batch in batches]), moment_rows)
-        times["rows"] += time.perf_counter() - start
-    results["video2idx"] = video2idx
+    times = {}
+    clock = time.perf_counter()
 
-    start = time.perf_counter()
-    submission = top_n_submission(results, max_after_nms)
-    nms = {"video2idx": video2idx, "VR": submission["VR"]}
-    for task in ("SVMR", "VCMR"):
-        nms[task] = (apply_nms if fast else apply_nms_reference)(submission[task], nms_thd, max_before_nms,
-                                                                  max_after_nms)
-    times["nms"] = time.perf_counter() - start
+    def lap(stage):
+        nonlocal clock
+        now = time.perf_counter()
+        times[stage] = times.get(stage, 0.0) + now - clock
+        clock = now
 
-    start = time.perf_counter()
-    metrics = eval_retrieval(submission, ground_truth)
-    metrics_nms = eval_retrieval(nms, ground_truth)
-    times["metrics"] = time.perf_counter() - start
+    if fast:
+        opt = EasyDict(nms_thd=nms_thd, max_before_nms=max_before_nms)
+        with gc_paused():
+            ranked = concatenate_ranked([scored(batch, score_batch_band, ranked_rows_needed(opt, max_after_nms))
+                                         for batch in batches])
+            lap("score_and_select")
+            results = query_results(ranked, [meta for batch in batches for meta in batch["metas"]], video2idx,
+                                    clip_length)
+            lap("rows")
+            submission = top_n_submission(results, max_after_nms)
+            nms = nms_submission(submission, submission, nms_thd, max_before_nms, max_after_nms)
+            lap("nms")
+            metrics, metrics_nms = (eval_retrieval(s, ground_truth) for s in (submission, nms))
+            lap("metrics")
+    else:
+        results = {"VCMR": [], "SVMR": [], "VR": []}
+        for batch in batches:
+            ranked = scored(batch, score_batch, max_before_nms, select=select_top_n_reference)
+            lap("score_and_select")
+            metas = batch["metas"]
+            gt_video = np.array([[video2idx[m["vid_name"]]] for m in metas])
+            candidate = np.array([[video2idx[name] for name in m["sample_vid_name_list"]] for m in metas])
+            svmr, vr, vcmr = ranked["SVMR"], ranked["VR"], ranked["VCMR"]
+            rows = {
+                "VCMR": moment_rows_reference(np.take_along_axis(candidate, vcmr["candidate"], axis=1), vcmr["st"],
+                                              vcmr["ed"], vcmr["score"], clip_length, seconds_dtype=np.float32),
+                "SVMR": moment_rows_reference(np.broadcast_to(gt_video, svmr["st"].shape), svmr["st"], svmr["ed"],
+                                              svmr["score"], clip_length, seconds_dtype=np.float64),
+                "VR": video_rows(np.take_along_axis(candidate, vr["candidate"], axis=1), vr["score"])}
+            for task, task_rows in rows.items():
+                results[task] += [dict(desc_id=m["desc_id"], desc=m["desc"], predictions=predictions)
+                                  for m, predictions in zip(metas, task_rows)]
+            lap("rows")
+        results["video2idx"] = video2idx
+        submission = top_n_submission(results, max_after_nms)
+        nms = {"video2idx": video2idx, "VR": submission["VR"]}
+        for task in ("SVMR", "VCMR"):
+            nms[task] = apply_nms_reference(submission[task], nms_thd, max_before_nms, max_after_nms)
+        lap("nms")
+        metrics, metrics_nms = (eval_retrieval(s, ground_truth, bulk_conversion=False) for s in (submission, nms))
+        lap("metrics")
     times["total"] = sum(times.values())
     return times, (submission, nms, metrics, metrics_nms)
 

@@ -90,6 +90,47 @@ def prediction_matrix(rows, task_type, desc_id, max_pred=MAX_PRED_PER_QUERY):
     return array[:max_pred, :3].astype(np.float32)
 
 
+def prediction_table(query_rows, task_type, desc_ids, max_pred=MAX_PRED_PER_QUERY, bulk=True):
+    """`prediction_matrix` of many queries, zero-padded: (Q, P, 3) float32 [video_idx, st, ed] and (Q, P) bool
+    (True on real rows), P the longest kept list.
+
+    With `bulk` the rows of all queries go through one np.array call; when that does not give well-formed
+    numeric rows (or without `bulk`: the original's formulation), the queries are converted one by one by
+    `prediction_matrix`, which names the bad row.
+    """
+    table = _bulk_rows(query_rows) if bulk else None
+    if table is None:
+        matrices = [prediction_matrix(rows, task_type, desc_id, max_pred)
+                    for rows, desc_id in zip(query_rows, desc_ids)]
+        lengths = np.array([len(m) for m in matrices], dtype=np.int64)
+        table = np.concatenate(matrices) if matrices else np.zeros((0, 3), dtype=np.float32)
+    else:
+        lengths = np.array([len(rows) for rows in query_rows], dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    kept = np.minimum(lengths, max_pred)
+    is_row = np.arange(int(kept.max(initial=0)))[None, :] < kept[:, None]
+    preds = np.zeros(is_row.shape + (3,), dtype=np.float32)  # zero padding is never matched
+    positions = (starts[:, None] + np.arange(is_row.shape[1])[None, :])[is_row]
+    preds[is_row] = table[positions, :3].astype(np.float32)
+    return preds, is_row
+
+
+def _bulk_rows(query_rows):
+    """All queries' rows as one (N, 4) numeric array, or None unless every row is well formed."""
+    if not all(isinstance(rows, list) for rows in query_rows):
+        return None
+    rows = [row for query in query_rows for row in query]
+    if not rows:
+        return np.zeros((0, 4), dtype=np.float32)
+    try:
+        table = np.array(rows)
+    except (ValueError, TypeError):
+        return None
+    well_formed = (table.ndim == 2 and table.shape[1] == 4 and table.dtype.kind in "iuf"
+                   and bool(np.all(table[:, 0] == np.floor(table[:, 0]))))
+    return table if well_formed else None
+
+
 def _gt_moments(gt_item):
     """GT moments of one query as a list of (st, ed); the DiDeMo form is a list of >= 4 pairs."""
     desc_id = gt_item.get("desc_id")
@@ -129,7 +170,7 @@ def _predictions_by_desc_id(task_results, task_type):
 
 def eval_by_task_type(task_results, video2idx, ground_truth, task_type, iou_thds=IOU_THDS,
                       recall_topks=RECALL_TOPKS, max_pred_per_query=MAX_PRED_PER_QUERY, match_number=True,
-                      use_desc_type=True):
+                      use_desc_type=True, bulk_conversion=True):
     """Metrics of one task. Returns (metrics, metrics_by_type) as insertion-ordered dicts."""
     if task_type not in TASK_TYPES:
         raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
@@ -148,14 +189,8 @@ def eval_by_task_type(task_results, video2idx, ground_truth, task_type, iou_thds
     n_queries = len(gt_items)
     needs_moments = task_type != "VR"
 
-    matrices = [prediction_matrix(predictions[e["desc_id"]], task_type, e["desc_id"], max_pred_per_query)
-                for e in gt_items]
-    n_rows = max([len(m) for m in matrices], default=0)
-    preds = np.zeros((n_queries, n_rows, 3), dtype=np.float32)  # zero padding is never matched
-    is_row = np.zeros((n_queries, n_rows), dtype=bool)
-    for q, m in enumerate(matrices):
-        preds[q, :len(m)] = m
-        is_row[q, :len(m)] = True
+    preds, is_row = prediction_table([predictions[e["desc_id"]] for e in gt_items], task_type,
+                                     [e["desc_id"] for e in gt_items], max_pred_per_query, bulk=bulk_conversion)
 
     gt_video = np.zeros(n_queries, dtype=np.float32)
     for q, e in enumerate(gt_items):
@@ -216,13 +251,15 @@ def eval_by_task_type(task_results, video2idx, ground_truth, task_type, iou_thds
 
 
 def eval_retrieval(submission, ground_truth, iou_thds=IOU_THDS, verbose=False, match_number=True,
-                   use_desc_type=True):
+                   use_desc_type=True, bulk_conversion=True):
     """Metrics of every task present in `submission` (order VCMR, SVMR, VR), then their by-type metrics.
 
     Args:
         submission: {"video2idx": {name: idx}, task: [{"desc_id", "desc", "predictions"}, ...], ...}.
         ground_truth: annotation rows (dicts with desc_id, vid_name, ts, type).
         match_number: require the desc_ids of every task to equal the GT's (False only for debugging).
+        bulk_conversion: convert the rows of all queries at once (`prediction_table`); False converts them
+            query by query, as the original (the plain formulation the benchmark compares against).
     """
     if not isinstance(submission, dict) or not isinstance(submission.get("video2idx"), dict):
         raise SubmissionError("the submission must be a dict with a 'video2idx' mapping {video name: index}")
@@ -233,7 +270,7 @@ def eval_retrieval(submission, ground_truth, iou_thds=IOU_THDS, verbose=False, m
     for task_type in tasks:
         eval_metrics[task_type], by_type[task_type + "_by_type"] = eval_by_task_type(
             submission[task_type], submission["video2idx"], ground_truth, task_type, iou_thds=iou_thds,
-            match_number=match_number, use_desc_type=use_desc_type)
+            match_number=match_number, use_desc_type=use_desc_type, bulk_conversion=bulk_conversion)
     if use_desc_type:
         eval_metrics.update(by_type)
     return eval_metrics

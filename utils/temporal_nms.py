@@ -7,8 +7,9 @@ that is 0. Arithmetic is float64, as the original's on Python floats, so the kep
 
 `temporal_nms` is the vectorised form (one pairwise IoU matrix, then a greedy pass over booleans);
 `temporal_nms_reference` is the plain list algorithm; tests check they agree. `apply_nms` runs
-`nms_per_video_batch` (all queries of a chunk padded into (Q, R, R) arrays, R greedy steps over Q at once);
-`apply_nms_reference` is the query-by-query list formulation.
+`nms_per_video_batch` (queries padded into (Q, R) arrays; step i of `greedy_nms_steps` decides row i of every
+query and computes only that row's IoU with the later rows); `apply_nms_reference` is the query-by-query list
+formulation.
 """
 import numpy as np
 
@@ -123,10 +124,69 @@ def nms_per_video_reference(predictions, nms_thd, max_after_nms=MAX_KEPT_PER_VID
     return sorted(merged, key=lambda p: p[3], reverse=True)[:max_after_nms]
 
 
+def first_appearance_groups(video, present):
+    """Per query, the input position of the first row of each row's video (groups by first appearance).
+
+    Args:
+        video: (Q, R) float64 video index per row; present: (Q, R) bool, False on padding.
+    Returns:
+        (Q, R) int64; padding rows get positions of their own (they never match a present row).
+    """
+    n_queries, width = video.shape
+    video = np.where(present, video, np.inf)
+    by_video = np.argsort(video, axis=1, kind="stable")  # equal videos stay in input order
+    sorted_video = np.take_along_axis(video, by_video, axis=1)
+    run_start = np.ones((n_queries, width), dtype=bool)
+    run_start[:, 1:] = sorted_video[:, 1:] != sorted_video[:, :-1]
+    run_start |= ~np.take_along_axis(present, by_video, axis=1)
+    start_index = np.maximum.accumulate(np.where(run_start, np.arange(width), 0), axis=1)
+    groups = np.empty_like(by_video)
+    np.put_along_axis(groups, by_video, np.take_along_axis(by_video, start_index, axis=1), axis=1)
+    return groups
+
+
+def greedy_nms_steps(st, ed, group, present, nms_thd, max_kept_per_group):
+    """Greedy NMS of many queries at once, rows already in processing order (best first).
+
+    Step i decides row i of every query: kept unless suppressed and unless its group already has
+    `max_kept_per_group` kept rows; a kept row then suppresses the later rows of its group with IoU > nms_thd.
+    Only the IoU of row i against rows i+1.. is computed, so the work is R^2 / 2 per query in (Q, R) slices.
+
+    Args:
+        st, ed: (Q, R) float64; group: (Q, R) int64 group ids in 0..R-1; present: (Q, R) bool.
+    Returns:
+        (Q, R) bool, the kept rows.
+    """
+    n_queries, width = st.shape
+    suppressed = ~present
+    kept = np.zeros((n_queries, width), dtype=bool)
+    kept_per_group = np.zeros((n_queries, width), dtype=np.int64)
+    queries = np.arange(n_queries)
+    for i in range(width):
+        row_group = group[:, i]
+        keep = ~suppressed[:, i] & (kept_per_group[queries, row_group] < max_kept_per_group)
+        kept[:, i] = keep
+        kept_per_group[queries, row_group] += keep
+        if i + 1 == width or not keep.any():
+            continue
+        head_st, head_ed = st[:, i, None], ed[:, i, None]
+        later_st, later_ed = st[:, i + 1:], ed[:, i + 1:]
+        intersection = np.minimum(head_ed, later_ed)
+        intersection -= np.maximum(head_st, later_st)
+        np.maximum(intersection, 0.0, out=intersection)
+        hull = np.maximum(head_ed, later_ed)
+        hull -= np.minimum(head_st, later_st)
+        iou = np.divide(intersection, hull, out=np.zeros_like(intersection), where=hull != 0)
+        suppresses = iou > nms_thd
+        suppresses &= group[:, i + 1:] == row_group[:, None]
+        suppresses &= keep[:, None]
+        suppressed[:, i + 1:] |= suppresses
+    return kept
+
+
 def nms_per_video_batch(query_predictions, nms_thd, max_after_nms=MAX_KEPT_PER_VIDEO,
                         max_kept_per_video=MAX_KEPT_PER_VIDEO):
-    """`nms_per_video` of many queries at once: lists padded to (Q, R) arrays, the greedy passes run as R
-    vectorised steps over all Q queries.
+    """`nms_per_video` of many queries at once: lists padded to (Q, R) arrays, then `greedy_nms_steps`.
 
     Args:
         query_predictions: Q lists of [video_idx, st, ed, score] rows.
@@ -147,40 +207,25 @@ def nms_per_video_batch(query_predictions, nms_thd, max_after_nms=MAX_KEPT_PER_V
     if values is None or values.shape != (len(rows), 4):
         values = np.array([row[:4] for row in rows], dtype=np.float64)
     table[present] = values
+    input_group = first_appearance_groups(table[..., 0], present)
     # Processing order per query: stable by descending score, padding last.
     order = np.argsort(np.where(present, -table[..., 3], np.inf), axis=1, kind="stable")
-    video, st, ed, score = (np.take_along_axis(table[..., c], order, axis=1) for c in range(4))
-    present = np.take_along_axis(present, order, axis=1)
-    # A row's group: the input position of the first row of its video (orders groups by first appearance).
-    same_video = (table[:, :, None, 0] == table[:, None, :, 0])
-    first_row = np.take_along_axis(np.argmax(same_video, axis=2), order, axis=1)
-    intersection = np.maximum(0.0, np.minimum(ed[:, :, None], ed[:, None, :]) - np.maximum(st[:, :, None], st[:, None, :]))
-    hull = np.maximum(ed[:, :, None], ed[:, None, :]) - np.minimum(st[:, :, None], st[:, None, :])
-    iou = np.divide(intersection, hull, out=np.zeros_like(intersection), where=hull != 0)
-    suppresses = (iou > nms_thd) & (first_row[:, :, None] == first_row[:, None, :])  # (Q, R, R)
-    suppressed = ~present
-    kept = np.zeros((n_queries, width), dtype=bool)
-    kept_per_group = np.zeros((n_queries, width), dtype=np.int64)
-    queries = np.arange(n_queries)
-    for i in range(width):
-        group = first_row[:, i]
-        keep = ~suppressed[:, i] & (kept_per_group[queries, group] < max_kept_per_video)
-        kept[:, i] = keep
-        kept_per_group[queries, group] += keep
-        suppressed |= suppresses[:, i, :] & keep[:, None]
+    st, ed, score = (np.take_along_axis(table[..., c], order, axis=1) for c in (1, 2, 3))
+    group = np.take_along_axis(input_group, order, axis=1)
+    kept = greedy_nms_steps(st, ed, group, np.take_along_axis(present, order, axis=1), nms_thd, max_kept_per_video)
     # Final order: (kept first, -score, group of first appearance, input position); positions in `order` are
     # already ascending in input position among equal scores.
-    final = np.lexsort((np.broadcast_to(np.arange(width), kept.shape), first_row, -score, ~kept), axis=-1)
+    final = np.lexsort((np.broadcast_to(np.arange(width), kept.shape), group, -score, ~kept), axis=-1)
     final_rows = np.take_along_axis(order, final, axis=1)
     n_out = np.minimum(kept.sum(axis=1), max_after_nms)
     return [final_rows[q, :n_out[q]] for q in range(n_queries)]
 
 
-def apply_nms(query_results, nms_thd, max_before_nms, max_after_nms=MAX_KEPT_PER_VIDEO, chunk_elements=2 ** 22):
+def apply_nms(query_results, nms_thd, max_before_nms, max_after_nms=MAX_KEPT_PER_VIDEO, chunk_elements=2 ** 16):
     """NMS over a task's per-query results; returns new dicts, the input is left untouched.
 
-    Queries are processed by `nms_per_video_batch` in chunks whose (Q, R, R) IoU arrays hold about
-    `chunk_elements` entries.
+    Queries are processed by `nms_per_video_batch` in chunks of about `chunk_elements` rows (padded), so each
+    greedy step works on cache-sized (Q, R) slices.
 
     Args:
         query_results: list of {"desc_id", "desc", "predictions": [[video_idx, st, ed, score], ...]}.
@@ -188,7 +233,7 @@ def apply_nms(query_results, nms_thd, max_before_nms, max_after_nms=MAX_KEPT_PER
     """
     inputs = [query["predictions"][:max_before_nms] for query in query_results]
     width = max((len(p) for p in inputs), default=0)
-    chunk = max(1, chunk_elements // max(1, width * width))
+    chunk = max(1, chunk_elements // max(1, width))
     out = []
     with gc_paused():  # only new acyclic lists and dicts: collections would find nothing to free
         for start in range(0, len(inputs), chunk):
