@@ -223,8 +223,9 @@ def select_top_n_band(band_values, band_flat, n, n_flat, invalid_score, full_sco
             tied = band_values[over] == nth_largest[over]
             n_tied_wanted = n - (band_values[over] > nth_largest[over]).sum(axis=1, keepdims=True)
             selected[over] &= ~tied | (np.cumsum(tied, axis=1) <= n_tied_wanted)
-        positions = np.nonzero(selected)[1].reshape(batch_size, n)  # ascending flat index within each row
         rows = np.arange(batch_size)[:, None]
+        # Exactly n per row, ascending flat index within each row (flatnonzero: one index array, unlike nonzero).
+        positions = np.flatnonzero(selected).reshape(batch_size, n) - rows * n_band
         selected_values = band_values[rows, positions]
         order = np.argsort(-selected_values, axis=1, kind="stable")
         values = selected_values[rows, order]
