@@ -10,7 +10,8 @@ from easydict import EasyDict
 from torch import nn
 from torch.utils.data import Dataset
 
-from method.evaluation import ConfigError, compute_predictions, eval_epoch
+from method.evaluation import (ConfigError, compute_predictions, eval_epoch, nms_submission, ranked_rows_needed,
+                               top_n_submission)
 from utils.temporal_nms import apply_nms
 
 DUMMY = "dummy_video"
@@ -291,3 +292,24 @@ def test_cache_on_equals_cache_off_real_model(tmp_path, tiny_corpus, measure, us
     off = run(tmp_path, "off", dataset=dataset, model=model, video_cache=False, **kwargs)
     assert read_texts(on[2]) == read_texts(off[2])
     assert on[0] == off[0] and on[0]["VCMR"]["0.5-r100"] >= 0
+
+
+@pytest.mark.parametrize("max_before_nms,nms_input_full,nms_thd", [
+    (200, False, 0.3), (200, True, 0.3), (50, False, 0.3), (50, True, 0.3), (200, True, -1), (150, False, -1)])
+def test_ranking_only_the_rows_read_writes_the_files_of_full_ranking(tmp_path, max_before_nms, nms_input_full,
+                                                                     nms_thd):
+    """eval_epoch ranks ranked_rows_needed rows; its files equal those of ranking max_before_nms rows first."""
+    dataset, model = FakeEvalDataset(), FakeModel()
+    opt = make_opt(tmp_path / "full", max_before_nms=max_before_nms, nms_input_full=nms_input_full, nms_thd=nms_thd)
+    full = compute_predictions(model, dataset, opt, ("VCMR", "SVMR", "VR"))
+    assert len(full["VCMR"][0]["predictions"]) == max_before_nms  # more than the 100 kept, where it is 150 or 200
+    assert ranked_rows_needed(opt, 100) == (max_before_nms if nms_input_full and nms_thd != -1
+                                            else min(max_before_nms, 100))
+    expected = json.loads(json.dumps(top_n_submission(full, 100)))
+    _, _, paths = run(tmp_path, "ranked", dataset=dataset, model=model, max_before_nms=max_before_nms,
+                      nms_input_full=nms_input_full, nms_thd=nms_thd)
+    assert json.load(open(paths[0])) == expected
+    if nms_thd != -1:
+        source = full if nms_input_full else top_n_submission(full, 100)
+        expected_nms = nms_submission(expected, source, nms_thd, max_before_nms, 100)
+        assert json.load(open(paths[2])) == json.loads(json.dumps(expected_nms))
