@@ -495,10 +495,9 @@ def postprocess(batches, ground_truth, video2idx, fast, nms_thd=0.7, max_before_
         clock = now
 
     if fast:
-        opt = EasyDict(nms_thd=nms_thd, max_before_nms=max_before_nms)
+        n_ranked = ranked_rows_needed(EasyDict(nms_thd=nms_thd, max_before_nms=max_before_nms), max_after_nms)
         with gc_paused():
-            ranked = concatenate_ranked([scored(batch, score_batch_band, ranked_rows_needed(opt, max_after_nms))
-                                         for batch in batches])
+            ranked = concatenate_ranked([scored(batch, score_batch_band, n_ranked) for batch in batches])
             lap("score_and_select")
             results = query_results(ranked, [meta for batch in batches for meta in batch["metas"]], video2idx,
                                     clip_length)
