@@ -5,6 +5,10 @@
 
 or `bash scripts/inference.sh RUN_DIR GPU [flags]`. The model is rebuilt from the checkpoint's own
 `model_cfg`; outputs are written next to the checkpoint that was read (or to --output_dir).
+
+Several GPUs: `bash scripts/inference.sh RUN_DIR 0,1,2,3` (or `torchrun --nproc_per_node 4 inference.py ...`)
+splits the queries across the processes; rank 0 gathers them and alone writes the files, which are identical
+to a single process's.
 """
 import logging
 import os
@@ -17,6 +21,7 @@ from config.options import OptionError, TestOptions
 from method.checkpoint import build_model, load_checkpoint, load_model_weights
 from method.dataset import StartEndDataset
 from method.evaluation import eval_epoch
+from utils import distributed
 from utils.data_config import load_data_config
 from utils.errors import run_cli
 from utils.report import format_metrics_table
@@ -61,14 +66,24 @@ def load_trained_model(opt):
 
 
 def run_inference(opt):
-    """Evaluate the run of `opt`; returns (metrics without NMS, metrics with NMS, written paths)."""
+    """Evaluate the run of `opt`; returns (metrics without NMS, metrics with NMS, written paths), on rank 0
+    under torchrun and (None, None, []) on the other ranks."""
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     # Every input is checked before the output directory is touched.
     eval_dataset = build_eval_dataset(opt)
     eval_dataset.check_feature_dims(opt.query_dim, opt.visual_dim, opt.text_dim)
     model = load_trained_model(opt)
-    check_writable(opt.output_dir)
+    # Only rank 0 writes; every rank stops on its verdict instead of waiting for it in the evaluation.
+    error = None
+    if distributed.is_main_process():
+        try:
+            check_writable(opt.output_dir)
+        except OptionError as e:
+            error = str(e)
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise OptionError(error)
     eval_opt = EasyDict(opt, results_dir=opt.output_dir)
     return eval_epoch(model, eval_dataset, eval_opt, submission_filename(opt), tasks=opt.tasks,
                       max_after_nms=100)
@@ -76,8 +91,16 @@ def run_inference(opt):
 
 def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    opt = TestOptions().parse(argv)
-    metrics_no_nms, metrics_nms, paths = run_inference(opt)
+    distributed.init_from_env()  # under torchrun; a plain `python inference.py` has no process group
+    try:
+        opt = TestOptions().parse(argv)
+        opt.device = distributed.local_device(opt.device)
+        metrics_no_nms, metrics_nms, paths = run_inference(opt)
+        main_process = distributed.is_main_process()
+    finally:
+        distributed.shutdown()
+    if not main_process:
+        return
     for title, metrics in (("no NMS", metrics_no_nms), (f"NMS {opt.nms_thd}", metrics_nms)):
         if metrics is not None:
             print(f"\n{opt.eval_split_name} metrics ({title})\n{format_metrics_table(metrics)}")

@@ -4,7 +4,7 @@
 #   use_device GPU    GPU is a CUDA device id (exported as CUDA_VISIBLE_DEVICES, then --device 0) or `cpu`
 #                     (--device -1); sets the array DEVICE_FLAGS.
 #   use_devices GPUS  as use_device, and GPUS may also be a comma-separated list of CUDA ids (e.g. 0,1,2,3):
-#                     one DistributedDataParallel process per GPU, started by torchrun. Sets DEVICE_FLAGS
+#                     one process per GPU, started by torchrun. Sets DEVICE_FLAGS
 #                     and LAUNCHER, the command that runs the Python script (python, or torchrun for a list).
 #                     torchrun gets `--standalone` (one node), or the flags in $TORCHRUN_ARGS for several
 #                     nodes, e.g. TORCHRUN_ARGS="--nnodes 2 --node_rank 0 --rdzv_backend c10d
@@ -25,8 +25,6 @@ use_device() {
   elif [[ "$gpu" =~ ^[0-9]+$ ]]; then
     export CUDA_VISIBLE_DEVICES="$gpu"
     DEVICE_FLAGS=(--device 0)
-  elif [[ "$gpu" == *,* ]]; then
-    die "GPU '$gpu': a list of GPUs is for the training scripts (scripts/train*.sh); give one CUDA id or 'cpu'"
   else
     die "GPU '$gpu': expected a CUDA device id (e.g. 0) or 'cpu'"
   fi

@@ -288,11 +288,11 @@ def test_one_step_on_two_ranks_equals_one_process(spawned_runs, tiny_corpus, tin
     assert logged_losses(spawned_runs["step"]) == pytest.approx(logged_losses(single), abs=2e-4)
 
 
-def torchrun(argv):
+def torchrun(argv, script="train.py", expect_success=True):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD_SIZE),
-               "train.py"] + argv
+               script] + argv
     result = subprocess.run(command, cwd=REPO_ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert (result.returncode == 0) == expect_success, result.stderr[-4000:]
     return result
 
 
@@ -345,19 +345,37 @@ def test_torchrun_run_with_resume_matches_single_process_run(spawned_runs, tiny_
     with open(paths[0], "rb") as single_process, open(os.path.join(run_dir, f"best_{SUBMISSION}"), "rb") as sharded:
         assert single_process.read() == sharded.read()
 
+    # inference.py under torchrun: the same files (submission, NMS submission, metrics) as one process.
+    inference_flags = ["--model_dir", run_dir, "--dataset_config", tiny_corpus, "--device", "-1", "--num_workers", "0",
+                       "--eval_query_bsz", "3", "--nms_thd", "0.7", "--tasks", "VCMR", "SVMR", "VR", "--eval_id",
+                       "single"]
+    result = torchrun(inference_flags + ["--output_dir", str(tmp_path / "eval_torchrun")], script="inference.py")
+    _, _, paths = inference.run_inference(EasyDict(opt, nms_thd=0.7, eval_query_bsz=3))
+    assert len(paths) == 4 and result.stdout.count("written:") == 1  # only rank 0 reports
+    for path in paths:
+        with open(path, "rb") as single_process, open(
+                os.path.join(tmp_path, "eval_torchrun", os.path.basename(path)), "rb") as sharded:
+            assert single_process.read() == sharded.read(), os.path.basename(path)
+    # Rank 0 cannot write: every rank stops with its message (none waits for the others in the evaluation).
+    (tmp_path / "a_file").write_text("")
+    result = torchrun(inference_flags + ["--output_dir", str(tmp_path / "a_file" / "out")], script="inference.py",
+                      expect_success=False)
+    assert result.stderr.count("is not writable") == WORLD_SIZE
+
 
 # ----------------------------------------------------------------------------------------------------
 # scripts
 
-def run_script_with_fake_python(tmp_path, gpus, extra_env=None):
-    """Run scripts/train.sh with PYTHON set to a stub that prints its environment and arguments."""
+def run_script_with_fake_python(tmp_path, gpus, extra_env=None, script=("train.sh", "x")):
+    """Run scripts/train.sh (or `script`: name, first argument) with PYTHON set to a stub that prints its
+    environment and arguments."""
     stub = tmp_path / "python"
     stub.write_text('#!/usr/bin/env bash\necho "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"\nprintf "%s\\n" "$@"\n')
     stub.chmod(0o755)
     env = dict(os.environ, PYTHON=str(stub))
     env.pop("TORCHRUN_ARGS", None)
     env.update(extra_env or {})
-    return subprocess.run(["bash", os.path.join(REPO_ROOT, "scripts", "train.sh"), "x", gpus, "--bsz", "64"],
+    return subprocess.run(["bash", os.path.join(REPO_ROOT, "scripts", script[0]), script[1], gpus, "--bsz", "64"],
                           env=env, capture_output=True, text=True)
 
 
@@ -378,3 +396,16 @@ def test_train_script_launches_torchrun_for_a_gpu_list(tmp_path):
 
     result = run_script_with_fake_python(tmp_path, "2")
     assert result.stdout.splitlines()[:2] == ["CUDA_VISIBLE_DEVICES=2", "train.py"]
+
+
+def test_inference_script_launches_torchrun_for_a_gpu_list(tmp_path):
+    script = ("inference.sh", str(tmp_path))
+    result = run_script_with_fake_python(tmp_path, "0,2", script=script)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "CUDA_VISIBLE_DEVICES=0,2"
+    assert lines[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "inference.py"]
+    assert " ".join(lines).endswith(f"--model_dir {tmp_path} --tasks VR SVMR VCMR --device 0 --bsz 64")
+    assert run_script_with_fake_python(tmp_path, "cpu", script=script).stdout.splitlines()[1] == "inference.py"
+    result = run_script_with_fake_python(tmp_path, "0,x", script=script)
+    assert result.returncode == 2 and "GPU list '0,x'" in result.stderr
