@@ -74,16 +74,7 @@ def run_inference(opt):
     eval_dataset = build_eval_dataset(opt)
     eval_dataset.check_feature_dims(opt.query_dim, opt.visual_dim, opt.text_dim)
     model = load_trained_model(opt)
-    # Only rank 0 writes; every rank stops on its verdict instead of waiting for it in the evaluation.
-    error = None
-    if distributed.is_main_process():
-        try:
-            check_writable(opt.output_dir)
-        except OptionError as e:
-            error = str(e)
-    error = distributed.broadcast_object(error)
-    if error is not None:
-        raise OptionError(error)
+    distributed.run_on_main(lambda: check_writable(opt.output_dir))  # only rank 0 writes
     eval_opt = EasyDict(opt, results_dir=opt.output_dir)
     return eval_epoch(model, eval_dataset, eval_opt, submission_filename(opt), tasks=opt.tasks,
                       max_after_nms=100)

@@ -204,16 +204,11 @@ class TrainOptions(BaseOptions):
     path (they must not create run directories of their own)."""
 
     def _create_run_dir(self, opt):
-        error = None
-        if distributed.is_main_process():
-            try:
-                super()._create_run_dir(opt)
-            except OptionError as e:
-                error = e
-        results_dir, error = distributed.broadcast_object((opt.get("results_dir"), error))
-        if error is not None:
-            raise error
-        opt.results_dir = results_dir
+        def create():
+            BaseOptions._create_run_dir(self, opt)
+            return opt.results_dir
+
+        opt.results_dir = distributed.run_on_main(create)
 
 
 class NullWriter:

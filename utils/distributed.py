@@ -108,6 +108,21 @@ def gather_object(obj, dst=0):
     return gathered
 
 
+def run_on_main(fn):
+    """fn() on rank 0 alone; every rank returns its result, or raises the ConquerError it raised, so no rank goes
+    on to wait for a rank 0 that stopped. Without a process group: fn()."""
+    result = error = None
+    if is_main_process():
+        try:
+            result = fn()
+        except ConquerError as e:
+            error = e
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
 def mean_over_ranks(values):
     """Element-wise mean over the ranks of a list of floats (the list itself without a process group)."""
     if not is_distributed():
