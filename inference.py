@@ -11,17 +11,15 @@ splits the queries across the processes; rank 0 gathers them and alone writes th
 to a single process's.
 """
 import logging
-import os
-import tempfile
 
 import torch
 from easydict import EasyDict
 
-from config.options import OptionError, TestOptions
+from config.options import TestOptions
 from method.checkpoint import build_model, load_checkpoint, load_model_weights
 from method.dataset import StartEndDataset
 from method.evaluation import eval_epoch
-from utils import distributed
+from utils import distributed, run_dir
 from utils.data_config import load_data_config
 from utils.errors import run_cli
 from utils.report import format_metrics_table
@@ -32,21 +30,6 @@ logger = logging.getLogger(__name__)
 def submission_filename(opt):
     return (f"inference_{opt.dset_name}_{opt.eval_split_name}_{opt.eval_id}_predictions_"
             f"{'_'.join(opt.tasks)}_hero.json")
-
-
-def check_writable(output_dir):
-    """Create `output_dir` if needed and write a probe file there (permission bits tell nothing for root or on
-    a read-only file system), so a read-only run directory fails before any output is written."""
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        if os.access(output_dir, os.W_OK):
-            with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write_probe."):
-                return
-        reason = "no write permission"
-    except OSError as e:
-        reason = e.strerror
-    raise OptionError(f"output directory {output_dir!r} is not writable ({reason}; a read-only run directory?); "
-                      "pass --output_dir DIR to write the predictions elsewhere")
 
 
 def build_eval_dataset(opt):
@@ -74,10 +57,9 @@ def run_inference(opt):
     eval_dataset = build_eval_dataset(opt)
     eval_dataset.check_feature_dims(opt.query_dim, opt.visual_dim, opt.text_dim)
     model = load_trained_model(opt)
-    distributed.run_on_main(lambda: check_writable(opt.output_dir))  # only rank 0 writes
+    distributed.run_on_main(lambda: run_dir.check_writable(opt.output_dir))  # only rank 0 writes
     eval_opt = EasyDict(opt, results_dir=opt.output_dir)
-    return eval_epoch(model, eval_dataset, eval_opt, submission_filename(opt), tasks=opt.tasks,
-                      max_after_nms=100)
+    return eval_epoch(model, eval_dataset, eval_opt, submission_filename(opt), tasks=opt.tasks)
 
 
 def main(argv=None):

@@ -1,34 +1,21 @@
-"""Train CONQUER (SPEC §8).
+"""Train CONQUER.
 
     python train.py --dataset_config config/tvr_data_config.json --model_config config/model_config.json \
         --exp_id my_run [--device -1] [...]            # or one of the scripts/train_*.sh recipes
     python train.py --resume RESULTS/tvr-my_run-<time> [--n_epoch 60]   # continue a run
 
-The run directory (`<results_root>/<dset>-<exp_id>-<time>`) receives opt.json, code.zip, train.log.txt,
-eval.log.txt, tensorboard_log/, run.log (everything logged), model.ckpt (best evaluation), the latest_* /
-best_* prediction and metrics files, and last.ckpt (written atomically at the end of every epoch; what
---resume continues from). A resumed run keeps its opt.json options, overridden by the flags given with
---resume (e.g. a larger --n_epoch); the optimizer, including its learning rates, comes from last.ckpt;
-log lines written after last.ckpt (an unfinished epoch) are cut off, and that epoch runs again.
+The run directory (utils/run_dir.py) receives opt.json, code.zip, the logs, tensorboard_log/, model.ckpt (best
+evaluation), the latest_* / best_* prediction and metrics files, and last.ckpt (written atomically at the end
+of every epoch; what --resume continues from). A resumed run keeps its opt.json options, overridden by the
+flags given with --resume (e.g. a larger --n_epoch); the optimizer, including its learning rates, comes from
+last.ckpt; log lines written after last.ckpt (an unfinished epoch) are cut off, and that epoch runs again.
+Random streams are per epoch (utils/random_streams.py), so a resumed run ends bitwise identical to an
+uninterrupted one on the CPU with --num_workers 0.
 
-Reproducibility: the train loader shuffles with its own torch.Generator and python `random` (used by
-negative sampling) is reseeded, both from (seed, epoch), at the start of every epoch; evaluation runs
-with the RNG states saved and restored around it. An epoch's batches and negatives therefore depend
-only on the seed and the epoch number, and a run resumed from last.ckpt (which also holds the model,
-optimizer, torch/numpy/python RNG states and early-stopping state) ends bitwise identical to an
-uninterrupted one on the CPU. With worker processes the negatives are drawn in the workers from seeds
-derived from the same generator: reproducible for a given --num_workers, but not the same draws as with
---num_workers 0.
-
-Several GPUs or nodes (utils/distributed.py): `torchrun --nproc_per_node N train.py ...` trains with
-DistributedDataParallel. --bsz stays the global batch (each rank takes a contiguous 1/N of every batch a
-single process would draw); negatives, dropout and worker seeds are drawn per rank (rank 0 draws what a
-single process would); rank 0 alone writes the run directory, logs, TensorBoard and checkpoints, and takes
-the early-stopping decision, which every rank follows; evaluation is sharded across the ranks. last.ckpt
-keeps the RNG states of every rank, so --resume under torchrun with the same number of processes
-continues each rank's streams.
+Under torchrun (utils/distributed.py) the model trains with DistributedDataParallel: --bsz stays the global
+batch, rank 0 alone writes the run directory and takes the early-stopping decision, which every rank follows,
+and evaluation is sharded across the ranks.
 """
-import contextlib
 import functools
 import itertools
 import json
@@ -37,46 +24,36 @@ import os
 import pprint
 import random
 import shutil
-import sys
 import time
 
-import numpy as np
 import torch
 from easydict import EasyDict
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from config.options import BaseOptions, OptionError
+from config.options import BaseOptions
 from method.amp import autocast_context, make_grad_scaler
 from method.checkpoint import build_model, load_checkpoint, load_encoder_pretrain, load_model_weights, save_checkpoint
 from method.dataset import StartEndDataset, prepare_batch_inputs, start_end_collate
 from method.evaluation import eval_epoch
 from method.optimization import apply_warmup, build_optimizer, clip_gradients, warmup_steps_for
-from utils import distributed
+from utils import distributed, random_streams, run_dir
 from utils.data_config import load_data_config
-from utils.errors import ConquerError, run_cli
+from utils.errors import ConquerError, OptionError, run_cli
 from utils.io_utils import load_json, remove_stale_temp_files
+from utils.tvr_format import IOU_THRESHOLDS
 
 logger = logging.getLogger("train")
 
-TIME_FORMAT = "%Y_%m_%d_%H_%M_%S"
 TRAIN_LOG_LINE = "{time_str} [Epoch] {epoch:03d} [Loss] {loss_str}\n"
 EVAL_LOG_LINE = "{time_str} [Epoch] {epoch:03d} [Metrics] {metrics_str}\n"
 LOSS_NAMES = ("moment_ce_loss", "video_ce_loss", "loss_overall")
-RUN_LOG_FILENAME = "run.log"
 
 # --debug: a small run that still trains and evaluates for real.
 DEBUG_N_EPOCH = 2
 DEBUG_BATCHES_PER_EPOCH = 3
 DEBUG_EVAL_QUERIES = 10
-
-# Independent random streams derived from (seed, epoch).
-SAMPLER_STREAM, NEGATIVES_STREAM, EVALUATION_STREAM, RESUMED_RANK_STREAM = 0, 1, 2, 3
-
-
-class TrainingError(ConquerError):
-    """Training cannot start or continue as asked; the message says why and what to do."""
 
 
 class AverageMeter:
@@ -95,121 +72,7 @@ class AverageMeter:
 
 
 # ----------------------------------------------------------------------------------------------------
-# randomness
-
-def set_seed(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-
-
-def stream_seed(seed, epoch, stream):
-    """A 32-bit seed for one random stream of one epoch, independent of everything that ran before."""
-    return int(np.random.SeedSequence([seed % 2 ** 32, epoch + 1, stream]).generate_state(1)[0])
-
-
-def seed_worker(worker_id, rank=0):
-    # The DataLoader gives each worker torch seed base_seed + worker_id, with base_seed drawn from the
-    # loader's generator (the same on every rank); python `random` (negative sampling) and numpy follow it,
-    # mixed with the rank.
-    worker_seed = distributed.rank_seed(torch.initial_seed() % 2 ** 32, rank)
-    random.seed(worker_seed)
-    np.random.seed(worker_seed)
-
-
-def capture_rng_state():
-    numpy_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        # Plain Python values, so the checkpoint loads without unpickling numpy objects.
-        "numpy": (numpy_state[0], numpy_state[1].tolist()) + tuple(numpy_state[2:]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def restore_rng_state(state):
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@contextlib.contextmanager
-def isolated_rng(seed):
-    """Run a block with python/numpy/torch RNGs seeded from `seed`, then put the previous states back,
-    so evaluation never shifts the random streams of training."""
-    saved = capture_rng_state()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        restore_rng_state(saved)
-
-
-# ----------------------------------------------------------------------------------------------------
-# logging
-
-class TqdmHandler(logging.Handler):
-    """Console logging that does not break the progress bars; records logged with
-    `extra={"file_only": True}` (e.g. the model printout) go to run.log only."""
-
-    def filter(self, record):
-        return not getattr(record, "file_only", False) and super().filter(record)
-
-    def emit(self, record):
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:
-            self.handleError(record)
-
-
-def setup_logging(run_dir):
-    """Log INFO to the console and to `<run_dir>/run.log` (appended); returns the handlers to remove.
-    Under torchrun only rank 0 does so; the other ranks show warnings and errors on the console."""
-    formatter = logging.Formatter("%(asctime)s.%(msecs)03d:%(levelname)s:%(name)s - %(message)s",
-                                  datefmt="%Y-%m-%d %H:%M:%S")
-    if not distributed.is_main_process():
-        handlers = [TqdmHandler(level=logging.WARNING)]
-    else:
-        handlers = [TqdmHandler(level=logging.INFO),
-                    logging.FileHandler(os.path.join(run_dir, RUN_LOG_FILENAME), mode="a")]
-    root = logging.getLogger()
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    return handlers
-
-
-def append_line(path, text):
-    with open(path, "a") as f:
-        f.write(text)
-
-
-def file_size(path):
-    return os.path.getsize(path) if os.path.exists(path) else 0
-
-
-# ----------------------------------------------------------------------------------------------------
 # setup
-
-class TrainOptions(BaseOptions):
-    """BaseOptions whose run directory is created by rank 0 alone under torchrun; the other ranks receive its
-    path (they must not create run directories of their own)."""
-
-    def _create_run_dir(self, opt):
-        def create():
-            BaseOptions._create_run_dir(self, opt)
-            return opt.results_dir
-
-        opt.results_dir = distributed.run_on_main(create)
-
 
 class NullWriter:
     """The SummaryWriter of the ranks other than 0, which write nothing."""
@@ -222,32 +85,6 @@ class NullWriter:
 
     def close(self):
         pass
-
-
-def check_training_options(opt):
-    distributed.per_rank_batch_size(opt.bsz)
-    if opt.device.type == "cpu" and opt.amp == "fp16":
-        raise OptionError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
-
-
-class FirstQueries(torch.utils.data.Dataset):
-    """The first `n` queries of an evaluation dataset (--debug), with the dataset's attributes."""
-
-    def __init__(self, dataset, n):
-        self.dataset = dataset
-        self.query_data = dataset.query_data[:n]
-
-    def __len__(self):
-        return len(self.query_data)
-
-    def __getitem__(self, index):
-        return self.dataset[index]
-
-    def __getattr__(self, name):
-        dataset = self.__dict__.get("dataset")
-        if dataset is None:
-            raise AttributeError(name)
-        return getattr(dataset, name)
 
 
 def build_datasets(opt):
@@ -268,14 +105,15 @@ def build_datasets(opt):
     eval_dataset = StartEndDataset(data_config, mode=opt.eval_split_name, is_eval=True,
                                    inference_top_k=opt.max_vcmr_video, **common)
     if opt.debug:
-        eval_dataset = FirstQueries(eval_dataset, DEBUG_EVAL_QUERIES)
+        eval_dataset = eval_dataset.subset(0, DEBUG_EVAL_QUERIES)
     return train_dataset, eval_loss_dataset, eval_dataset
 
 
 def make_loader(dataset, batch_size, opt, shuffle, drop_last, generator):
     """Batches of `batch_size`; under torchrun, this rank's slice of each such global batch (drop_last)."""
+    seed_worker = functools.partial(random_streams.seed_worker, rank=distributed.get_rank())
     common = dict(collate_fn=start_end_collate, num_workers=opt.num_workers, pin_memory=opt.device.type == "cuda",
-                  generator=generator, worker_init_fn=functools.partial(seed_worker, rank=distributed.get_rank()))
+                  generator=generator, worker_init_fn=seed_worker)
     if not distributed.is_distributed():
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, **common)
     assert drop_last, "a global batch is split evenly across the ranks only when incomplete batches are dropped"
@@ -309,7 +147,7 @@ class Trainer:
         self.train_loader = make_loader(train_dataset, opt.bsz, opt, shuffle=True, drop_last=True,
                                         generator=self.train_generator)
         if len(self.train_loader) == 0:
-            raise TrainingError(f"the training set has {len(train_dataset)} queries, fewer than --bsz {opt.bsz}: "
+            raise OptionError(f"the training set has {len(train_dataset)} queries, fewer than --bsz {opt.bsz}: "
                                 "no full batch to train on (batches are dropped when incomplete)")
         self.eval_loss_generator = torch.Generator()
         self.eval_loss_loader = None if eval_loss_dataset is None else make_loader(
@@ -335,7 +173,7 @@ class Trainer:
 
     def save_last_checkpoint(self, epoch):
         opt = self.opt
-        rank_rng_states = distributed.gather_object(capture_rng_state())
+        rank_rng_states = distributed.gather_object(random_streams.capture_rng_state())
         if not distributed.is_main_process():
             return
         # Under torchrun also every rank's RNG states, in rank order (rng_state is rank 0's).
@@ -345,8 +183,7 @@ class Trainer:
             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
             best_score=self.best_score, es_cnt=self.es_cnt, stopped_early=self.stopped_early,
             global_step=(epoch + 1) * self.batches_per_epoch, rng_state=rank_rng_states[0],
-            log_sizes={os.path.basename(path): file_size(path)
-                       for path in (opt.train_log_filepath, opt.eval_log_filepath)}, **extra)
+            log_sizes=run_dir.log_sizes(opt.results_dir), **extra)
 
     def restore(self, checkpoint):
         """Continue from a last.ckpt: weights, optimizer, RNG states, early-stopping state and logs."""
@@ -358,38 +195,18 @@ class Trainer:
         self.best_score = checkpoint["best_score"]
         self.es_cnt = checkpoint["es_cnt"]
         self.stopped_early = checkpoint["stopped_early"]
-        self.restore_rank_rng_state(checkpoint)
-        if not distributed.is_main_process():
-            return
-        # Lines appended after last.ckpt was written belong to the unfinished epoch, which runs again.
-        for name, size in checkpoint["log_sizes"].items():
-            path = os.path.join(self.opt.results_dir, name)
-            if file_size(path) > size:
-                with open(path, "r+b") as f:
-                    f.truncate(size)
-
-    def restore_rank_rng_state(self, checkpoint):
-        """This rank's RNG states: its own when last.ckpt was saved by as many ranks (a single process saves
-        only rng_state); otherwise rank 0 takes rng_state and the other ranks start streams derived from
-        (seed, epoch, rank)."""
-        rank_states = checkpoint.get("rank_rng_states") or [checkpoint["rng_state"]]
-        rank, world_size = distributed.get_rank(), distributed.get_world_size()
-        if len(rank_states) == world_size:
-            restore_rng_state(rank_states[rank])
-            return
-        logger.warning("last.ckpt holds the RNG states of %d process(es), this run has %d: ranks other than 0 "
-                       "start new random streams", len(rank_states), world_size)
-        if rank == 0:
-            restore_rng_state(checkpoint["rng_state"])
-        else:
-            set_seed(distributed.rank_seed(stream_seed(self.opt.seed, checkpoint["epoch"], RESUMED_RANK_STREAM)))
+        random_streams.restore_rank_rng_state(checkpoint.get("rank_rng_states") or [checkpoint["rng_state"]],
+                                              self.opt.seed, checkpoint["epoch"])
+        if distributed.is_main_process():
+            # Lines appended after last.ckpt was written belong to the unfinished epoch, which runs again.
+            run_dir.truncate_logs(self.opt.results_dir, checkpoint["log_sizes"])
 
     # --- training ----------------------------------------------------------------------------------
 
     def train_epoch(self, epoch):
         opt, model, optimizer = self.opt, self.train_model, self.optimizer
-        self.train_generator.manual_seed(stream_seed(opt.seed, epoch, SAMPLER_STREAM))
-        random.seed(distributed.rank_seed(stream_seed(opt.seed, epoch, NEGATIVES_STREAM)))
+        self.train_generator.manual_seed(random_streams.stream_seed(opt.seed, epoch, random_streams.SAMPLER_STREAM))
+        random.seed(distributed.rank_seed(random_streams.stream_seed(opt.seed, epoch, random_streams.NEGATIVES_STREAM)))
         model.train()
         meters = {name: AverageMeter() for name in LOSS_NAMES}
         batches = itertools.islice(self.train_loader, self.batches_per_epoch)
@@ -421,8 +238,8 @@ class Trainer:
 
         loss_str = " ".join(f"{name} {meter.avg:.4f}" for name, meter in meters.items())
         if distributed.is_main_process():
-            append_line(opt.train_log_filepath, TRAIN_LOG_LINE.format(
-                time_str=time.strftime(TIME_FORMAT), epoch=epoch, loss_str=loss_str))
+            run_dir.append_line(opt.train_log_filepath, TRAIN_LOG_LINE.format(
+                time_str=time.strftime(run_dir.TIME_FORMAT), epoch=epoch, loss_str=loss_str))
         logger.info("epoch %d: %s", epoch, loss_str)
 
     @torch.no_grad()
@@ -458,9 +275,9 @@ class Trainer:
         files and decides, and every rank receives the decision and the early-stopping state.
         """
         opt = self.opt
-        evaluation_seed = stream_seed(opt.seed, epoch, EVALUATION_STREAM)
+        evaluation_seed = random_streams.stream_seed(opt.seed, epoch, random_streams.EVALUATION_STREAM)
         self.eval_loss_generator.manual_seed(evaluation_seed)
-        with isolated_rng(distributed.rank_seed(evaluation_seed)):
+        with random_streams.isolated_rng(distributed.rank_seed(evaluation_seed)):
             self.eval_loss_pass(epoch)
             metrics_no_nms, metrics_nms, latest_file_paths = eval_epoch(
                 self.model, self.eval_dataset, opt, self.submission_filename,
@@ -474,8 +291,8 @@ class Trainer:
     def record_evaluation(self, epoch, metrics_no_nms, metrics_nms, latest_file_paths):
         """Log an evaluation, keep the best checkpoint, count towards early stopping (rank 0)."""
         opt = self.opt
-        append_line(opt.eval_log_filepath, EVAL_LOG_LINE.format(
-            time_str=time.strftime(TIME_FORMAT), epoch=epoch, metrics_str=json.dumps(metrics_no_nms)))
+        run_dir.append_line(opt.eval_log_filepath, EVAL_LOG_LINE.format(
+            time_str=time.strftime(run_dir.TIME_FORMAT), epoch=epoch, metrics_str=json.dumps(metrics_no_nms)))
         shown = {k: v for k, v in metrics_no_nms.items() if "by_type" not in k}
         logger.info("metrics_no_nms %s", pprint.pformat(shown, indent=4))
         logger.info("metrics_nms %s", pprint.pformat(metrics_nms, indent=4))
@@ -496,7 +313,7 @@ class Trainer:
             return False
         self.es_cnt += 1
         if opt.max_es_cnt != -1 and self.es_cnt > opt.max_es_cnt:
-            append_line(opt.train_log_filepath, f"Early Stop at epoch {epoch}")
+            run_dir.append_line(opt.train_log_filepath, f"Early Stop at epoch {epoch}")
             logger.info("Early stop at %d with %s %s", epoch, " ".join([opt.stop_task] + stop_metric_names),
                         self.best_score)
             return True
@@ -505,7 +322,7 @@ class Trainer:
     def log_metrics(self, metrics, global_step):
         for task in ("SVMR", "VCMR"):
             if task in metrics:
-                for iou in (0.5, 0.7):
+                for iou in IOU_THRESHOLDS:
                     self.writer.add_scalars(f"Eval/{task}-{iou}",
                                             {k: v for k, v in metrics[task].items() if str(iou) in k}, global_step)
         if "VR" in metrics:
@@ -547,7 +364,7 @@ class Trainer:
 def main(argv=None):
     distributed.init_from_env()  # under torchrun; a plain `python train.py` has no process group
     try:
-        opt = TrainOptions().parse(argv)
+        opt = BaseOptions().parse(argv)
         opt.device = distributed.local_device(opt.device)
         run_logged(opt)
     finally:
@@ -556,7 +373,7 @@ def main(argv=None):
 
 
 def run_logged(opt):
-    handlers = setup_logging(opt.results_dir)
+    handlers = run_dir.setup_logging(opt.results_dir)
     discard_run_dir = False
     try:
         train(opt)
@@ -574,9 +391,8 @@ def run_logged(opt):
 
 
 def train(opt):
-    check_training_options(opt)
     # Rank 0 seeds as a single process; DDP gives every rank rank 0's initial weights.
-    set_seed(distributed.rank_seed(opt.seed))
+    random_streams.set_seed(distributed.rank_seed(opt.seed))
     if distributed.is_distributed():
         logger.info("DistributedDataParallel: %d processes (backend %s), global batch %d (%d per process), "
                     "%s on rank 0", distributed.get_world_size(), distributed.get_backend(), opt.bsz,
@@ -588,7 +404,7 @@ def train(opt):
     checkpoint = None
     if opt.resume:
         if not os.path.isfile(opt.last_ckpt_filepath):
-            raise TrainingError(f"--resume {opt.resume}: no {os.path.basename(opt.last_ckpt_filepath)} there "
+            raise OptionError(f"--resume {opt.resume}: no {os.path.basename(opt.last_ckpt_filepath)} there "
                                 "(the run did not finish an epoch); start a new run instead")
         checkpoint = load_checkpoint(opt.last_ckpt_filepath, map_location="cpu")
         model_cfg = checkpoint["model_cfg"]

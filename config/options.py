@@ -1,25 +1,24 @@
-"""Every command-line option, in one place.
+"""Every command-line option, in one place, and every check of option values and their combinations.
 
 `BaseOptions` holds the original CONQUER options (same names, types, defaults and choices, including the
 misspelt `--use_interal_vr_scores`) followed by this implementation's extensions, each of which defaults
-to the original behaviour. `BaseOptions().parse()` is what `train.py` runs: it creates the run directory,
-snapshots the code into `code.zip` and writes `opt.json`. `TestOptions().parse()` is what `inference.py`
-runs: it restores the training options from a run directory's `opt.json`.
+to the original behaviour. `BaseOptions().parse()` is what `train.py` runs: it creates the run directory
+(utils/run_dir.py: code.zip, opt.json; under torchrun on rank 0 alone). `TestOptions().parse()` is what
+`inference.py` runs: it restores the training options from a run directory's `opt.json`.
 """
 import argparse
 import os
 import sys
-import time
 
 import torch
 from easydict import EasyDict
 
-from utils.io_utils import load_json, make_code_zip, save_json
-from utils.errors import ConquerError
-
-CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUPPORTED_CTX_MODES = ("visual_sub", "visual")
-TASKS = ("VCMR", "SVMR", "VR")
+from method.amp import check_amp
+from method.conquer import SIMILARITY_MEASURES
+from utils import distributed, run_dir
+from utils.errors import OptionError
+from utils.io_utils import load_json
+from utils.tvr_format import CTX_MODES, TASKS
 
 # Options that inference takes from its own command line rather than from the run's opt.json. The first
 # block is the original's list (it also names two options that never existed, kept for fidelity); the
@@ -33,18 +32,7 @@ NOT_RESTORED_AT_INFERENCE = (
 )
 
 
-class OptionError(ConquerError):
-    """An option value (or a combination of them) is invalid; the message names the flag."""
-
-
 class BaseOptions:
-    saved_option_filename = "opt.json"
-    ckpt_filename = "model.ckpt"
-    last_ckpt_filename = "last.ckpt"
-    tensorboard_log_dir = "tensorboard_log"
-    train_log_filename = "train.log.txt"
-    eval_log_filename = "eval.log.txt"
-
     def __init__(self):
         self.parser = argparse.ArgumentParser(description=self.__doc__)
         self.initialized = False
@@ -95,7 +83,7 @@ class BaseOptions:
         p.add_argument("--max_ctx_len", type=int, default=100, help="max number of clips per video (L)")
         p.add_argument("--max_desc_len", type=int, default=30, help="max number of query tokens (Lq)")
         p.add_argument("--clip_length", type=float, default=1.5, help="seconds per clip")
-        p.add_argument("--ctx_mode", type=str, default="visual_sub", choices=list(SUPPORTED_CTX_MODES),
+        p.add_argument("--ctx_mode", type=str, default="visual_sub", choices=list(CTX_MODES),
                        help="video modalities")
         p.add_argument("--dataset_config", type=str, help="data config JSON (config/tvr_data_config.json)")
 
@@ -123,7 +111,7 @@ class BaseOptions:
                        help="use the first-stage video scores (general measure); the original's spelling")
 
         # evaluation
-        p.add_argument("--similarity_measure", type=str, choices=["general", "exclusive", "disjoint"],
+        p.add_argument("--similarity_measure", type=str, choices=list(SIMILARITY_MEASURES),
                        default="general", help="how moment scores are ranked across videos")
         p.add_argument("--min_pred_l", type=int, default=0, help="valid moments have ed - st >= this (clips)")
         p.add_argument("--max_pred_l", type=int, default=24, help="valid moments have ed - st < this (clips)")
@@ -172,11 +160,7 @@ class BaseOptions:
         else:
             self._validate(opt)
             self._create_run_dir(opt)
-        opt.ckpt_filepath = os.path.join(opt.results_dir, self.ckpt_filename)
-        opt.last_ckpt_filepath = os.path.join(opt.results_dir, self.last_ckpt_filename)
-        opt.train_log_filepath = os.path.join(opt.results_dir, self.train_log_filename)
-        opt.eval_log_filepath = os.path.join(opt.results_dir, self.eval_log_filename)
-        opt.tensorboard_log_dir = os.path.join(opt.results_dir, self.tensorboard_log_dir)
+        run_dir.add_run_paths(opt)
         opt.num_workers = cap_num_workers(opt.num_workers)
         opt.device = resolve_device(opt.device, opt.device_ids)
         self.opt = opt
@@ -202,22 +186,17 @@ class BaseOptions:
         return args
 
     def _create_run_dir(self, opt):
+        """Rank 0 creates the run directory; under torchrun the other ranks receive its path."""
         if opt.exp_id is None:
             raise OptionError("--exp_id is required for training")
-        stem = os.path.join(opt.results_root, "-".join([opt.dset_name, opt.exp_id,
-                                                        time.strftime("%Y_%m_%d_%H_%M_%S")]))
-        opt.results_dir = make_unique_dir(stem)
-        make_code_zip(CODE_ROOT, os.path.join(opt.results_dir, "code.zip"), enclosing_dir="code",
-                      exclude_dirs=("condor", "data", "results", "debug_results", "__pycache__"),
-                      exclude_dirs_substring="results", exclude_extensions=(".pyc", ".ipynb", ".swap"))
-        save_json(dict(opt), os.path.join(opt.results_dir, self.saved_option_filename), save_pretty=True)
+        opt.results_dir = distributed.run_on_main(lambda: run_dir.create_run_dir(opt))
 
     def _restore_resumed_options(self, opt, argv):
         """`--resume RUN_DIR`: the run's saved options, with the flags given on this command line on top
         (e.g. a larger --n_epoch). opt.json itself is left as the run started."""
-        opt_path = os.path.join(opt.resume, self.saved_option_filename)
+        opt_path = os.path.join(opt.resume, run_dir.OPT_FILENAME)
         if not os.path.isfile(opt_path):
-            raise OptionError(f"--resume {opt.resume}: not a run directory (no {self.saved_option_filename})")
+            raise OptionError(f"--resume {opt.resume}: not a run directory (no {run_dir.OPT_FILENAME})")
         given = {token[2:].split("=")[0] for token in argv if token.startswith("--")}
         for key, value in load_json(opt_path).items():
             if key in opt and key not in given and key != "resume":
@@ -252,7 +231,10 @@ class BaseOptions:
             raise OptionError(f"--neg_video_num must be >= 0, got {opt.neg_video_num}")
         if not 0 <= opt.lr_warmup_proportion < 1:
             raise OptionError(f"--lr_warmup_proportion must be in [0, 1), got {opt.lr_warmup_proportion}")
-        resolve_device(opt.device, opt.device_ids)  # no GPU: fail before a run directory is created
+        if "tasks" not in opt:
+            distributed.per_rank_batch_size(opt.bsz)
+        # No GPU, or a precision the device cannot run: fail before a run directory is created.
+        check_amp(opt.amp, resolve_device(opt.device, opt.device_ids))
 
 
 class TestOptions(BaseOptions):
@@ -275,8 +257,8 @@ class TestOptions(BaseOptions):
                                  help="where predictions and metrics go (default: next to the checkpoint read)")
 
     def _restore_saved_options(self, opt):
-        opt.model_dir = locate_model_dir(opt.model_dir, self.saved_option_filename)
-        saved = load_json(os.path.join(opt.model_dir, self.saved_option_filename))
+        opt.model_dir = run_dir.locate_model_dir(opt.model_dir)
+        saved = load_json(os.path.join(opt.model_dir, run_dir.OPT_FILENAME))
         for key, value in saved.items():
             if key not in NOT_RESTORED_AT_INFERENCE:
                 opt[key] = value
@@ -284,8 +266,7 @@ class TestOptions(BaseOptions):
         defaults = vars(self.parser.parse_args(["--model_dir", opt.model_dir]))
         for key, value in defaults.items():
             opt.setdefault(key, value)
-        opt.results_dir = choose_checkpoint_dir(opt.get("results_dir"), opt.model_dir, self.ckpt_filename,
-                                                opt.force_model_dir)
+        opt.results_dir = run_dir.choose_checkpoint_dir(opt.get("results_dir"), opt.model_dir, opt.force_model_dir)
         opt.output_dir = opt.output_dir or opt.results_dir
 
 
@@ -309,44 +290,6 @@ def _coerce_config_value(action, value, config_path):
             raise OptionError(f"{config_path}: option {action.dest!r} is a flag, expects true/false, got {value!r}")
         return value
     return convert(value)
-
-
-def make_unique_dir(stem):
-    """Create `stem`, or `stem_1`, `stem_2`, ... if taken, so two runs started in the same second never share a
-    run directory (creation is atomic, so this also holds across processes)."""
-    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-    candidate, suffix = stem, 0
-    while True:
-        try:
-            os.mkdir(candidate)
-            return candidate
-        except FileExistsError:
-            suffix += 1
-            candidate = f"{stem}_{suffix}"
-
-
-def locate_model_dir(model_dir, opt_filename="opt.json"):
-    """`--model_dir` is a path to a run directory, or (as in the original) a name under results/."""
-    candidates = [model_dir, os.path.join("results", model_dir)]
-    for candidate in candidates:
-        if os.path.isfile(os.path.join(candidate, opt_filename)):
-            return candidate
-    raise OptionError(f"--model_dir {model_dir}: no {opt_filename} in " + " or ".join(map(repr, candidates)))
-
-
-def choose_checkpoint_dir(saved_results_dir, model_dir, ckpt_filename, force_model_dir=False):
-    """Where inference reads model.ckpt (and, by default, writes its outputs).
-
-    The original always used the results_dir saved in opt.json, so a downloaded or moved run directory only
-    worked from one exact place. We use it when it holds the checkpoint, else the run directory itself.
-    """
-    if not force_model_dir and saved_results_dir and os.path.isfile(os.path.join(saved_results_dir, ckpt_filename)):
-        return saved_results_dir
-    if os.path.isfile(os.path.join(model_dir, ckpt_filename)):
-        return model_dir
-    raise OptionError(f"--model_dir {model_dir}: no {ckpt_filename} found in {model_dir!r}"
-                      + ("" if force_model_dir or not saved_results_dir else
-                         f" nor in the results_dir saved in opt.json ({saved_results_dir!r})"))
 
 
 def cap_num_workers(num_workers):

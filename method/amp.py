@@ -12,14 +12,10 @@ import contextlib
 
 import torch
 
-from utils.errors import ConquerError
+from utils.errors import OptionError
 
 AMP_MODES = ("off", "bf16", "fp16")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class AmpError(ConquerError):
-    """--amp is unknown or not supported on the chosen device; the message names the flag."""
 
 
 def _device_type(device):
@@ -27,20 +23,20 @@ def _device_type(device):
 
 
 def check_amp(amp, device):
-    """Raise AmpError unless precision `amp` can run on `device` (torch.device or str)."""
+    """Raise OptionError unless precision `amp` can run on `device` (torch.device or str)."""
     if amp not in AMP_MODES:
-        raise AmpError(f"--amp {amp!r} is unknown; expected one of {list(AMP_MODES)}")
+        raise OptionError(f"--amp {amp!r} is unknown; expected one of {list(AMP_MODES)}")
     device_type = _device_type(device)
     if amp == "fp16" and device_type != "cuda":
-        raise AmpError(f"--amp fp16 needs a CUDA device but the device is {device_type!r}; "
+        raise OptionError(f"--amp fp16 needs a CUDA device but the device is {device_type!r}; "
                        "use --amp bf16 on the CPU (or --amp off)")
     if amp != "off" and device_type not in ("cpu", "cuda"):
-        raise AmpError(f"--amp {amp} is supported on cpu and cuda only, not on {device_type!r}; use --amp off")
+        raise OptionError(f"--amp {amp} is supported on cpu and cuda only, not on {device_type!r}; use --amp off")
 
 
 def autocast_context(amp, device):
-    """Context manager for the forward pass: torch.autocast for bf16/fp16, a no-op for off."""
-    check_amp(amp, device)
+    """Context manager for the forward pass: torch.autocast for bf16/fp16, a no-op for off (`check_amp` has
+    accepted `amp` on `device`)."""
     if amp == "off":
         return contextlib.nullcontext()
     return torch.autocast(device_type=_device_type(device), dtype=AMP_DTYPES[amp])
@@ -49,5 +45,4 @@ def autocast_context(amp, device):
 def make_grad_scaler(amp, device):
     """GradScaler for the backward pass: enabled for fp16 only (bf16 and off need no loss scaling, and a
     disabled scaler passes scale/step/update straight through)."""
-    check_amp(amp, device)
     return torch.amp.GradScaler(_device_type(device), enabled=amp == "fp16")

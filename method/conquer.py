@@ -20,11 +20,11 @@ from method.heads import MomentLocalizationHead, VideoScoringHead
 from method.layers import ModelConfigError
 from method.qal import BiDirectionalAttention, FCPlusTransformer
 from method.qdf import QueryWeightEncoder, query_dependent_fusion
+from utils.tvr_format import CTX_MODES
 
 logger = logging.getLogger(__name__)
 
-SIMILARITY_MEASURES = ("general", "disjoint", "exclusive")
-CTX_MODES = ("visual_sub", "visual")
+SIMILARITY_MEASURES = ("general", "exclusive", "disjoint")
 INPUT_KEYS = ("feat", "feat_mask", "feat_pos_id", "feat_token_id")
 
 

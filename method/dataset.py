@@ -1,133 +1,49 @@
-"""StartEndDataset: one item per query = the query, its GT video and candidate videos (SPEC §3).
+"""StartEndDataset: one item per query = the query, its GT video and candidate videos.
 
 Training items (`is_eval=False`) hold the GT video followed by `neg_video_num` negatives drawn from the
 first-stage ranklist (shared normalization) and the GT (start, end) clip indices. Evaluation items
 (`is_eval=True`) hold the GT video (a dummy on test_public) followed by the first `inference_top_k`
-ranklist videos and their first-stage scores.
+ranklist videos and their first-stage scores; those candidates are read once per evaluation
+(`eval_candidates`) and serve both the items and the video-encoding cache of method/evaluation.py.
 
 Annotations are validated when the dataset is built (cheap checks only); features and ranklists are read
 lazily per item, through stores that each process opens for itself (see utils/feature_stores.py), so
 DataLoader workers need no special setup.
 """
+import copy
+import functools
 import logging
-import math
-import numbers
 import random
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
+from tqdm import tqdm
 
-from utils.errors import ConquerError
 from utils.feature_stores import (FeatureStoreError, QueryFeatureStore, RanklistStore, SubtitleFeatureStore,
                                   VideoFeatureStore)
 from utils.io_utils import load_json, load_jsonl
+from utils.tvr_format import (DUMMY_TEST_PUBLIC_VIDEO, FIRST_STAGE_TOP, SPLIT_FILE_KEYS, SPLITS, DatasetError,
+                              annotation_problems, is_number, st_ed_label)
 
 logger = logging.getLogger(__name__)
 
-MODES = ("train", "val", "test_public")
-CTX_MODES = ("visual_sub", "visual")  # anything else is rejected up front [Q28]
-QUERY_TYPES = ("v", "t", "vt")
 VISUAL_TOKEN_ID = 0
 TEXT_TOKEN_ID = 1
-# The training file keeps only queries whose GT is in the first-stage top-100 ("select100").
-FIRST_STAGE_TOP = 100
-# test_public has no GT; the original puts this test_challenge video in slot 0 of every item [Q6].
-DUMMY_TEST_PUBLIC_VIDEO = "castle_s01e01_seg02_clip_20"
 _MAX_REPORTED_PROBLEMS = 5
 
 
-class DatasetError(ConquerError):
-    """Bad annotations, ranklists or arguments; the message names the file, key and desc_id."""
-
-
-def _is_number(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _moment_problem(ts, duration):
-    if not (isinstance(ts, (list, tuple)) and len(ts) == 2 and all(_is_number(t) for t in ts)):
-        return f"expected [start, end] seconds, found {ts!r}"
-    if not 0 <= ts[0] <= ts[1]:
-        return f"expected 0 <= start <= end, found {ts!r}"
-    if ts[1] > duration:
-        return f"moment {ts!r} ends after the video (duration {duration})"
-    return None
-
-
-def annotation_problems(rows, path, mode, video2idx, dset_name="tvr", single_moment=True):
-    """Cheap validity checks of annotation rows -> list of messages (empty when clean).
-
-    Every message names `path`, the row and desc_id. `single_moment` requires `ts` to be one
-    [start, end] pair (training labels); otherwise a list of pairs (DiDeMo style) is also accepted.
-    """
-    has_gt = mode != "test_public"
-    required = ("desc", "desc_id") + (("vid_name", "duration", "ts") if has_gt else ())
-    if has_gt and dset_name == "tvr":
-        required += ("type",)
-    problems = []
-    seen = {}
-    for i, row in enumerate(rows):
-        where = f"{path}: row {i} (desc_id {row.get('desc_id') if isinstance(row, dict) else None})"
-        if not isinstance(row, dict):
-            problems.append(f"{where}: expected a JSON object, found {type(row).__name__}")
-            continue
-        missing = [key for key in required if key not in row]
-        if missing:
-            problems.append(f"{where}: missing field(s) {missing} (a {mode} annotation needs {list(required)})")
-            continue
-        desc_id = row["desc_id"]
-        if not isinstance(desc_id, int) or isinstance(desc_id, bool):
-            problems.append(f"{where}: desc_id must be an int, found {desc_id!r}")
-        elif desc_id in seen:
-            problems.append(f"{where}: duplicated desc_id {desc_id} (first at row {seen[desc_id]})")
-        else:
-            seen[desc_id] = i
-        if "type" in row and row["type"] not in QUERY_TYPES:
-            problems.append(f"{where}: unknown type {row['type']!r}, expected one of {QUERY_TYPES}")
-        if not has_gt:
-            continue
-        if row["vid_name"] not in video2idx:
-            problems.append(f"{where}: vid_name {row['vid_name']!r} is not a video of split {mode!r}")
-        duration = row["duration"]
-        if not (_is_number(duration) and duration > 0):
-            problems.append(f"{where}: duration must be a positive number, found {duration!r}")
-            continue
-        ts = row["ts"]
-        multi = (not single_moment and isinstance(ts, list) and len(ts) > 0
-                 and all(isinstance(pair, (list, tuple)) for pair in ts))
-        for pair in (ts if multi else [ts]):
-            problem = _moment_problem(pair, duration)
-            if problem:
-                problems.append(f"{where}: ts {problem}")
-    return problems
-
-
-def st_ed_label(ts, n_clips, clip_length):
-    """GT [t0, t1] seconds -> inclusive clip indices (st, ed) on a video of n_clips (SPEC §3.2 step 5).
-
-    st = min(floor(t0/cl), n-1), ed = min(ceil(t1/cl) - 1, n-1), in double precision.
-    E.g. ts = [3.2, 7.6], cl = 1.5 -> (2, 5). Raises DatasetError unless 0 <= st <= ed <= n-1.
-    """
-    max_idx = n_clips - 1
-    st = min(math.floor(float(ts[0]) / clip_length), max_idx)
-    ed = min(math.ceil(float(ts[1]) / clip_length) - 1, max_idx)
-    if not 0 <= st <= ed <= max_idx:
-        raise DatasetError(f"ts {list(ts)} with clip_length {clip_length} on {n_clips} clips gives "
-                           f"(st, ed) = ({st}, {ed}); expected 0 <= st <= ed <= {max_idx}")
-    return st, ed
-
-
 class StartEndDataset(Dataset):
-    """Items {"meta": {...}, "model_inputs": {...}} of SPEC §3.1 for one split (`mode`)."""
+    """The items of one split (`mode`): {"meta": {desc_id, desc, vid_name, ts, sample_vid_name_list},
+    "model_inputs": {"query": {feat (Lq, Dq), feat_mask, feat_pos_id, feat_token_id}, "visual" and (visual_sub)
+    "sub": {feat (N, L, D), feat_mask, feat_pos_id, feat_token_id}, then "st_ed_indices" (2,) in training or
+    "inference_vr_scores" (k,) at evaluation}}, N = 1 + neg_video_num (training) or 1 + inference_top_k."""
 
     def __init__(self, config, max_ctx_len=100, max_desc_len=30, clip_length=1.5, ctx_mode="visual_sub",
                  is_eval=False, mode="train", neg_video_num=3, data_ratio=1, use_extend_pool=500,
                  inference_top_k=10):
-        if mode not in MODES:
-            raise DatasetError(f"mode must be one of {MODES}, found {mode!r}")
-        if ctx_mode not in CTX_MODES:
-            raise DatasetError(f"ctx_mode must be one of {CTX_MODES}, found {ctx_mode!r}")
+        if mode not in SPLITS:
+            raise DatasetError(f"mode must be one of {SPLITS}, found {mode!r}")
         if mode == "test_public" and not is_eval:
             raise DatasetError("mode 'test_public' has no ground truth: it can only be built with is_eval=True")
         for name, value in (("max_ctx_len", max_ctx_len), ("max_desc_len", max_desc_len),
@@ -136,7 +52,7 @@ class StartEndDataset(Dataset):
                 raise DatasetError(f"{name} must be a positive int, found {value!r}")
         if not (isinstance(neg_video_num, int) and neg_video_num >= 0):
             raise DatasetError(f"neg_video_num must be an int >= 0, found {neg_video_num!r}")
-        if not (_is_number(clip_length) and clip_length > 0):
+        if not (is_number(clip_length) and clip_length > 0):
             raise DatasetError(f"clip_length must be a positive number, found {clip_length!r}")
 
         self.dset_name = config.dset_name
@@ -153,11 +69,7 @@ class StartEndDataset(Dataset):
         self.use_extend_pool = use_extend_pool
         self.inference_top_k = inference_top_k
 
-        self.data_path, ranklist_path = {
-            "train": (config.train_data_path, config.train_first_VR_ranklist_path),
-            "val": (config.eval_data_path, config.eval_first_VR_ranklist_path_hero),
-            "test_public": (config.test_data_path, config.test_public_first_VR_ranklist_path_hero),
-        }[mode]
+        self.data_path, ranklist_path = (config[key] for key in SPLIT_FILE_KEYS[mode])
         self.query_data = load_jsonl(self.data_path)
         if data_ratio != 1:
             n_examples = int(len(self.query_data) * data_ratio)
@@ -192,7 +104,7 @@ class StartEndDataset(Dataset):
         if not self.query_data:
             return
         row = self.query_data[0]
-        video_name = self._gt_name(row) if self.has_gt else self.eval_video_names(0)[1]
+        video_name = self._gt_name(row) if self.has_gt else self.eval_candidates[0][0][1]
         checks = [(self.query_store, row["desc_id"], query_dim, "--query_dim"),
                   (self.video_store, video_name, visual_dim, "--visual_dim")]
         if self.use_sub:
@@ -210,7 +122,7 @@ class StartEndDataset(Dataset):
 
     def __getitem__(self, index):
         try:
-            return self._build_item(self.query_data[index])
+            return self._build_item(index)
         except (FeatureStoreError, DatasetError) as e:
             raise DatasetError(f"{self._item_context(index)}: {e}") from None
 
@@ -220,15 +132,15 @@ class StartEndDataset(Dataset):
     def _gt_name(self, row):
         return row["vid_name"] if self.has_gt else DUMMY_TEST_PUBLIC_VIDEO
 
-    def _build_item(self, row):
+    def _build_item(self, index):
+        row = self.query_data[index]
         desc_id = row["desc_id"]
         gt_name = self._gt_name(row)
         meta = dict(desc_id=desc_id, desc=row["desc"], vid_name=gt_name, ts=row.get("ts"))
         model_inputs = dict(query=self._query_inputs(desc_id))
 
         if self.is_eval:
-            candidate_names, model_inputs["inference_vr_scores"] = self._eval_candidates(desc_id)
-            video_names = [gt_name] + candidate_names
+            video_names, model_inputs["inference_vr_scores"] = self.eval_candidates[index]
         else:
             ranked_names = self._names(self.ranklist_store.get(desc_id), desc_id)
             video_names = [gt_name] + self._sample_negatives(ranked_names, gt_name, desc_id)
@@ -244,15 +156,35 @@ class StartEndDataset(Dataset):
             model_inputs["st_ed_indices"] = torch.tensor([st, ed], dtype=torch.int64)
         return dict(meta=meta, model_inputs=model_inputs)
 
-    def _eval_candidates(self, desc_id):
-        """-> (names of the first inference_top_k ranklist videos, their first-stage scores float32 (k,))."""
+    def subset(self, start, stop):
+        """This dataset restricted to its queries [start, stop) (a rank's share, --debug's first queries); the
+        stores and every other attribute are shared."""
+        view = copy.copy(self)
+        view.query_data = self.query_data[start:stop]
+        view.__dict__.pop("eval_candidates", None)
+        return view
+
+    @functools.cached_property
+    def eval_candidates(self):
+        """Per query of an evaluation dataset: (names of its 1 + inference_top_k videos, GT first; their
+        first-stage scores, float32 (inference_top_k,)). Read from the ranklist once, on first use."""
+        candidates = []
+        for index, row in enumerate(tqdm(self.query_data, desc="Reading ranklists", leave=False)):
+            try:
+                candidates.append(self._read_candidates(row))
+            except (FeatureStoreError, DatasetError) as e:
+                raise DatasetError(f"{self._item_context(index)}: {e}") from None
+        return candidates
+
+    def _read_candidates(self, row):
+        desc_id = row["desc_id"]
         ranklist = self.ranklist_store.get(desc_id)
         if len(ranklist) < self.inference_top_k:
             raise DatasetError(f"ranklist {self.ranklist_store.path}: key {str(desc_id)!r} holds {len(ranklist)} "
                                f"videos, expected at least inference_top_k={self.inference_top_k}")
-        candidates = ranklist[:self.inference_top_k]
-        scores = torch.tensor([score for _, score in candidates], dtype=torch.float32)
-        return self._names(candidates, desc_id), scores
+        top = ranklist[:self.inference_top_k]
+        scores = torch.tensor([score for _, score in top], dtype=torch.float32)
+        return [self._gt_name(row)] + self._names(top, desc_id), scores
 
     def _names(self, ranklist, desc_id):
         try:
@@ -263,7 +195,7 @@ class StartEndDataset(Dataset):
                                f"{self.video_duration_idx_path}") from None
 
     def _sample_negatives(self, ranked_names, gt_name, desc_id):
-        """neg_video_num names drawn without replacement from the ranklist head, GT excluded (SPEC §3.2)."""
+        """neg_video_num names drawn without replacement from the ranklist head, GT excluded."""
         location = next((i for i, name in enumerate(ranked_names) if name == gt_name), FIRST_STAGE_TOP)
         if self.mode == "train" and not location < FIRST_STAGE_TOP:
             raise DatasetError(f"ranklist {self.ranklist_store.path}: GT video {gt_name!r} of desc_id {desc_id} "
@@ -332,28 +264,19 @@ class StartEndDataset(Dataset):
 
     # Evaluation with a video-encoding cache (method/evaluation.py) reads queries and videos separately.
 
-    def eval_video_names(self, index):
-        """Names of the 1 + inference_top_k videos of evaluation item `index`, in item order (reads no features)."""
-        row = self.query_data[index]
-        try:
-            names, _ = self._eval_candidates(row["desc_id"])
-        except (FeatureStoreError, DatasetError) as e:
-            raise DatasetError(f"{self._item_context(index)}: {e}") from None
-        return [self._gt_name(row)] + names
-
     def get_query_item(self, index):
         """Evaluation item `index` without video features:
         {"meta", "model_inputs": {"query", "inference_vr_scores"}}."""
         if not self.is_eval:
             raise DatasetError("get_query_item is for evaluation datasets (is_eval=True)")
         row = self.query_data[index]
+        video_names, scores = self.eval_candidates[index]
         try:
-            names, scores = self._eval_candidates(row["desc_id"])
             query = self._query_inputs(row["desc_id"])
         except (FeatureStoreError, DatasetError) as e:
             raise DatasetError(f"{self._item_context(index)}: {e}") from None
-        meta = dict(desc_id=row["desc_id"], desc=row["desc"], vid_name=self._gt_name(row), ts=row.get("ts"),
-                    sample_vid_name_list=names)
+        meta = dict(desc_id=row["desc_id"], desc=row["desc"], vid_name=video_names[0], ts=row.get("ts"),
+                    sample_vid_name_list=video_names[1:])
         return dict(meta=meta, model_inputs=dict(query=query, inference_vr_scores=scores))
 
     def get_video_inputs(self, vid_name):
@@ -370,7 +293,7 @@ class StartEndDataset(Dataset):
 
 
 def start_end_collate(batch):
-    """List of items -> (meta list, model_inputs with a leading batch dim on every tensor, SPEC §3.4)."""
+    """List of items -> (meta list, model_inputs with a leading batch dim on every tensor)."""
     return [item["meta"] for item in batch], default_collate([item["model_inputs"] for item in batch])
 
 

@@ -1,65 +1,51 @@
-"""Evaluation: model predictions -> submission files and metrics (SPEC §9, §10).
+"""Evaluation: model predictions -> submission files and metrics.
 
 `eval_epoch` runs the model over an evaluation `StartEndDataset` (is_eval=True), ranks SVMR / VR / VCMR
-predictions with utils/scoring.py, writes the top-100 submission (and its metrics on val), then optionally
-the temporal-NMS submission (and its metrics).
+predictions with method/scoring.py (`rank_batch` per batch, `prediction_results` once at the end), writes
+the top-100 submission (and its metrics on val, by utils/standalone_eval.py), then optionally the temporal-NMS
+submission (utils/temporal_nms.py) and its metrics.
 
 Video-encoding cache (`opt.video_cache`, default on): the video encoder does not see the query, and every
 query re-ranks its own k candidates plus its GT video, so the same video is encoded many times per
 evaluation (about 55k encodings for 2.2k distinct val videos). With the cache, every distinct video is
 encoded once up front and each query batch only runs the query encoder and the query-dependent layers on
-gathered rows. The cache lives on the model's device when it fits, else in (pinned) host memory.
+gathered rows. The cache lives on the model's device when it fits, else in (pinned) host memory. Its videos
+and the query items come from the same `dataset.eval_candidates`, read once.
 
-Dataset methods used by the cache (besides the item interface): `eval_video_names(index)`,
-`get_query_item(index)`, `get_video_inputs(vid_name)`. Model methods: `encode_query`, `encode_videos`,
-`score_encoded` (cache on) or `get_pred_from_raw_query` (cache off).
+Model methods used: `encode_query`, `encode_videos`, `score_encoded` (cache on) or `get_pred_from_raw_query`
+(cache off).
 """
 import logging
 import os
 import time
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from method.amp import autocast_context
 from method.dataset import prepare_batch_inputs, start_end_collate
+from method.scoring import prediction_results, rank_batch
 from utils import distributed
-from utils.errors import ConquerError
-from utils.io_utils import save_json
-from utils.scoring import (concatenate_ranked, gc_paused, moment_rows, score_batch, score_batch_band,
-                           video_rows)
+from utils.errors import OptionError
+from utils.io_utils import gc_paused, save_json
 from utils.standalone_eval import eval_retrieval
 from utils.temporal_nms import apply_nms
+from utils.tvr_format import IOU_THRESHOLDS, MAX_PREDICTIONS_PER_QUERY, TASKS
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("VCMR", "SVMR", "VR")
-IOU_THDS = (0.5, 0.7)
 # Share of the free accelerator memory the video cache may take; the rest is left to the query batches.
 CACHE_DEVICE_MEMORY_FRACTION = 0.5
 
 
-class ConfigError(ConquerError):
-    """The evaluation options cannot work together; the message names the options."""
-
-
-def resolve_tasks(opt, tasks, has_gt):
-    """Check `tasks` against the options and the split; returns the tasks to run (a tuple)."""
+def resolve_tasks(tasks, split, has_gt):
+    """The tasks to run on `split` (a tuple): SVMR needs the GT video, which test_public lacks."""
     tasks = tuple(tasks)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ConfigError(f"unknown evaluation task(s) {unknown}; expected a subset of {list(TASKS)}")
-    if not tasks:
-        raise ConfigError(f"no evaluation task given; expected a subset of {list(TASKS)}")
-    if (opt.similarity_measure == "general" and not opt.use_interal_vr_scores
-            and ("VR" in tasks or "VCMR" in tasks)):  # [Q4]
-        raise ConfigError("--similarity_measure general has no video-scoring head, so VR/VCMR need the first-stage "
-                          "scores: add --use_interal_vr_scores, use --similarity_measure exclusive or disjoint, "
-                          "or evaluate SVMR only (--tasks SVMR)")
-    if "SVMR" in tasks and not has_gt:  # [Q6]
-        logger.info("Skipping SVMR: split %r has no ground-truth videos", opt.eval_split_name)
+    if not tasks or set(tasks) - set(TASKS):
+        raise OptionError(f"evaluation tasks {list(tasks)}: expected a non-empty subset of {list(TASKS)}")
+    if "SVMR" in tasks and not has_gt:
+        logger.info("Skipping SVMR: split %r has no ground-truth videos", split)
         tasks = tuple(t for t in tasks if t != "SVMR")
     return tasks
 
@@ -75,6 +61,8 @@ def _loader(dataset, opt, device, batch_size, collate_fn):
 
 
 class _QueryItems(Dataset):
+    """The query side of an evaluation dataset's items (`get_query_item`)."""
+
     def __init__(self, dataset):
         self.dataset = dataset
 
@@ -86,6 +74,8 @@ class _QueryItems(Dataset):
 
 
 class _VideoItems(Dataset):
+    """One evaluation video's inputs per item (`get_video_inputs`)."""
+
     def __init__(self, dataset, video_names):
         self.dataset = dataset
         self.video_names = video_names
@@ -98,7 +88,7 @@ class _VideoItems(Dataset):
 
 
 class VideoEncodingCache:
-    """Encoder outputs of every distinct video of an evaluation, each computed once [Q38].
+    """Encoder outputs of every distinct video of an evaluation, each computed once.
 
     Attributes:
         video_names: list of V distinct names (order of first appearance over the queries).
@@ -123,8 +113,8 @@ class VideoEncodingCache:
 
     @classmethod
     def build(cls, model, dataset, opt, device, batch_size):
-        """Encode every video named by `dataset.eval_video_names` (model already in eval mode, no grad)."""
-        query_names = [dataset.eval_video_names(i) for i in range(len(dataset))]
+        """Encode every video of `dataset.eval_candidates` (model already in eval mode, no grad)."""
+        query_names = [names for names, _ in dataset.eval_candidates]
         row_of = {}
         for names in query_names:
             for name in names:
@@ -211,10 +201,6 @@ def _cached_forward_batches(model, dataset, opt, device):
     for metas, model_inputs in tqdm(loader, desc="Scoring queries", total=len(loader),
                                     disable=not distributed.is_main_process()):
         rows = cache.query_video_rows[offset:offset + len(metas)]
-        for meta, item_rows in zip(metas, rows.tolist()):
-            if meta["sample_vid_name_list"] != [cache.video_names[r] for r in item_rows[1:]]:
-                raise RuntimeError(f"desc_id {meta['desc_id']}: the query items and the video cache disagree on "
-                                   "the candidate videos")
         offset += len(metas)
         model_inputs = prepare_batch_inputs(model_inputs, device, non_blocking=True)
         query_inputs = model_inputs["query"]
@@ -250,47 +236,13 @@ def compute_predictions(model, eval_dataset, opt, tasks, n_ranked=None):
     with torch.no_grad(), autocast_context(opt.get("amp", "off"), device):
         for metas, first_stage_scores, (video_scores, begin_logits, end_logits) in batches(
                 model, eval_dataset, opt, device):
-            # On CPU only the valid (st, ed) pairs are scored; on accelerators full scores sort faster.
-            rank = score_batch_band if begin_logits.device.type == "cpu" else score_batch
-            ranked_batches.append(rank(opt.similarity_measure, begin_logits, end_logits, tasks=tasks,
-                                       max_before_nms=n_ranked, min_pred_l=opt.min_pred_l,
-                                       max_pred_l=opt.max_pred_l, video_scores=video_scores,
-                                       first_stage_scores=first_stage_scores,
-                                       use_internal_vr_scores=opt.use_interal_vr_scores))
+            ranked_batches.append(rank_batch(opt.similarity_measure, begin_logits, end_logits, tasks=tasks,
+                                             max_before_nms=n_ranked, min_pred_l=opt.min_pred_l,
+                                             max_pred_l=opt.max_pred_l, video_scores=video_scores,
+                                             first_stage_scores=first_stage_scores,
+                                             use_internal_vr_scores=opt.use_interal_vr_scores))
             all_metas += metas
-    return query_results(concatenate_ranked(ranked_batches), all_metas, eval_dataset.video2idx, opt.clip_length)
-
-
-def query_results(ranked, metas, video2idx, clip_length):
-    """`score_batch` output of all queries -> {task: [{"desc_id", "desc", "predictions"}, ...]} for the
-    non-empty tasks in TASKS order, then "video2idx". The rows of all queries are built in one conversion."""
-    with gc_paused():  # millions of new acyclic lists: collections would find nothing to free
-        rows = _prediction_rows(ranked, metas, video2idx, clip_length)
-        results = {task: [dict(desc_id=meta["desc_id"], desc=meta["desc"], predictions=query_rows)
-                          for meta, query_rows in zip(metas, rows[task])]
-                   for task in TASKS if rows.get(task)}
-    results["video2idx"] = video2idx
-    return results
-
-
-def _prediction_rows(ranked, metas, video2idx, clip_length):
-    """`score_batch` output -> {task: B lists of submission rows}."""
-    rows = {}
-    if "SVMR" in ranked:
-        r = ranked["SVMR"]
-        gt_video = np.array([[video2idx[meta["vid_name"]]] for meta in metas], dtype=np.int64)
-        rows["SVMR"] = moment_rows(np.broadcast_to(gt_video, r["st"].shape), r["st"], r["ed"], r["score"],
-                                   clip_length, seconds_dtype=np.float64)
-    candidate_video = np.array([[video2idx[name] for name in meta["sample_vid_name_list"]] for meta in metas],
-                               dtype=np.int64).reshape(len(metas), -1)
-    if "VR" in ranked:
-        r = ranked["VR"]
-        rows["VR"] = video_rows(np.take_along_axis(candidate_video, r["candidate"], axis=1), r["score"])
-    if "VCMR" in ranked:
-        r = ranked["VCMR"]
-        rows["VCMR"] = moment_rows(np.take_along_axis(candidate_video, r["candidate"], axis=1), r["st"], r["ed"],
-                                   r["score"], clip_length, seconds_dtype=np.float32)
-    return rows
+    return prediction_results(ranked_batches, all_metas, eval_dataset.video2idx, opt.clip_length)
 
 
 def top_n_submission(results, top_n):
@@ -306,7 +258,7 @@ def top_n_submission(results, top_n):
 
 def nms_submission(submission, nms_source, nms_thd, max_before_nms, max_after_nms):
     """{"video2idx", "VR" of `submission` if present, then "SVMR" and "VCMR" after temporal NMS of the
-    first max_before_nms rows of each query of `nms_source`} (SPEC §9.5.3)."""
+    first max_before_nms rows of each query of `nms_source`}."""
     submission_nms = {"video2idx": submission["video2idx"]}
     if "VR" in submission:
         submission_nms["VR"] = submission["VR"]
@@ -322,8 +274,9 @@ def _derived_path(submission_path, suffix):
     return stem + suffix
 
 
-def eval_epoch(model, eval_dataset, opt, save_submission_filename, tasks=TASKS, max_after_nms=100):
-    """Predict, save and (on val) evaluate; SPEC §9.5.
+def eval_epoch(model, eval_dataset, opt, save_submission_filename, tasks=TASKS,
+               max_after_nms=MAX_PREDICTIONS_PER_QUERY):
+    """Predict, save and (on val) evaluate.
 
     Files in opt.results_dir: the submission `save_submission_filename` (top `max_after_nms` per query,
     compact JSON) and on val `<name>_metrics.json`; with opt.nms_thd != -1 also `<name>_nms_thd_<thd>.json`
@@ -339,13 +292,14 @@ def eval_epoch(model, eval_dataset, opt, save_submission_filename, tasks=TASKS, 
         (utils/distributed.py) only rank 0 writes and returns them, the other ranks get (None, None, []).
     """
     start_time = time.time()
-    tasks = resolve_tasks(opt, tasks, eval_dataset.has_gt)
+    tasks = resolve_tasks(tasks, opt.eval_split_name, eval_dataset.has_gt)
     if len(eval_dataset) == 0:
-        raise ConfigError(f"the {opt.eval_split_name} evaluation dataset has no queries")
+        raise OptionError(f"the {opt.eval_split_name} evaluation dataset has no queries")
     logger.info("Computing %s predictions of %d queries", "/".join(tasks), len(eval_dataset))
     # Under torchrun each rank scores a contiguous share of the queries (whole query batches) and rank 0,
     # which alone writes files, gathers them in dataset order; the other ranks return here.
-    shard = distributed.query_shard(eval_dataset, opt.eval_query_bsz)
+    shard = (eval_dataset.subset(*distributed.shard_bounds(len(eval_dataset), opt.eval_query_bsz))
+             if distributed.is_distributed() else eval_dataset)
     n_ranked = ranked_rows_needed(opt, max_after_nms)
     results = distributed.gather_predictions(compute_predictions(model, shard, opt, tasks, n_ranked)
                                              if len(shard) else {})
@@ -367,7 +321,7 @@ def _save_and_evaluate(results, eval_dataset, opt, save_submission_filename, max
     written = [submission_path]
     metrics = metrics_nms = None
     if has_metrics:
-        metrics = eval_retrieval(submission, eval_dataset.query_data, iou_thds=IOU_THDS, match_number=not opt.debug,
+        metrics = eval_retrieval(submission, eval_dataset.query_data, iou_thds=IOU_THRESHOLDS, match_number=not opt.debug,
                                  verbose=opt.debug, use_desc_type=opt.dset_name == "tvr")
         metrics_path = _derived_path(submission_path, "_metrics.json")
         save_json(metrics, metrics_path, save_pretty=True)
@@ -382,7 +336,7 @@ def _save_and_evaluate(results, eval_dataset, opt, save_submission_filename, max
         written.append(nms_path)
         if has_metrics:
             # The original evaluates the NMS submission with the evaluator's default use_desc_type=True [Q22].
-            metrics_nms = eval_retrieval(submission_nms, eval_dataset.query_data, iou_thds=IOU_THDS,
+            metrics_nms = eval_retrieval(submission_nms, eval_dataset.query_data, iou_thds=IOU_THRESHOLDS,
                                          match_number=not opt.debug, verbose=opt.debug, use_desc_type=True)
             metrics_nms_path = _derived_path(nms_path, "_metrics.json")
             save_json(metrics_nms, metrics_nms_path, save_pretty=True)

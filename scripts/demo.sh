@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_python_env.sh
 install_project
-exec "$PYTHON" -m utils.demo "$@"
+exec "$PYTHON" -m method.tools.demo "$@"

@@ -17,7 +17,6 @@ cd "$REPO_ROOT"
 
 exec "${LAUNCHER[@]}" inference.py \
   --dataset_config config/tvr_data_config.json \
-  --model_config config/model_config.json \
   --max_vcmr_video 10 \
   --eval_query_bsz 5 \
   --model_dir "$model_dir" \

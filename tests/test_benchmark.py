@@ -1,4 +1,4 @@
-"""utils/benchmark.py --quick: every section runs and reports ratios; the fast formulations give the plain
+"""method/tools/benchmark.py --quick: every section runs and reports ratios; the fast formulations give the plain
 ones' results (training losses, cached vs uncached predictions, post-processing outputs)."""
 import json
 import math
@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from utils import benchmark
-from utils.benchmark import REPO_ROOT, SECTIONS, main
+from method.tools import benchmark
+from method.tools.benchmark import REPO_ROOT, SECTIONS, main
 
 
 @pytest.fixture(scope="module")

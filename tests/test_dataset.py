@@ -303,11 +303,11 @@ def test_collate_and_prepare_batch_inputs(corpus):
 
 
 def test_cache_interface_matches_items(corpus):
-    """eval_video_names / get_query_item / get_video_inputs (used by the evaluation video cache) slice items."""
+    """eval_candidates / get_query_item / get_video_inputs (used by the evaluation video cache) slice items."""
     for mode in ("val", "test_public"):
         dataset = StartEndDataset(corpus, mode=mode, is_eval=True, inference_top_k=2)
         item = dataset[0]
-        names = dataset.eval_video_names(0)
+        names = dataset.eval_candidates[0][0]
         assert names == [item["meta"]["vid_name"]] + item["meta"]["sample_vid_name_list"]
         query_item = dataset.get_query_item(0)
         assert query_item["meta"] == item["meta"]
@@ -390,8 +390,6 @@ def test_bad_annotations_fail_at_construction(tmp_path, edit, match):
 
 
 def test_bad_arguments_fail_at_construction(corpus):
-    with pytest.raises(DatasetError, match="ctx_mode must be one of .*found 'sub'"):
-        StartEndDataset(corpus, ctx_mode="sub")
     with pytest.raises(DatasetError, match="mode must be one of .*found 'test'"):
         StartEndDataset(corpus, mode="test")
     with pytest.raises(DatasetError, match="test_public' has no ground truth"):

@@ -2,7 +2,7 @@
 shrunk to run in well under a minute, must leave the trained model clearly ahead of the untrained one."""
 import os
 
-from utils.demo import learning_margin, run_demo
+from method.tools.demo import learning_margin, run_demo
 
 # Fewer and shorter videos than the demo, and less noise so that ~150 small steps show the learning.
 SMALL_CORPUS = dict(n_train_videos=40, n_val_videos=30, n_test_videos=12, n_train_queries=320, n_val_queries=80,

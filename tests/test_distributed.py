@@ -63,7 +63,7 @@ def test_rank_slices_make_up_the_single_process_batches(n_items, batch_size, wor
 
 
 def test_global_batch_must_divide():
-    with pytest.raises(distributed.DistributedError, match="not divisible by 3 ranks"):
+    with pytest.raises(distributed.OptionError, match="not divisible by 3 ranks"):
         distributed.GlobalBatchSampler(20, 8, 0, 3, shuffle=False)
 
 
@@ -71,15 +71,14 @@ def test_per_rank_batch_size(monkeypatch):
     assert distributed.per_rank_batch_size(8) == 8
     monkeypatch.setattr(distributed, "get_world_size", lambda: 3)
     assert distributed.per_rank_batch_size(9) == 3
-    with pytest.raises(distributed.DistributedError, match=r"--bsz 8 is the global batch .* 3 processes .* --bsz 6"):
+    with pytest.raises(distributed.OptionError, match=r"--bsz 8 is the global batch .* 3 processes .* --bsz 6"):
         distributed.per_rank_batch_size(8)
 
 
 def test_training_refuses_a_global_batch_that_does_not_split(monkeypatch):
     monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
-    opt = EasyDict(bsz=9, device=torch.device("cpu"), amp="off")
-    with pytest.raises(distributed.DistributedError, match="--bsz 9 is the global batch"):
-        train.check_training_options(opt)
+    with pytest.raises(distributed.OptionError, match="--bsz 9 is the global batch"):
+        distributed.per_rank_batch_size(9)
 
 
 def test_shard_bounds_are_contiguous_balanced_batches():
@@ -117,18 +116,6 @@ class ToyEvalDataset(torch.utils.data.Dataset):
         return ("video", name)
 
 
-def test_query_shard_reindexes_queries():
-    dataset = ToyEvalDataset(10)
-    shard = distributed.QueryShard(dataset, 4, 8)
-    assert len(shard) == 4 and shard.query_data == dataset.query_data[4:8]
-    assert [shard[i] for i in range(4)] == [("item", i) for i in range(4, 8)]
-    assert shard.eval_video_names(0) == ["names", 4] and shard.get_query_item(3) == ("query", 7)
-    assert shard.get_video_inputs("x") == ("video", "x") and shard.video2idx is dataset.video2idx
-    assert shard.inference_top_k == 2 and shard.has_gt
-    with pytest.raises(IndexError):
-        shard.get_query_item(4)
-
-
 def test_rank_seeds():
     assert distributed.rank_seed(2018, 0) == 2018 and distributed.rank_seed(2018) == 2018
     seeds = [distributed.rank_seed(2018, rank) for rank in range(1, 9)]
@@ -141,7 +128,7 @@ def test_without_process_group_everything_is_one_process():
     assert (distributed.get_rank(), distributed.get_world_size(), distributed.is_main_process()) == (0, 1, True)
     model, dataset, results = torch.nn.Linear(2, 2), ToyEvalDataset(3), {"VR": [1], "video2idx": {}}
     assert distributed.wrap_model(model, torch.device("cpu")) is model
-    assert distributed.query_shard(dataset, 2) is dataset
+    assert distributed.shard_bounds(len(dataset), 2) == (0, 3)
     assert distributed.gather_predictions(results) is results
     assert distributed.broadcast_object(results) is results and distributed.gather_object(results) == [results]
     assert distributed.mean_over_ranks([0.1, 0.2]) == [0.1, 0.2]

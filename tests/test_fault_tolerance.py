@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-import config.options
+import utils.run_dir
 import inference
 import train
 from config.options import BaseOptions
@@ -199,7 +199,7 @@ def test_sigkill_at_several_points_then_resume(base_args, reference_run, tmp_pat
 def test_runs_started_in_the_same_second_get_their_own_run_dirs(base_args, tmp_path, monkeypatch):
     n_runs = 4
     argv = base_args + ["--results_root", str(tmp_path / "results"), "--exp_id", "same"]
-    monkeypatch.setattr(config.options.time, "strftime", lambda *args: "2021_07_01_12_00_00")
+    monkeypatch.setattr(utils.run_dir.time, "strftime", lambda *args: "2021_07_01_12_00_00")
     context = multiprocessing.get_context("fork")
     barrier, run_dirs = context.Barrier(n_runs), context.Queue()
 

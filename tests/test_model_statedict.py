@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from method.param_count import build_meta_model, main as param_count_main, parameter_counts
+from method.tools.param_count import build_meta_model, main as param_count_main, parameter_counts
 from model_fixtures import load_model_config
 
 REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")

@@ -1,12 +1,12 @@
-"""utils/temporal_nms.py: vectorised NMS against the plain greedy algorithm, incl. adversarial inputs."""
+"""utils/temporal_nms.py: the batched NMS against the original's list algorithm (method/oracle.py), incl.
+adversarial inputs."""
 import copy
 
 import numpy as np
 import pytest
 
-from utils.temporal_nms import (apply_nms, apply_nms_reference, first_appearance_groups, nms_per_video,
-                                nms_per_video_batch, nms_per_video_reference, temporal_iou, temporal_iou_matrix,
-                                temporal_nms, temporal_nms_reference)
+from method.oracle import (apply_nms_reference, nms_per_video_reference, temporal_iou, temporal_nms_reference)
+from utils.temporal_nms import apply_nms, first_appearance_groups, nms_per_video_batch
 
 
 def original_style_nms(predictions, nms_threshold, max_after_nms=100):
@@ -37,20 +37,22 @@ def random_moments(rng, n, n_scores=5, grid=1.5):
     return [[float(s * grid), float((s + l) * grid), float(c)] for s, l, c in zip(st, length, scores)]
 
 
-def test_iou_matrix_matches_pairwise_iou():
-    rng = np.random.default_rng(0)
-    moments = random_moments(rng, 30)
-    matrix = temporal_iou_matrix([m[0] for m in moments], [m[1] for m in moments])
-    for i, a in enumerate(moments):
-        for j, b in enumerate(moments):
-            assert matrix[i, j] == temporal_iou(a, b)
+def nms_per_video(predictions, nms_thd, max_after_nms=100):
+    """Production NMS (`apply_nms`) of one query's [video_idx, st, ed, score] rows."""
+    query = {"desc_id": 0, "desc": "", "predictions": predictions}
+    return apply_nms([query], nms_thd, max_before_nms=len(predictions), max_after_nms=max_after_nms)[0]["predictions"]
+
+
+def temporal_nms(moments, nms_thd, max_after_nms=100):
+    """Production NMS of one video's [st, ed, score] moments."""
+    return [row[1:] for row in nms_per_video([[0] + list(m) for m in moments], nms_thd, max_after_nms)]
 
 
 def test_iou_hull_denominator_and_zero_denominator():
     assert temporal_iou([0, 3], [0, 6]) == 0.5
     assert temporal_iou([0, 1], [2, 3]) == 0  # disjoint: intersection clipped at 0
     assert temporal_iou([2, 2], [2, 2]) == 0  # zero hull
-    assert temporal_iou_matrix([2.0, 2.0], [2.0, 2.0]).tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    assert temporal_nms([[2.0, 2.0, 0.9], [2.0, 2.0, 0.8]], 0.0) == [[2.0, 2.0, 0.9], [2.0, 2.0, 0.8]]
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -1,11 +1,12 @@
-"""utils/scoring.py: fast paths against plain loop / full-sort formulations, incl. exact ties."""
+"""method/scoring.py: fast paths against plain loop / full-sort formulations, incl. exact ties."""
 import numpy as np
 import pytest
 import torch
 
-from utils.scoring import (DISJOINT_INVALID_SCORE, moment_rows, moment_rows_reference, moment_scores, rank_candidates, score_batch,
-                           score_batch_band,
-                           select_top_n, select_top_n_partial, select_top_n_reference, valid_pair_mask, valid_pair_mask_on, video_rows)
+from method.oracle import moment_rows_reference, select_top_n_reference
+from method.scoring import (DISJOINT_INVALID_SCORE, moment_rows, moment_scores, rank_batch, rank_candidates, score_batch,
+                            score_batch_band, select_top_n, select_top_n_partial, valid_pair_mask, valid_pair_mask_on,
+                            video_rows)
 
 MASKED_LOGIT = -1e4
 
@@ -206,12 +207,17 @@ def test_score_batch_band_equals_full_sort(measure, use_internal, short, quantiz
                       video_scores=torch.from_numpy(video_scores) if measure == "exclusive" else None,
                       first_stage_scores=torch.from_numpy(first_stage), use_internal_vr_scores=use_internal)
         band = score_batch_band(measure, torch.from_numpy(begin), torch.from_numpy(end), **kwargs)
+        assert _same_ranked(rank_batch(measure, torch.from_numpy(begin), torch.from_numpy(end), **kwargs), band)
         full_sort = score_batch(measure, torch.from_numpy(begin), torch.from_numpy(end),
                                 select=select_top_n_reference, **kwargs)
         for task, columns in full_sort.items():
             for name, value in columns.items():
                 assert band[task][name].dtype == value.dtype, (task, name)
                 np.testing.assert_array_equal(band[task][name], value, err_msg=f"{task} {name} n={n}")
+
+
+def _same_ranked(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[t][c], b[t][c]) for t in a for c in a[t])
 
 
 def test_score_batch_band_at_benchmark_scale():

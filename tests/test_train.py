@@ -198,7 +198,7 @@ def test_resume_errors(tmp_path, base_args):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "opt.json").write_text(json.dumps(dict(exp_id="x", results_dir=str(run_dir))))
-    with pytest.raises(train.TrainingError, match="no last.ckpt"):
+    with pytest.raises(OptionError, match="no last.ckpt"):
         train.main(base_args + ["--resume", str(run_dir)])
 
 

@@ -14,19 +14,12 @@ import sys
 
 from tqdm import tqdm
 
-from method.dataset import FIRST_STAGE_TOP, MODES, annotation_problems
 from utils.data_config import DataConfigError, load_data_config
 from utils.errors import run_cli
 from utils.feature_stores import (FeatureStoreError, QueryFeatureStore, RanklistStore, SubtitleFeatureStore,
                                   VideoFeatureStore)
 from utils.io_utils import DataFileError, load_json, load_jsonl
-
-_SPLIT_KEYS = {
-    "train": ("train_data_path", "train_first_VR_ranklist_path"),
-    "val": ("eval_data_path", "eval_first_VR_ranklist_path_hero"),
-    "test_public": ("test_data_path", "test_public_first_VR_ranklist_path_hero"),
-}
-
+from utils.tvr_format import CTX_MODES, FIRST_STAGE_TOP, SPLIT_FILE_KEYS, SPLITS, annotation_problems
 
 class _FeatureCheck:
     """Reads every key of one feature store once, remembering problems and which dim each key has."""
@@ -64,7 +57,7 @@ def _open(store_class, path, problems):
         return None
 
 
-def check_corpus(dataset_config, splits=MODES, max_vcmr_video=10, ctx_mode="visual_sub"):
+def check_corpus(dataset_config, splits=SPLITS, max_vcmr_video=10, ctx_mode="visual_sub"):
     """-> (counts per split {split: {"queries", "videos", "problems"}}, list of problem messages)."""
     problems = []
     try:
@@ -82,7 +75,7 @@ def check_corpus(dataset_config, splits=MODES, max_vcmr_video=10, ctx_mode="visu
     counts = {}
     for split in splits:
         n_before = len(problems)
-        data_key, ranklist_key = _SPLIT_KEYS[split]
+        data_key, ranklist_key = SPLIT_FILE_KEYS[split]
         if split not in video_splits:
             problems.append(f"{config.video_duration_idx_path}: no split {split!r}")
             counts[split] = dict(queries=0, videos=0, problems=len(problems) - n_before)
@@ -141,10 +134,10 @@ def _ranklist_problems(store, row, split, idx2video, max_vcmr_video, problems):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset_config", required=True, help="data config JSON (e.g. config/tvr_data_config.json)")
-    parser.add_argument("--splits", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
     parser.add_argument("--max_problems", type=int, default=20, help="problems printed (all are counted)")
     parser.add_argument("--max_vcmr_video", type=int, default=10, help="minimum ranklist length on val/test_public")
-    parser.add_argument("--ctx_mode", choices=("visual_sub", "visual"), default="visual_sub",
+    parser.add_argument("--ctx_mode", choices=CTX_MODES, default="visual_sub",
                         help="visual: the subtitle store is not needed")
     args = parser.parse_args(argv)
 

@@ -18,7 +18,7 @@ Semantics (train.py and method/evaluation.py):
   through gloo on the CPU.
 * Randomness drawn per rank (negative videos, dropout, worker seeds) uses `rank_seed`, so it differs
   between ranks, is reproducible, and rank 0 draws exactly what a single process would.
-* Evaluation: each rank scores a contiguous share of the queries (`query_shard`), rank 0 gathers them in
+* Evaluation: each rank scores a contiguous share of the queries (`shard_bounds`), rank 0 gathers them in
   dataset order (`gather_predictions`) and alone writes files.
 * Several nodes: every node reads the data (and --encoder_pretrain_ckpt_filepath) at the same paths; the
   run directory is written by rank 0 only, but --resume reads last.ckpt on every rank, so resuming needs
@@ -30,15 +30,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
 
-from utils.errors import ConquerError
+from utils.errors import ConquerError, OptionError
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-
-
-class DistributedError(ConquerError):
-    """The processes, devices or batch size do not fit together; the message says what to change."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -141,7 +137,7 @@ def local_device(device):
         return device
     local_rank, n_devices = get_local_rank(), torch.cuda.device_count()
     if local_rank >= n_devices:
-        raise DistributedError(f"LOCAL_RANK {local_rank} has no GPU: this node shows {n_devices} CUDA device(s); "
+        raise OptionError(f"LOCAL_RANK {local_rank} has no GPU: this node shows {n_devices} CUDA device(s); "
                                "start at most that many processes per node (torchrun --nproc_per_node) or "
                                "widen CUDA_VISIBLE_DEVICES")
     torch.cuda.set_device(local_rank)
@@ -169,7 +165,7 @@ def rank_seed(seed, rank=None):
 def per_rank_batch_size(global_batch_size, flag="--bsz"):
     world_size = get_world_size()
     if global_batch_size % world_size:
-        raise DistributedError(f"{flag} {global_batch_size} is the global batch and must be divisible by the "
+        raise OptionError(f"{flag} {global_batch_size} is the global batch and must be divisible by the "
                                f"{world_size} processes (nproc_per_node x nnodes); use e.g. {flag} "
                                f"{max(world_size, global_batch_size // world_size * world_size)}")
     return global_batch_size // world_size
@@ -190,7 +186,7 @@ class GlobalBatchSampler(Sampler):
 
     def __init__(self, n_items, global_batch_size, rank, world_size, shuffle, generator=None):
         if global_batch_size % world_size:
-            raise DistributedError(f"global batch size {global_batch_size} is not divisible by {world_size} ranks")
+            raise OptionError(f"global batch size {global_batch_size} is not divisible by {world_size} ranks")
         if shuffle and generator is None:
             raise ValueError("GlobalBatchSampler: shuffle=True needs the generator that every rank seeds alike")
         self.n_items, self.global_batch_size = n_items, global_batch_size
@@ -209,57 +205,17 @@ class GlobalBatchSampler(Sampler):
             yield order[first:first + per_rank]
 
 
-def shard_bounds(n_items, chunk, rank, world_size):
-    """[start, stop) of rank's contiguous share of `n_items`, cut at multiples of `chunk` (the evaluation batch,
-    so that every rank scores exactly the batches a single process would); earlier ranks take the remainder."""
+def shard_bounds(n_items, chunk, rank=None, world_size=None):
+    """[start, stop) of rank's contiguous share of `n_items` (default: this process's), cut at multiples of
+    `chunk` (the evaluation batch, so that every rank scores exactly the batches a single process would);
+    earlier ranks take the remainder."""
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
     n_chunks = -(-n_items // chunk)
     base, extra = divmod(n_chunks, world_size)
     first = rank * base + min(rank, extra)
     last = first + base + (rank < extra)
     return min(first * chunk, n_items), min(last * chunk, n_items)
-
-
-class QueryShard(Dataset):
-    """Queries [start, stop) of an evaluation dataset (method/evaluation.py's interface).
-
-    Items and the per-query methods of the video-encoding cache (`eval_video_names`, `get_query_item`)
-    are re-indexed; every other attribute (video2idx, has_gt, inference_top_k, get_video_inputs, ...) is
-    the dataset's. `query_data` holds the shard's annotation rows.
-    """
-
-    def __init__(self, dataset, start, stop):
-        self.dataset, self.start = dataset, start
-        self.query_data = dataset.query_data[start:stop]
-
-    def __len__(self):
-        return len(self.query_data)
-
-    def _index(self, index):
-        if not 0 <= index < len(self):
-            raise IndexError(f"query {index} is outside this shard of {len(self)} queries")
-        return self.start + index
-
-    def __getitem__(self, index):
-        return self.dataset[self._index(index)]
-
-    def eval_video_names(self, index):
-        return self.dataset.eval_video_names(self._index(index))
-
-    def get_query_item(self, index):
-        return self.dataset.get_query_item(self._index(index))
-
-    def __getattr__(self, name):
-        dataset = self.__dict__.get("dataset")
-        if dataset is None:
-            raise AttributeError(name)
-        return getattr(dataset, name)
-
-
-def query_shard(dataset, chunk):
-    """This rank's `QueryShard` of an evaluation dataset; the dataset itself without a process group."""
-    if not is_distributed():
-        return dataset
-    return QueryShard(dataset, *shard_bounds(len(dataset), chunk, get_rank(), get_world_size()))
 
 
 def gather_predictions(results):

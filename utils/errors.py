@@ -17,6 +17,11 @@ class ConquerError(ValueError):
     """Bad input or settings; the message names the file, key or flag, and what was expected vs found."""
 
 
+class OptionError(ConquerError):
+    """An option value, or a combination of options with each other or with the machine, cannot work; the
+    message names the flags and what to change."""
+
+
 def user_message(error):
     """The message of `error` as the user should read it.
 

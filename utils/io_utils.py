@@ -6,6 +6,7 @@ only then replace the destination with `os.replace`. A process killed at any mom
 the previous file or the new one, never half of one.
 """
 import contextlib
+import gc
 import io
 import json
 import os
@@ -132,3 +133,16 @@ def make_code_zip(src_dir, zip_path, enclosing_dir="code", exclude_dirs=(), excl
                     continue
                 path = os.path.join(root, name)
                 zf.write(path, os.path.join(enclosing_dir, os.path.relpath(path, src_dir)))
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector (restoring its previous state) while building large numbers of
+    acyclic containers, which only trigger useless collections."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -1,7 +1,5 @@
 """Readable tables of evaluation metrics for the terminal."""
-
-IOU_THRESHOLDS = ("0.5", "0.7")
-RECALLS = ("r1", "r5", "r10", "r100")
+from utils.tvr_format import IOU_THRESHOLDS, RECALL_TOPK, TASKS
 
 
 def format_metrics_table(metrics, columns=None):
@@ -12,10 +10,11 @@ def format_metrics_table(metrics, columns=None):
     """
     columns = columns or {"value": metrics}
     rows = []
-    for task in ("VCMR", "SVMR", "VR"):
+    recalls = [f"r{k}" for k in RECALL_TOPK]
+    for task in TASKS:
         if not any(task in m for m in columns.values()):
             continue
-        keys = list(RECALLS) if task == "VR" else [f"{iou}-{r}" for iou in IOU_THRESHOLDS for r in RECALLS]
+        keys = recalls if task == "VR" else [f"{iou}-{r}" for iou in IOU_THRESHOLDS for r in recalls]
         for key in keys:
             values = [m.get(task, {}).get(key) for m in columns.values()]
             rows.append([f"{task} {key}"] + ["-" if v is None else f"{v:.2f}" for v in values])

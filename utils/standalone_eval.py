@@ -1,4 +1,4 @@
-"""TVR retrieval metrics (SPEC §10): VCMR / SVMR recall at IoU thresholds, VR recall, by query type.
+"""TVR retrieval metrics: VCMR / SVMR recall at IoU thresholds, VR recall, by query type.
 
 A prediction row is [video_idx, st, ed, score]; only the first 100 rows of a query and their first three
 fields count. A row is *matched* when its video is the query's GT video, and *correct at θ* when it is
@@ -25,14 +25,10 @@ import numpy as np
 
 from utils.errors import CLI_ERROR_EXIT_STATUS, ConquerError, run_cli
 from utils.io_utils import DataFileError, load_json, load_jsonl, save_json
+from utils.tvr_format import IOU_THRESHOLDS, MAX_PREDICTIONS_PER_QUERY, QUERY_TYPES, RECALL_TOPK, TASKS
 
 logger = logging.getLogger(__name__)
 
-TASK_TYPES = ("VCMR", "SVMR", "VR")
-IOU_THDS = (0.5, 0.7)
-RECALL_TOPKS = (1, 5, 10, 100)
-DESC_TYPES = ("v", "t", "vt")
-MAX_PRED_PER_QUERY = 100
 MULTI_GT_MIN_TS = 4  # a "ts" with at least this many entries is a list of GT moments (DiDeMo)
 MULTI_GT_MIN_OVERLAPS = 2
 
@@ -69,7 +65,7 @@ def _is_prediction_row(row):
     return float(row[0]).is_integer()
 
 
-def prediction_matrix(rows, task_type, desc_id, max_pred=MAX_PRED_PER_QUERY):
+def prediction_matrix(rows, task_type, desc_id, max_pred=MAX_PREDICTIONS_PER_QUERY):
     """Validate one query's rows and return the first `max_pred` as a float32 (n, 3) [video_idx, st, ed]."""
     expected = "a list of rows [video_idx:int, st:float, ed:float, score:float]"
     if not isinstance(rows, list):
@@ -90,7 +86,7 @@ def prediction_matrix(rows, task_type, desc_id, max_pred=MAX_PRED_PER_QUERY):
     return array[:max_pred, :3].astype(np.float32)
 
 
-def prediction_table(query_rows, task_type, desc_ids, max_pred=MAX_PRED_PER_QUERY, bulk=True):
+def prediction_table(query_rows, task_type, desc_ids, max_pred=MAX_PREDICTIONS_PER_QUERY, bulk=True):
     """`prediction_matrix` of many queries, zero-padded: (Q, P, 3) float32 [video_idx, st, ed] and (Q, P) bool
     (True on real rows), P the longest kept list.
 
@@ -168,12 +164,12 @@ def _predictions_by_desc_id(task_results, task_type):
     return by_desc_id
 
 
-def eval_by_task_type(task_results, video2idx, ground_truth, task_type, iou_thds=IOU_THDS,
-                      recall_topks=RECALL_TOPKS, max_pred_per_query=MAX_PRED_PER_QUERY, match_number=True,
+def eval_by_task_type(task_results, video2idx, ground_truth, task_type, iou_thds=IOU_THRESHOLDS,
+                      recall_topks=RECALL_TOPK, max_pred_per_query=MAX_PREDICTIONS_PER_QUERY, match_number=True,
                       use_desc_type=True, bulk_conversion=True):
     """Metrics of one task. Returns (metrics, metrics_by_type) as insertion-ordered dicts."""
-    if task_type not in TASK_TYPES:
-        raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
+    if task_type not in TASKS:
+        raise ValueError(f"task_type must be one of {TASKS}, got {task_type!r}")
     predictions = _predictions_by_desc_id(task_results, task_type)
     gt_by_desc_id = {_require(e, "desc_id"): e for e in ground_truth}  # GT order; a repeated id keeps its last row
     if match_number:
@@ -235,22 +231,22 @@ def eval_by_task_type(task_results, video2idx, ground_truth, task_type, iou_thds
             metrics[f"{label}r{k}"] = rounded_percentage(_ratio(hits[k][i].sum(), n_queries))
     if use_desc_type:
         types = np.array([_require(e, "type") for e in gt_items], dtype=object)
-        unknown = next((e for e in gt_items if e["type"] not in DESC_TYPES), None)
+        unknown = next((e for e in gt_items if e["type"] not in QUERY_TYPES), None)
         if unknown is not None:
-            raise GroundTruthError(f"GT desc_id {unknown['desc_id']}: 'type' must be one of {DESC_TYPES}, "
+            raise GroundTruthError(f"GT desc_id {unknown['desc_id']}: 'type' must be one of {QUERY_TYPES}, "
                                    f"got {unknown['type']!r}")
-        for desc_type in DESC_TYPES:
+        for desc_type in QUERY_TYPES:
             of_type = types == desc_type
             for i, label in enumerate(labels):
                 for k in recall_topks:
                     metrics_by_type[f"{desc_type}-{label}r{k}"] = rounded_percentage(
                         _ratio(np.sum(hits[k][i] & of_type), of_type.sum()))
         metrics_by_type["desc_type_ratio"] = "v {} t {} vt {}".format(
-            *[rounded_percentage(_ratio(np.sum(types == t), n_queries)) for t in DESC_TYPES])
+            *[rounded_percentage(_ratio(np.sum(types == t), n_queries)) for t in QUERY_TYPES])
     return metrics, metrics_by_type
 
 
-def eval_retrieval(submission, ground_truth, iou_thds=IOU_THDS, verbose=False, match_number=True,
+def eval_retrieval(submission, ground_truth, iou_thds=IOU_THRESHOLDS, verbose=False, match_number=True,
                    use_desc_type=True, bulk_conversion=True):
     """Metrics of every task present in `submission` (order VCMR, SVMR, VR), then their by-type metrics.
 
@@ -263,7 +259,7 @@ def eval_retrieval(submission, ground_truth, iou_thds=IOU_THDS, verbose=False, m
     """
     if not isinstance(submission, dict) or not isinstance(submission.get("video2idx"), dict):
         raise SubmissionError("the submission must be a dict with a 'video2idx' mapping {video name: index}")
-    tasks = [t for t in TASK_TYPES if t in submission]
+    tasks = [t for t in TASKS if t in submission]
     if verbose:
         logger.info("Evaluating tasks %s on %d GT queries", tasks, len(ground_truth))
     eval_metrics, by_type = {}, {}

@@ -3,7 +3,7 @@
     python -m utils.synthetic_tvr --out_dir /tmp/tvr_synth           # a few seconds, small dims
     python -m utils.synthetic_tvr --out_dir /tmp/tvr_real_scale --real_annotations /path/to/tvr
 
-Layout: the relative paths of config/tvr_data_config.json below `out_dir`, plus `out_dir/tvr_data_config.json`
+Layout: the release's relative paths (utils/tvr_format.py) below `out_dir`, plus `out_dir/tvr_data_config.json`
 whose root_path is `out_dir` (pass it as --dataset_config, with the printed --visual_dim/--text_dim/--query_dim).
 
 The signal. Every video is a sequence of scenes (runs of clips); a clip's visual and subtitle features are
@@ -28,14 +28,12 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-import config as config_package
-from method.dataset import DUMMY_TEST_PUBLIC_VIDEO, st_ed_label
 from utils.data_config import PATH_KEYS
 from utils.errors import run_cli
 from utils.feature_stores import StoreWriter, encode_npz_features, encode_ranklist, encode_video_features
 from utils.io_utils import load_json, load_jsonl, save_json, save_jsonl
+from utils.tvr_format import DUMMY_TEST_PUBLIC_VIDEO, release_data_config, st_ed_label
 
-RELEASE_LAYOUT_PATH = os.path.join(os.path.dirname(config_package.__file__), "tvr_data_config.json")
 SPLIT_ORDER = ("test_challenge", "test_public", "train", "val")  # order of the release's global indices
 QUERY_TYPE_PROBS = {"v": 0.74, "t": 0.09, "vt": 0.17}  # TVR val proportions
 DUMMY_DURATION = 91.56  # the dummy's duration in the release
@@ -177,7 +175,7 @@ def generate_corpus(out_dir, n_train_videos=150, n_val_videos=150, n_test_videos
     Deterministic for a given seed.
     """
     out_dir = os.path.abspath(out_dir)
-    layout = load_json(RELEASE_LAYOUT_PATH)
+    layout = release_data_config(out_dir)
     rng = np.random.default_rng(seed)
     max_duration = min(max_duration, max_clips * clip_length)
     if not 0 < min_duration <= max_duration:
@@ -257,7 +255,7 @@ def generate_corpus(out_dir, n_train_videos=150, n_val_videos=150, n_test_videos
                for split in SPLIT_ORDER}, path["video_duration_idx_path"])
 
     config_path = os.path.join(out_dir, "tvr_data_config.json")
-    save_json(dict(layout, root_path=out_dir), config_path, save_pretty=True)
+    save_json(layout, config_path, save_pretty=True)
     return config_path
 
 

@@ -1,127 +1,21 @@
-"""Temporal non-maximum suppression of moment predictions (SPEC §9.5.3-9.5.4).
+"""Temporal non-maximum suppression of a query's cross-video moment list.
 
-Per video: sort the moments by score (stable, descending), repeatedly keep the best remaining one and drop
-every later moment whose IoU with it is strictly greater than the threshold, keeping at most 100. The IoU
-uses the hull max(ed) - min(st) as denominator (the true union whenever the intervals overlap) and is 0 when
-that is 0. Arithmetic is float64, as the original's on Python floats, so the kept lists are identical.
+For one query: group its rows [video_idx, st, ed, score] by video; per video, sort the moments by score
+(stable, descending), repeatedly keep the best remaining one and drop every later moment of that video whose
+IoU with it is strictly greater than the threshold, keeping at most 100 per video; then merge the videos'
+kept moments by descending score (ties: video of first appearance, then input order) and keep
+`max_after_nms`. The IoU uses the hull max(ed) - min(st) as denominator (the true union whenever the
+intervals overlap) and is 0 when that is 0. Arithmetic is float64, as the original's on Python floats, so
+the kept lists are identical to its list algorithm (kept in method/oracle.py for the tests).
 
-`temporal_nms` is the vectorised form (one pairwise IoU matrix, then a greedy pass over booleans);
-`temporal_nms_reference` is the plain list algorithm; tests check they agree. `apply_nms` runs
-`nms_per_video_batch` (queries padded into (Q, R) arrays; step i of `greedy_nms_steps` decides row i of every
-query and computes only that row's IoU with the later rows); `apply_nms_reference` is the query-by-query list
-formulation.
+`apply_nms` pads the queries into (Q, R) arrays; step i of `greedy_nms_steps` decides row i of every query
+and computes only that row's IoU with the later rows.
 """
 import numpy as np
 
-from utils.scoring import gc_paused
+from utils.io_utils import gc_paused
 
 MAX_KEPT_PER_VIDEO = 100
-
-
-def temporal_iou_matrix(starts, ends):
-    """(n, n) float64 IoU between all pairs of intervals [starts[i], ends[i]] (hull denominator)."""
-    starts, ends = np.asarray(starts, dtype=np.float64), np.asarray(ends, dtype=np.float64)
-    intersection = np.maximum(0.0, np.minimum(ends[:, None], ends[None, :])
-                              - np.maximum(starts[:, None], starts[None, :]))
-    hull = np.maximum(ends[:, None], ends[None, :]) - np.minimum(starts[:, None], starts[None, :])
-    return np.divide(intersection, hull, out=np.zeros_like(intersection), where=hull != 0)
-
-
-def _greedy_keep(suppresses, group=None, max_kept=MAX_KEPT_PER_VIDEO):
-    """Greedy pass over items already in processing order -> positions of the kept items.
-
-    An item is kept unless an earlier kept item suppresses it (`suppresses[i, j]`: kept i removes j), and at
-    most `max_kept` are kept per group (`group` None: one group).
-    """
-    n = len(suppresses)
-    group = np.zeros(n, dtype=np.int64) if group is None else group
-    kept_per_group = np.zeros(n, dtype=np.int64)
-    suppressed = np.zeros(n, dtype=bool)
-    kept = []
-    for i in range(n):
-        if suppressed[i] or kept_per_group[group[i]] == max_kept:
-            continue
-        kept.append(i)
-        kept_per_group[group[i]] += 1
-        suppressed |= suppresses[i]
-    return np.array(kept, dtype=np.int64)
-
-
-def temporal_nms(predictions, nms_thd, max_after_nms=MAX_KEPT_PER_VIDEO):
-    """NMS of one video's moments.
-
-    Args:
-        predictions: list of [st, ed, score].
-        nms_thd: drop a moment whose IoU with a kept, better one is > nms_thd.
-        max_after_nms: keep at most this many.
-    Returns:
-        list of [st, ed, score], kept moments best first (ties in input order).
-    """
-    if len(predictions) <= 1:
-        return [list(p) for p in predictions]
-    table = np.array([p[:3] for p in predictions], dtype=np.float64)
-    order = np.argsort(-table[:, 2], kind="stable")
-    iou = temporal_iou_matrix(table[order, 0], table[order, 1])
-    kept = order[_greedy_keep(iou > nms_thd, max_kept=max_after_nms)]
-    return [list(predictions[i][:3]) for i in kept]
-
-
-def temporal_iou(a, b):
-    """IoU of two [st, ed] intervals with the hull denominator (0 when it is 0)."""
-    intersection = max(0, min(a[1], b[1]) - max(a[0], b[0]))
-    hull = max(a[1], b[1]) - min(a[0], b[0])
-    return 0 if hull == 0 else 1.0 * intersection / hull
-
-
-def temporal_nms_reference(predictions, nms_thd, max_after_nms=MAX_KEPT_PER_VIDEO):
-    """Plain greedy formulation of `temporal_nms` (list pops, pairwise IoU one at a time)."""
-    remaining = sorted(predictions, key=lambda p: p[2], reverse=True)  # Python's sort is stable
-    kept = []
-    while remaining and len(kept) < max_after_nms:
-        head = remaining.pop(0)
-        remaining = [p for p in remaining if temporal_iou(head, p) <= nms_thd]
-        kept.append(list(head[:3]))
-    return kept
-
-
-def nms_per_video(predictions, nms_thd, max_after_nms=MAX_KEPT_PER_VIDEO, max_kept_per_video=MAX_KEPT_PER_VIDEO):
-    """NMS of one query's cross-video moment list (SPEC §9.5.3), vectorised over all its videos at once.
-
-    Equivalent to: group rows by video (groups in order of first appearance), `temporal_nms` per group,
-    concatenate the groups, stable sort by score descending, keep `max_after_nms`. A single IoU matrix
-    restricted to same-video pairs gives the same per-group greedy passes; the final order reproduces the
-    concatenation's tie order (group of first appearance, then input order).
-
-    Args:
-        predictions: list of [video_idx, st, ed, score] (already cut to the rows NMS should read).
-    Returns:
-        list of [video_idx, st, ed, score].
-    """
-    if not predictions:
-        return []
-    table = np.array([p[:4] for p in predictions], dtype=np.float64)  # video_idx, st, ed, score
-    _, first_row, group = np.unique(table[:, 0], return_index=True, return_inverse=True)
-    group = np.argsort(np.argsort(first_row))[group]  # groups numbered by first appearance
-    order = np.argsort(-table[:, 3], kind="stable")
-    suppresses = (temporal_iou_matrix(table[order, 1], table[order, 2]) > nms_thd) & (
-        group[order, None] == group[None, order])
-    kept = order[_greedy_keep(suppresses, group=group[order], max_kept=max_kept_per_video)]
-    # Final order (-score, group of first appearance, input position): `kept` is in (-score, input position)
-    # order already, so a stable lexsort on the first two keys suffices.
-    final = kept[np.lexsort((group[kept], -table[kept, 3]))][:max_after_nms]
-    return [list(predictions[i]) for i in final]
-
-
-def nms_per_video_reference(predictions, nms_thd, max_after_nms=MAX_KEPT_PER_VIDEO,
-                            max_kept_per_video=MAX_KEPT_PER_VIDEO):
-    """Plain formulation of `nms_per_video`: explicit grouping, per-group greedy NMS, concatenation, sort."""
-    groups = {}
-    for p in predictions:
-        groups.setdefault(p[0], []).append(list(p[1:4]))
-    merged = []
-    for video_idx, group in groups.items():
-        merged += [[video_idx] + p for p in temporal_nms_reference(group, nms_thd, max_kept_per_video)]
-    return sorted(merged, key=lambda p: p[3], reverse=True)[:max_after_nms]
 
 
 def first_appearance_groups(video, present):
@@ -186,12 +80,12 @@ def greedy_nms_steps(st, ed, group, present, nms_thd, max_kept_per_group):
 
 def nms_per_video_batch(query_predictions, nms_thd, max_after_nms=MAX_KEPT_PER_VIDEO,
                         max_kept_per_video=MAX_KEPT_PER_VIDEO):
-    """`nms_per_video` of many queries at once: lists padded to (Q, R) arrays, then `greedy_nms_steps`.
+    """NMS (module docstring) of many queries at once: lists padded to (Q, R) arrays, then `greedy_nms_steps`.
 
     Args:
         query_predictions: Q lists of [video_idx, st, ed, score] rows.
     Returns:
-        Q int64 arrays, the input positions of the rows `nms_per_video` returns, in its order.
+        Q int64 arrays, the input positions of the rows kept, in output order.
     """
     n_rows = np.array([len(p) for p in query_predictions], dtype=np.int64)
     n_queries, width = len(query_predictions), int(n_rows.max(initial=0))
@@ -244,8 +138,3 @@ def apply_nms(query_results, nms_thd, max_before_nms, max_after_nms=MAX_KEPT_PER
     return out
 
 
-def apply_nms_reference(query_results, nms_thd, max_before_nms, max_after_nms=MAX_KEPT_PER_VIDEO):
-    """Plain formulation of `apply_nms`: `nms_per_video_reference` query by query."""
-    return [dict(query, predictions=nms_per_video_reference(query["predictions"][:max_before_nms], nms_thd,
-                                                            max_after_nms))
-            for query in query_results]

@@ -18,8 +18,8 @@ import time
 from utils.io_utils import load_json
 from utils.report import format_metrics_table
 from utils.synthetic_tvr import generate_corpus
+from utils.run_dir import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CORPUS = dict(visual_dim=48, text_dim=32, query_dim=32, seed=0)
 DEMO_TRAIN_FLAGS = ["--model_config", "config/model_config_tiny.json", "--hidden_dim", "32", "--num_workers", "0",
                     "--n_epoch", "6", "--lr", "1e-3"]

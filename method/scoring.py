@@ -1,4 +1,4 @@
-"""From begin/end logits to ranked predictions (SPEC §9.1-9.4).
+"""From begin/end logits to ranked predictions and submission rows.
 
 For one evaluation batch the model gives begin/end logits b, e of shape (B, N, L) over N = 1 + k videos
 (index 0: the GT video of the query, 1..k: the first-stage candidates in ranklist order) and, for the
@@ -8,29 +8,30 @@ For one evaluation batch the model gives begin/end logits b, e of shape (B, N, L
 * VR:   the k candidates ordered best first, with their scores;
 * VCMR: the best `max_before_nms` (candidate, st, ed) triples over all k candidates;
 
-and converts those into submission rows [video_idx, st_seconds, ed_seconds, score]. The three similarity
-measures share one code path: `moment_scores` scores every (st, ed) pair, `rank_candidates` orders the
-candidates, `select_top_n` picks the best entries of a flattened score matrix.
+and converts those into submission rows [video_idx, st_seconds, ed_seconds, score]. Evaluation calls
+`rank_batch` once per batch and `prediction_results` once at the end. The three similarity measures share one
+code path: `moment_scores` scores every (st, ed) pair, `rank_candidates` orders the candidates,
+`select_top_n` picks the best entries of a flattened score matrix.
 
 Ties. Equal scores are common (pairs of padded clips all score 0, and tiny probabilities underflow to 0 in
-float32). Their order was implementation-defined in the original [Q33]; here every selection orders entries
-by descending score, then ascending flat index, both in the fast partial selection and in the full-sort
-reference, so the two always agree.
+float32). Their order was implementation-defined in the original; here every selection orders entries by
+descending score, then ascending flat index, both in the fast partial selection and in the full sort, so the
+two always agree.
 
-On CPU, `score_batch_band` scores only the valid (st, ed) pairs (2,124 of 10,000 for L = 100, max_pred_l = 24)
-and selects among them with numpy; rows whose top n would reach the invalid pairs' constant score fall back to
-full scores. It is tested bitwise equal to `score_batch` with the full sort.
+On the CPU, `score_batch_band` scores only the valid (st, ed) pairs (2,124 of 10,000 for L = 100,
+max_pred_l = 24) and selects among them with numpy; rows whose top n would reach the invalid pairs' constant
+score fall back to full scores. On accelerators `score_batch` scores every pair (full scores sort faster
+there). The two are tested bitwise equal.
 """
-import contextlib
 import functools
-import gc
 
 import numpy as np
 import torch
 
-MEASURES = ("general", "exclusive", "disjoint")
-TASKS = ("VCMR", "SVMR", "VR")
-# The original's VERY_NEGATIVE_NUMBER: a disjoint score for pairs outside the length constraint [Q11].
+from utils.io_utils import gc_paused
+from utils.tvr_format import TASKS
+
+# The original's VERY_NEGATIVE_NUMBER: a disjoint score for pairs outside the length constraint.
 DISJOINT_INVALID_SCORE = -1e10
 
 
@@ -68,8 +69,6 @@ def moment_scores(measure, begin_logits, end_logits, valid_mask, video_weights=N
             probability 0, so they score 0 as well);
         disjoint: b[st] + e[ed] on the raw logits, -1e10 where invalid.
     """
-    if measure not in MEASURES:
-        raise ValueError(f"similarity_measure must be one of {MEASURES}, got {measure!r}")
     begin_logits, end_logits = begin_logits.float(), end_logits.float()
     if measure == "disjoint":
         if video_weights is not None:
@@ -92,7 +91,7 @@ def sort_descending(scores):
 
 def rank_candidates(measure, *, video_scores=None, first_stage_scores=None, use_internal_vr_scores=False,
                     candidate_moment_scores=None):
-    """Order the k first-stage candidates of each query and give their video scores (SPEC §9.2, §9.3).
+    """Order the k first-stage candidates of each query and give their video scores.
 
     Args:
         video_scores: (B, 1+k) VS-head logits (exclusive), index 0 is the GT video.
@@ -107,8 +106,6 @@ def rank_candidates(measure, *, video_scores=None, first_stage_scores=None, use_
         per_candidate = candidate_moment_scores.flatten(start_dim=2).max(dim=-1).values
         scores, order = sort_descending(per_candidate)
         return order, scores
-    if measure not in MEASURES:
-        raise ValueError(f"similarity_measure must be one of {MEASURES}, got {measure!r}")
     if use_internal_vr_scores:
         batch_size, k = first_stage_scores.shape
         order = torch.arange(k, device=first_stage_scores.device).expand(batch_size, k)
@@ -126,7 +123,7 @@ def select_top_n(scores, n):
     On CPU by partial selection: torch.topk finds the n-th largest value t of each row; every entry > t is
     taken, plus the entries == t of smallest index up to n in total; only those n are then sorted (5x faster
     than a full sort for 5 x 110k scores). On CUDA a full stable sort is faster (0.17 vs 0.55 ms on an H100)
-    and is used instead. Both give exactly `select_top_n_reference`'s result.
+    and is used instead. Both give the same result.
 
     Args:
         scores: (B, F) float tensor without NaN (`score_batch` checks the logits).
@@ -135,7 +132,8 @@ def select_top_n(scores, n):
         values (B, n') float, flat indices (B, n') int64.
     """
     if scores.is_cuda:
-        return select_top_n_reference(scores, n)
+        values, indices = sort_descending(scores)
+        return values[:, :n], indices[:, :n]
     return select_top_n_partial(scores, n)
 
 
@@ -154,12 +152,6 @@ def select_top_n_partial(scores, n):
     indices = torch.nonzero_static(selected, size=batch_size * n, fill_value=0)[:, 1].view(batch_size, n)
     values, order = sort_descending(scores.gather(1, indices))
     return values, indices.gather(1, order)
-
-
-def select_top_n_reference(scores, n):
-    """Plain formulation of `select_top_n`: a full stable descending sort, then the first n."""
-    values, indices = sort_descending(scores)
-    return values[:, :n], indices[:, :n]
 
 
 @functools.lru_cache(maxsize=32)
@@ -244,11 +236,6 @@ def score_batch_band(measure, begin_logits, end_logits, *, tasks, max_before_nms
                      video_scores=None, first_stage_scores=None, use_internal_vr_scores=False):
     """`score_batch` computing moment scores on the valid pairs only (CPU): about 2,124 of 10,000 pairs for
     L = 100, min_pred_l = 0, max_pred_l = 24. Same arguments and bitwise the same result as `score_batch`."""
-    unknown = set(tasks) - set(TASKS)
-    if unknown:
-        raise ValueError(f"unknown evaluation tasks {sorted(unknown)}; expected a subset of {TASKS}")
-    if measure not in MEASURES:
-        raise ValueError(f"similarity_measure must be one of {MEASURES}, got {measure!r}")
     logits = [begin_logits, end_logits] + ([video_scores] if video_scores is not None else [])
     if any(bool(torch.isnan(x).any()) for x in logits):
         raise ValueError("the model's logits contain NaN: cannot rank predictions")
@@ -312,16 +299,13 @@ def score_batch(measure, begin_logits, end_logits, *, tasks, max_before_nms, min
         begin_logits, end_logits: (B, 1+k, L); index 0 = GT video, 1..k = candidates in ranklist order.
         tasks: subset of ("VCMR", "SVMR", "VR").
         video_scores: (B, 1+k) VS-head logits or None; first_stage_scores: (B, k).
-        select: top-n function (`select_top_n` or `select_top_n_reference`).
+        select: top-n function (`select_top_n`; the benchmark passes method/oracle.py's full sort).
     Returns:
         dict of numpy arrays, one entry per requested task; n = min(max_before_nms, pairs available):
         "SVMR": {"st", "ed": (B, n) int64 clip indices, "score": (B, n) float32} on video 0;
         "VR":   {"candidate": (B, k) int64 positions in the ranklist (0..k-1), "score": (B, k) float32};
         "VCMR": {"candidate", "st", "ed": (B, n) int64, "score": (B, n) float32}.
     """
-    unknown = set(tasks) - set(TASKS)
-    if unknown:
-        raise ValueError(f"unknown evaluation tasks {sorted(unknown)}; expected a subset of {TASKS}")
     logits = [begin_logits, end_logits] + ([video_scores] if video_scores is not None else [])
     if torch.stack([torch.isnan(x).any() for x in logits]).any():
         raise ValueError("the model's logits contain NaN: cannot rank predictions")
@@ -361,9 +345,18 @@ def score_batch(measure, begin_logits, end_logits, *, tasks, max_before_nms, min
     return out
 
 
+def rank_batch(measure, begin_logits, end_logits, *, tasks, max_before_nms, min_pred_l, max_pred_l,
+               video_scores=None, first_stage_scores=None, use_internal_vr_scores=False):
+    """Rank one evaluation batch: `score_batch_band` for logits on the CPU, `score_batch` on accelerators (same
+    arguments, bitwise the same result; see `score_batch` for them and the output)."""
+    rank = score_batch_band if begin_logits.device.type == "cpu" else score_batch
+    return rank(measure, begin_logits, end_logits, tasks=tasks, max_before_nms=max_before_nms,
+                min_pred_l=min_pred_l, max_pred_l=max_pred_l, video_scores=video_scores,
+                first_stage_scores=first_stage_scores, use_internal_vr_scores=use_internal_vr_scores)
+
+
 def concatenate_ranked(ranked_batches):
-    """`score_batch` outputs of consecutive batches -> one output over all their queries (rows built once for a
-    whole evaluation are much cheaper than per batch: see `moment_rows`)."""
+    """`rank_batch` outputs of consecutive batches -> one output over all their queries."""
     if not ranked_batches:
         return {}
     return {task: {name: np.concatenate([ranked[task][name] for ranked in ranked_batches])
@@ -379,7 +372,7 @@ def moment_rows(video_idx, st, ed, scores, clip_length, seconds_dtype=np.float32
     triples were stacked into a float64 array); `seconds_dtype` picks the recipe. Both agree for cl = 1.5.
 
     The columns fill one (B, n, 4) object array whose `tolist` builds all rows in C (2x faster than zipping
-    Python lists, `moment_rows_reference`); the garbage collector is paused meanwhile, since these millions of
+    Python lists, as method/oracle.py does); the garbage collector is paused meanwhile, since these millions of
     new acyclic lists would otherwise trigger repeated full collections.
 
     Args:
@@ -387,7 +380,7 @@ def moment_rows(video_idx, st, ed, scores, clip_length, seconds_dtype=np.float32
     Returns:
         list of B lists of n rows [int, float, float, float].
     """
-    st_seconds, ed_seconds = _moment_seconds(st, ed, clip_length, seconds_dtype)
+    st_seconds, ed_seconds = moment_seconds(st, ed, clip_length, seconds_dtype)
     table = np.empty(np.shape(st) + (4,), dtype=object)
     table[..., 0] = np.asarray(video_idx)
     table[..., 1] = st_seconds
@@ -397,15 +390,7 @@ def moment_rows(video_idx, st, ed, scores, clip_length, seconds_dtype=np.float32
         return table.tolist()
 
 
-def moment_rows_reference(video_idx, st, ed, scores, clip_length, seconds_dtype=np.float32):
-    """Plain formulation of `moment_rows`: columns to Python lists, zipped row by row."""
-    st_seconds, ed_seconds = _moment_seconds(st, ed, clip_length, seconds_dtype)
-    columns = (np.asarray(video_idx).tolist(), st_seconds.tolist(), ed_seconds.tolist(),
-               np.asarray(scores, dtype=np.float32).tolist())
-    return [[list(row) for row in zip(*query_columns)] for query_columns in zip(*columns)]
-
-
-def _moment_seconds(st, ed, clip_length, seconds_dtype):
+def moment_seconds(st, ed, clip_length, seconds_dtype):
     if np.dtype(seconds_dtype) == np.float32:
         clip = np.float32(clip_length)
         return st.astype(np.float32) * clip, ed.astype(np.float32) * clip + clip
@@ -421,18 +406,39 @@ def video_rows(video_idx, scores):
                                                   np.asarray(scores, dtype=np.float32).tolist())]
 
 
-@contextlib.contextmanager
-def gc_paused():
-    """Pause Python's cyclic garbage collector (restoring its previous state) while building large numbers of
-    acyclic containers, which only trigger useless collections."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _numpy(tensor):
     return tensor.detach().cpu().numpy()
+
+
+def prediction_results(ranked_batches, metas, video2idx, clip_length):
+    """`rank_batch` outputs of consecutive batches and the metas of their queries -> {task: [{"desc_id", "desc",
+    "predictions"}, ...]} for the non-empty tasks in TASKS order, then "video2idx". The rows of all queries are
+    built in one conversion (much cheaper than per batch: see `moment_rows`)."""
+    ranked = concatenate_ranked(ranked_batches)
+    with gc_paused():  # millions of new acyclic lists: collections would find nothing to free
+        rows = _prediction_rows(ranked, metas, video2idx, clip_length)
+        results = {task: [dict(desc_id=meta["desc_id"], desc=meta["desc"], predictions=query_rows)
+                          for meta, query_rows in zip(metas, rows[task])]
+                   for task in TASKS if rows.get(task)}
+    results["video2idx"] = video2idx
+    return results
+
+
+def _prediction_rows(ranked, metas, video2idx, clip_length):
+    """`rank_batch` output of B queries -> {task: B lists of submission rows}."""
+    rows = {}
+    if "SVMR" in ranked:
+        r = ranked["SVMR"]
+        gt_video = np.array([[video2idx[meta["vid_name"]]] for meta in metas], dtype=np.int64)
+        rows["SVMR"] = moment_rows(np.broadcast_to(gt_video, r["st"].shape), r["st"], r["ed"], r["score"],
+                                   clip_length, seconds_dtype=np.float64)
+    candidate_video = np.array([[video2idx[name] for name in meta["sample_vid_name_list"]] for meta in metas],
+                               dtype=np.int64).reshape(len(metas), -1)
+    if "VR" in ranked:
+        r = ranked["VR"]
+        rows["VR"] = video_rows(np.take_along_axis(candidate_video, r["candidate"], axis=1), r["score"])
+    if "VCMR" in ranked:
+        r = ranked["VCMR"]
+        rows["VCMR"] = moment_rows(np.take_along_axis(candidate_video, r["candidate"], axis=1), r["st"], r["ed"],
+                                   r["score"], clip_length, seconds_dtype=np.float32)
+    return rows

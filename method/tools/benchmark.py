@@ -1,8 +1,8 @@
 """Benchmark: training step, evaluation throughput and post-processing, each against its plain formulation.
 
-    python -m utils.benchmark                        # full run, paper config (~8 min on a 2-core CPU)
-    python -m utils.benchmark --quick                # tiny sizes: a smoke run (~20 s)
-    python -m utils.benchmark --device cuda --sections train eval --out benchmark_results/gpu.json
+    python -m method.tools.benchmark                        # full run, paper config (~8 min on a 2-core CPU)
+    python -m method.tools.benchmark --quick                # tiny sizes: a smoke run (~20 s)
+    python -m method.tools.benchmark --device cuda --sections train eval --out benchmark_results/gpu.json
 
 Every number is measured in this run, on this machine, and given as a ratio to its plain formulation:
 
@@ -50,10 +50,10 @@ from method.amp import AMP_DTYPES, autocast_context, check_amp, make_grad_scaler
 from method.conquer import CONQUER
 from method.optimization import build_optimizer
 from utils.io_utils import load_json, load_jsonl, save_json
+from utils.run_dir import REPO_ROOT
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_REAL_ANNOTATIONS = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "tvr")
 SECTIONS = ("train", "eval", "post")
 WORKER_RESULT_PREFIX = "BENCHMARK_WORKER_RESULT "
@@ -275,7 +275,7 @@ def train_worker(spec):
 
 def run_train_worker(spec):
     """Run `train_worker(spec)` in a fresh Python process and return its result."""
-    command = [sys.executable, "-m", "utils.benchmark", "--worker", json.dumps(spec)]
+    command = [sys.executable, "-m", "method.tools.benchmark", "--worker", json.dumps(spec)]
     completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     lines = [line for line in completed.stdout.splitlines() if line.startswith(WORKER_RESULT_PREFIX)]
     if completed.returncode != 0 or not lines:
@@ -352,7 +352,7 @@ def run_eval_section(sizes, device, amp_modes):
         dataset = StartEndDataset(data_config, max_ctx_len=sizes["video_len"], max_desc_len=sizes["query_len"],
                                   is_eval=True, mode="val", inference_top_k=10)
         n_queries = len(dataset)
-        distinct_videos = len({name for i in range(n_queries) for name in dataset.eval_video_names(i)})
+        distinct_videos = len({name for names, _ in dataset.eval_candidates for name in names})
         torch.manual_seed(0)
         model = build_model(sizes, device).eval()
 
@@ -474,11 +474,11 @@ def postprocess(batches, ground_truth, video2idx, fast, nms_thd=0.7, max_before_
     plain: the original's formulations: full scores with a full sort of max_before_nms rows, rows per batch,
     list NMS query by query, the evaluator converting query by query.
     """
-    from method.evaluation import nms_submission, query_results, ranked_rows_needed, top_n_submission
-    from utils.scoring import (concatenate_ranked, gc_paused, moment_rows_reference, score_batch, score_batch_band,
-                               select_top_n_reference, video_rows)
+    from method.evaluation import nms_submission, ranked_rows_needed, top_n_submission
+    from method.oracle import apply_nms_reference, moment_rows_reference, select_top_n_reference
+    from method.scoring import concatenate_ranked, prediction_results, score_batch, score_batch_band, video_rows
+    from utils.io_utils import gc_paused
     from utils.standalone_eval import eval_retrieval
-    from utils.temporal_nms import apply_nms_reference
 
     def scored(batch, score, n_ranked, **select):
         return score("general", batch["begin"], batch["end"], tasks=("VCMR", "SVMR", "VR"), max_before_nms=n_ranked,
@@ -497,10 +497,10 @@ def postprocess(batches, ground_truth, video2idx, fast, nms_thd=0.7, max_before_
     if fast:
         n_ranked = ranked_rows_needed(EasyDict(nms_thd=nms_thd, max_before_nms=max_before_nms), max_after_nms)
         with gc_paused():
-            ranked = concatenate_ranked([scored(batch, score_batch_band, n_ranked) for batch in batches])
+            ranked_batches = [scored(batch, score_batch_band, n_ranked) for batch in batches]
             lap("score_and_select")
-            results = query_results(ranked, [meta for batch in batches for meta in batch["metas"]], video2idx,
-                                    clip_length)
+            results = prediction_results(ranked_batches, [meta for batch in batches for meta in batch["metas"]],
+                                         video2idx, clip_length)
             lap("rows")
             submission = top_n_submission(results, max_after_nms)
             nms = nms_submission(submission, submission, nms_thd, max_before_nms, max_after_nms)
