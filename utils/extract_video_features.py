@@ -273,6 +273,7 @@ def extract_features(videos, out_dir, backbones, clip_length=1.5, frames_per_cli
                 bar.set_postfix(frames_per_s=f"{summary.frames / max(bar.format_dict['elapsed'], 1e-9):.1f}")
         finally:
             stop.set()
+            pool.shutdown(cancel_futures=True)
             bar.close()
     summary.seconds = time.perf_counter() - started
     if summary.failed:

@@ -22,6 +22,9 @@ def write_video(path, frame_times, frame_at, size=(64, 48), audio=False, rotatio
         stream = container.add_stream("libx264", rate=mean_rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.time_base = _TIME_BASE
+        # Lossless: the decoded frames are the given ones (up to RGB <-> YUV rounding), so a change to some
+        # frames leaves the others untouched.
+        stream.options = {"qp": "0"}
         stream.codec_context.max_b_frames = 0  # decode order = presentation order: exact durations for any timing
         if rotation:
             stream.set_display_rotation(rotation)
