@@ -238,12 +238,12 @@ def extract_features(videos, out_dir, backbones, clip_length=1.5, frames_per_cli
         logger.info("%d of %d videos already have their features in %s", len(summary.existing), len(videos), out_dir)
 
     preprocessings = list(dict.fromkeys(b.preprocessing for b in backbones))
-    chunks = queue.Queue(maxsize=2 * num_workers)
+    chunks = queue.Queue(maxsize=2 * num_workers)  # bounded: decoders wait for the models
     stop = threading.Event()
     clip_features = {i: [] for i in range(len(pending))}
     unfinished = len(pending)
     bar = tqdm(total=len(pending), unit="video", desc="extracting")
-    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+    with ThreadPoolExecutor(max_workers=num_workers) as pool:
         for i, (path, _) in enumerate(pending):
             pool.submit(_decode_video, i, path, clip_length, frames_per_clip, batch_clips, preprocessings,
                         chunks, stop)
@@ -251,17 +251,17 @@ def extract_features(videos, out_dir, backbones, clip_length=1.5, frames_per_cli
             while unfinished:
                 i, item = chunks.get()
                 path, n_clips = pending[i]
+                if isinstance(item, list):  # pixels of the video's next chunk of clips
+                    clip_features[i].append(_embed_chunk(item, backbones, preprocessings, frames_per_clip,
+                                                         l2_normalize, device, dtype))
+                    summary.frames += len(item[0])
+                    continue
                 if isinstance(item, VideoDecodeError):
                     _report_failure(summary, path, item)
                     del clip_features[i]
                 elif isinstance(item, BaseException):
                     raise item
-                elif item is not None:
-                    clip_features[i].append(_embed_chunk(item, backbones, preprocessings, frames_per_clip,
-                                                         l2_normalize, device, dtype))
-                    summary.frames += len(item[0])
-                    continue
-                else:
+                else:  # None: the video is decoded to the end
                     features = np.concatenate(clip_features.pop(i))
                     if features.shape != (n_clips, dim):
                         raise RuntimeError(f"{path}: {features.shape} features, expected {(n_clips, dim)}")
@@ -373,8 +373,9 @@ def parse_args(argv=None):
         args.frames_per_clip = max(1, round(args.fps * args.clip_length))
     elif args.frames_per_clip < 1:
         raise ExtractionError(f"--frames_per_clip {args.frames_per_clip}: expected >= 1")
-    if args.batch_clips < 1:
-        raise ExtractionError(f"--batch_clips {args.batch_clips}: expected >= 1")
+    for flag in ["batch_clips", "num_workers"]:
+        if getattr(args, flag) < 1:
+            raise ExtractionError(f"--{flag} {getattr(args, flag)}: expected >= 1")
     return args
 
 
@@ -388,6 +389,8 @@ def main(argv=None):
         device = torch.device(args.device)
     except RuntimeError as e:
         raise ExtractionError(f"--device {args.device}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ExtractionError(f"--device {args.device}: CUDA is not available here; use --device cpu")
     dtype = DTYPES[args.dtype]
     backbones = [load_backbone(name, args.weights, args.seed, device, dtype, args.full_frame)
                  for name in args.backbones]

@@ -141,7 +141,8 @@ def test_rerun_computes_only_missing_or_incomplete_files(video_dir, tiny_models,
     os.remove(tmp_path / "odd_rate.npy")
     (tmp_path / "seven_fps.npy").write_bytes(reference["seven_fps"][:200])
     (tmp_path / ".with_audio.npy.abc123.tmp").write_bytes(b"partial")
-    untouched = {name: os.stat(tmp_path / f"{name}.npy").st_mtime_ns for name in ["with_audio", "variable_rate", "rotated"]}
+    untouched = {name: os.stat(tmp_path / f"{name}.npy").st_mtime_ns
+                 for name in ["with_audio", "variable_rate", "rotated"]}
     summary = extract(videos, tmp_path, backbones)
     assert sorted(map(os.path.basename, summary.written)) == ["odd_rate.mp4", "seven_fps.mp4"]
     assert sorted(map(os.path.basename, summary.existing)) == ["rotated.mp4", "variable_rate.mp4", "with_audio.mp4"]
@@ -150,7 +151,8 @@ def test_rerun_computes_only_missing_or_incomplete_files(video_dir, tiny_models,
     assert {name: (tmp_path / f"{name}.npy").read_bytes() for name in VIDEOS} == reference
     # Features of another width (other backbones) are incomplete too.
     summary = extract(videos[:1], tmp_path, backbones[:1])
-    assert len(summary.written) == 1 and np.load(tmp_path / os.path.basename(videos[0]).replace(".mp4", ".npy")).shape[1] == 16
+    first = os.path.basename(videos[0]).replace(".mp4", ".npy")
+    assert len(summary.written) == 1 and np.load(tmp_path / first).shape[1] == 16
 
 
 def test_undecodable_files_are_skipped_named_and_counted(video_dir, tiny_models, tmp_path, caplog):
