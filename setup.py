@@ -18,5 +18,5 @@ setup(
         "tqdm",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest"], "extract": ["av>=14", "transformers"]},
 )
