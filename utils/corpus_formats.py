@@ -109,7 +109,7 @@ def didemo_segment_to_seconds(pair):
 
 def convert_didemo(path, has_gt=True):
     """DiDeMo {train,val,test}_data.json: the moment is the most agreed segment, the annotator moments every
-    annotator's segment in file order (when there are enough for the evaluator's multi-moment rule);
+    annotator's segment, the most agreed first (when there are enough for the evaluator's multi-moment rule);
     durations are left to the features."""
     rows = load_json(path)
     if not isinstance(rows, list):
@@ -127,9 +127,13 @@ def convert_didemo(path, has_gt=True):
                     and p[0] <= p[1] for p in times)):
                 raise CorpusInputError(f"{path}: annotation_id {desc_id}: times must be a non-empty list of "
                                        f"[start_segment, end_segment] index pairs, found {times!r}")
-            record["moment"] = didemo_segment_to_seconds(most_agreed_segment(times))
+            best = most_agreed_segment(times)
+            record["moment"] = didemo_segment_to_seconds(best)
             if len(times) >= MIN_ANNOTATOR_MOMENTS:
-                record["annotator_moments"] = [didemo_segment_to_seconds(p) for p in times]
+                # The most agreed moment first (the label of a loss on this split), the others in file order.
+                others = [list(p) for p in times]
+                others.remove(best)
+                record["annotator_moments"] = [didemo_segment_to_seconds(p) for p in [best] + others]
         records.append(record)
     return records
 

@@ -150,7 +150,7 @@ def test_didemo_corpus_labels_durations_and_clipping(tmp_path):
     val = [json.loads(line) for line in open(config.eval_data_path)]
     assert train[0]["ts"] == [5.0, 15.0] and train[0]["duration"] == 30.0  # most agreed (1, 2); 12 clips x 2.5 s
     assert val[0]["duration"] == 22.5
-    assert val[0]["ts"] == [[0.0, 10.0], [22.5, 22.5], [0.0, 10.0], [10.0, 15.0]]  # all 4 annotators, clipped
+    assert val[0]["ts"] == [[0.0, 10.0], [22.5, 22.5], [0.0, 10.0], [10.0, 15.0]]  # all 4, most agreed first, clipped
     assert val[1]["ts"] == [5.0, 10.0]  # 3 annotators: the most agreed one
     assert summary["warnings"] == ["warning: 1 moments outside their video, clipped to it "
                                    "(first: desc_id 11: [25.0, 30.0] on 22.5 s)"]

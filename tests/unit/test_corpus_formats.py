@@ -39,7 +39,7 @@ def test_convert_didemo(tmp_path):
             {"annotation_id": 8, "description": "short", "video": "v2.avi", "times": [[0, 0], [1, 1], [1, 1]]}]
     records = convert_didemo(write_json(tmp_path / "val_data.json", rows))
     assert records[0] == dict(desc_id=7, desc="a dog runs", vid_name="v1.mp4", duration=None, moment=[15.0, 20.0],
-                              annotator_moments=[[5.0, 15.0], [15.0, 20.0], [15.0, 20.0], [0.0, 30.0]])
+                              annotator_moments=[[15.0, 20.0], [5.0, 15.0], [15.0, 20.0], [0.0, 30.0]])
     assert records[1]["moment"] == [5.0, 10.0] and records[1]["annotator_moments"] is None  # 3 < 4 annotators
 
 
