@@ -18,5 +18,5 @@ setup(
         "tqdm",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest"], "corpus": ["transformers>=4.56", "h5py"]},
 )
