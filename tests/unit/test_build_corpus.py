@@ -211,3 +211,15 @@ def test_cli_prints_counts_and_training_flags(tmp_path, capsys):
     assert "val: 2 queries, 1 videos" in printed and "No first-stage ranklists were written" in printed
     assert (f"Train with: --dataset_config {tmp_path}/c/data_config.json --dset_name didemo --ctx_mode visual "
             f"--clip_length 2.5 --max_ctx_len 12 --visual_dim 4 --query_dim 5") in printed
+
+
+@pytest.mark.parametrize("name, clip_length", [("didemo", 2.5), ("anet", 3.0)])
+def test_presets_match_the_layout_the_builder_writes(name, clip_length):
+    from utils.build_corpus import release_layout
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    preset = json.load(open(os.path.join(repo, "config", f"{name}_data_config.json")))
+    assert {k: preset[k] for k in release_layout(name, clip_length)} == release_layout(name, clip_length)
+    assert preset["dset_name"] == name and preset["clip_length"] == clip_length and preset["ctx_mode"] == "visual"
+    script = open(os.path.join(repo, "scripts", f"train_{name}.sh")).read()
+    assert f"--clip_length {clip_length:g}" in script.replace("3.0", "3") and "--ctx_mode visual" in script
