@@ -18,5 +18,9 @@ setup(
         "tqdm",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest"], "extract": ["av>=14", "transformers"]},
+    extras_require={
+        "test": ["pytest"],
+        "corpus": ["transformers>=4.56", "h5py"],
+        "extract": ["av>=14", "transformers>=4.56"],
+    },
 )

@@ -41,7 +41,8 @@ class BaseOptions:
     def initialize(self):
         self.initialized = True
         p = self.parser
-        p.add_argument("--dset_name", type=str, default="tvr", choices=["tvr", "didemo"])
+        p.add_argument("--dset_name", type=str, default="tvr",
+                       help="corpus name, used in result names; tvr adds per-query-type (v, t, vt) metrics")
         p.add_argument("--eval_split_name", type=str, default="val",
                        help="split evaluated (val or test_public); metrics are computed for val only")
         p.add_argument("--data_ratio", type=float, default=1.0,

@@ -84,8 +84,9 @@ class StartEndDataset(Dataset):
         self.video2idx = {name: int(dur_idx[1]) for name, dur_idx in video_splits[mode].items()}
         self.idx2video = {idx: name for name, idx in self.video2idx.items()}
 
+        # A multi-moment (DiDeMo-style) val split also feeds the eval-loss pass: its label is the first moment.
         problems = annotation_problems(self.query_data, self.data_path, mode, self.video2idx, self.dset_name,
-                                       single_moment=not is_eval)
+                                       single_moment=mode == "train")
         if problems:
             more = len(problems) - _MAX_REPORTED_PROBLEMS
             raise DatasetError("invalid annotations:\n  " + "\n  ".join(problems[:_MAX_REPORTED_PROBLEMS])
@@ -152,7 +153,8 @@ class StartEndDataset(Dataset):
         if self.use_sub:
             model_inputs["sub"], _ = self._video_inputs(video_names, self.sub_store, TEXT_TOKEN_ID, placeholder_gt)
         if not self.is_eval:
-            st, ed = st_ed_label(row["ts"], n_gt_clips, self.clip_length)
+            label = row["ts"][0] if isinstance(row["ts"][0], (list, tuple)) else row["ts"]
+            st, ed = st_ed_label(label, n_gt_clips, self.clip_length)
             model_inputs["st_ed_indices"] = torch.tensor([st, ed], dtype=torch.int64)
         return dict(meta=meta, model_inputs=model_inputs)
 

@@ -5,7 +5,7 @@
 Checks: the data config loads; every store opens; every annotation is well formed (fields, type, unique
 desc_id, ts inside the video); every desc_id has query features and a ranklist; ranklists reference only
 videos of their split, hold at least --max_vcmr_video entries on val/test_public and (train) rank the GT in
-the top 100; every annotated or ranked video has visual (and subtitle) features; feature values are finite
+the top 100 (--no_ranklists skips the ranklists: a corpus the first stage has not ranked yet); every annotated or ranked video has visual (and subtitle) features; feature values are finite
 and dims agree across keys. Exit status 0 only when no problem is found.
 """
 import argparse
@@ -57,7 +57,7 @@ def _open(store_class, path, problems):
         return None
 
 
-def check_corpus(dataset_config, splits=SPLITS, max_vcmr_video=10, ctx_mode="visual_sub"):
+def check_corpus(dataset_config, splits=SPLITS, max_vcmr_video=10, ctx_mode="visual_sub", ranklists=True):
     """-> (counts per split {split: {"queries", "videos", "problems"}}, list of problem messages)."""
     problems = []
     try:
@@ -92,7 +92,7 @@ def check_corpus(dataset_config, splits=SPLITS, max_vcmr_video=10, ctx_mode="vis
         rows = [row for row in rows if isinstance(row, dict) and "desc_id" in row]
 
         videos = {row["vid_name"] for row in rows if row.get("vid_name") in video2idx}
-        ranklist_store = _open(RanklistStore, config[ranklist_key], problems)
+        ranklist_store = _open(RanklistStore, config[ranklist_key], problems) if ranklists else None
         for row in tqdm(rows, desc=f"{split}: queries and ranklists", disable=not rows):
             desc_id = row["desc_id"]
             if query_check is not None:
@@ -139,9 +139,12 @@ def main(argv=None):
     parser.add_argument("--max_vcmr_video", type=int, default=10, help="minimum ranklist length on val/test_public")
     parser.add_argument("--ctx_mode", choices=CTX_MODES, default="visual_sub",
                         help="visual: the subtitle store is not needed")
+    parser.add_argument("--no_ranklists", action="store_true",
+                        help="do not check first-stage ranklists (a corpus the first stage has not ranked yet)")
     args = parser.parse_args(argv)
 
-    counts, problems = check_corpus(args.dataset_config, args.splits, args.max_vcmr_video, args.ctx_mode)
+    counts, problems = check_corpus(args.dataset_config, args.splits, args.max_vcmr_video, args.ctx_mode,
+                                    ranklists=not args.no_ranklists)
     for split, count in counts.items():
         print(f"{split}: {count['queries']} queries, {count['videos']} videos, {count['problems']} problems")
     if problems:

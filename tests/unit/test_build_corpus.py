@@ -1,0 +1,225 @@
+"""utils.build_corpus: the stores hold exactly the inputs, the layout loads and checks, bad input stops cleanly."""
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from text_model_fixtures import save_tiny_text_model
+from utils.build_corpus import build_corpus, main, training_flags
+from utils.check_data import check_corpus
+from utils.corpus_formats import CorpusInputError, subtitle_clip_features
+from utils.data_config import load_data_config
+from utils.feature_stores import QueryFeatureStore, SubtitleFeatureStore, decode_video_features, _open_env
+from utils.text_encoder import TextEncoder
+
+CLIP = 1.5
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def raw_video(path, name, n_clips, dim, seed):
+    features = np.random.default_rng(seed).normal(size=(n_clips, dim)).astype(np.float32)
+    np.save(os.path.join(path, f"{name}.npy"), features)
+    return features
+
+
+def raw_tvr_corpus(root, dim=6, n_videos=(3, 2)):
+    """TVR-format annotations, per-video .npy features, jsonl subtitles -> dict of paths and arrays."""
+    feats = root / "feats"
+    feats.mkdir()
+    arrays, splits, subs = {}, {}, []
+    desc_id = 0
+    for split, n in zip(("train", "val"), n_videos):
+        rows = []
+        for v in range(n):
+            name = f"{split}_{v}"
+            arrays[name] = raw_video(feats, name, 4 + v, dim, seed=len(arrays))
+            duration = (4 + v) * CLIP - 0.3
+            for q in range(2):
+                rows.append(dict(desc_id=desc_id, desc=f"the man opens door {q}", vid_name=name, duration=duration,
+                                 ts=[0.5, 2.0 + q], type="v"))
+                desc_id += 1
+            subs.append(dict(vid_name=name, sub=[dict(text="hello there", start=0.2, end=1.4),
+                                                 dict(text="how are you", start=1.0, end=3.2)]))
+        splits[split] = write_jsonl(root / f"{split}.jsonl", rows)
+    return dict(annotations=splits, feats=str(feats), arrays=arrays, subtitles=write_jsonl(root / "subs.jsonl", subs))
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    return save_tiny_text_model(tmp_path_factory.mktemp("tiny_roberta"))
+
+
+def stored_video(store_path, name):
+    with _open_env(os.path.realpath(store_path)).begin() as txn:
+        return decode_video_features(txn.get(name.encode()))
+
+
+def test_text_corpus_stores_equal_inputs_and_encoder(tmp_path, text_model):
+    raw = raw_tvr_corpus(tmp_path)
+    out = tmp_path / "corpus"
+    summary = build_corpus(str(out), "tvr", raw["annotations"], [raw["feats"]], CLIP, subtitles=raw["subtitles"],
+                           text_encoder=text_model, text_encoder_device="cpu", l2_normalize=False, progress=False)
+    config = load_data_config(summary["data_config"])
+    assert config.root_path == str(out) and config.ctx_mode == "visual_sub"
+    assert config.text_encoder["name_or_path"] == text_model
+    for name, array in raw["arrays"].items():  # bitwise, as given
+        stored = stored_video(config.vid_feat_path, name)
+        assert stored.dtype == np.float32 and np.array_equal(stored, array)
+
+    encoder = TextEncoder(text_model, device="cpu")
+    query_store = QueryFeatureStore(config.desc_bert_path)
+    rows = [json.loads(line) for line in open(config.train_data_path)]
+    assert rows[0] == dict(desc_id=0, desc="the man opens door 0", vid_name="train_0", duration=5.7, ts=[0.5, 2.0],
+                           type="v")
+    texts = [r["desc"] for r in rows]
+    expected = encoder.encode_tokens(texts)
+    for row, tokens in zip(rows, expected):
+        assert np.array_equal(query_store.get(row["desc_id"]), tokens)
+    direct = encoder.model(**encoder.tokenizer(texts[0], return_tensors="pt")).last_hidden_state[0]
+    assert np.allclose(expected[0], direct.detach().numpy(), atol=1e-5)
+
+    sub_store = SubtitleFeatureStore(config.sub_bert_path)
+    sentence_tokens = encoder.encode_tokens(["hello there", "how are you"])
+    for name, array in raw["arrays"].items():
+        sentences = [dict(start=0.2, end=1.4), dict(start=1.0, end=3.2)]
+        assert np.array_equal(sub_store.get(name), subtitle_clip_features(sentences, sentence_tokens, len(array), CLIP))
+        assert not sub_store.get(name)[3:].any()  # no subtitle after 3.2 s
+
+    video2dur = json.load(open(config.video_duration_idx_path))
+    assert video2dur["val"] == {"val_0": [5.7, 3], "val_1": [7.2, 4]} and video2dur["test_public"] == {}
+    assert summary["dims"] == dict(visual=6, text=16, query=16)
+    counts, problems = check_corpus(summary["data_config"], ranklists=False)
+    assert problems == [] and counts["train"]["queries"] == 6 and counts["val"]["videos"] == 2
+    assert training_flags(summary)[-6:] == ["--visual_dim", "6", "--query_dim", "16", "--text_dim", "16"]
+
+
+def test_feature_sets_are_normalised_resampled_and_concatenated(tmp_path):
+    raw = raw_tvr_corpus(tmp_path, n_videos=(1, 1))
+    half = tmp_path / "half_second"
+    half.mkdir()
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    second = {name: raw_video(half, name, 3 * len(a), 3, seed=10 + i) for i, (name, a) in enumerate(raw["arrays"].items())}
+    for desc_id in range(4):
+        raw_video(queries, str(desc_id), 5, 7, seed=desc_id)
+    summary = build_corpus(str(tmp_path / "c"), "tvr", raw["annotations"], [raw["feats"], str(half)], CLIP,
+                           video_feature_clip_lengths=[CLIP, 0.5], query_features=str(queries), progress=False)
+    config = load_data_config(summary["data_config"])
+    for name, first in raw["arrays"].items():
+        # 0.5-s rows -> 1.5-s clips: the mean of each run of three rows; then each set L2-normalised.
+        coarse = second[name].astype(np.float64).reshape(len(first), 3, 3).mean(axis=1)
+        expected = np.concatenate([first / (np.linalg.norm(first, axis=1, keepdims=True) + 1e-5),
+                                   coarse / (np.linalg.norm(coarse, axis=1, keepdims=True) + 1e-5)], axis=1)
+        assert np.allclose(stored_video(config.vid_feat_path, name), expected, atol=1e-6)
+    assert np.array_equal(QueryFeatureStore(config.desc_bert_path).get(3), np.load(queries / "3.npy"))
+    assert summary["ctx_mode"] == "visual" and "--text_dim" not in training_flags(summary)
+
+
+def didemo_raw(tmp_path):
+    feats = tmp_path / "resnet.h5"
+    rows = {"train": [dict(annotation_id=10, description="a dog", video="a.mp4", times=[[1, 1], [1, 2], [1, 2], [0, 0]])],
+            "val": [dict(annotation_id=11, description="a cat", video="b.mp4", times=[[0, 1], [5, 5], [0, 1], [2, 2]]),
+                    dict(annotation_id=12, description="a car", video="b.mp4", times=[[1, 1], [1, 1], [2, 2]])]}
+    with h5py.File(feats, "w") as f:
+        f.create_dataset("a.mp4", data=np.ones((12, 4), dtype=np.float32))
+        f.create_dataset("b.mp4", data=np.ones((9, 4), dtype=np.float32))  # 22.5 s: segment 5 (25-30 s) is outside
+    paths = {}
+    for split, split_rows in rows.items():
+        paths[split] = str(tmp_path / f"{split}_data.json")
+        json.dump(split_rows, open(paths[split], "w"))
+    queries = tmp_path / "queries.h5"
+    with h5py.File(queries, "w") as f:
+        for desc_id in (10, 11, 12):
+            f.create_dataset(str(desc_id), data=np.full((3, 5), desc_id, dtype=np.float32))
+    return paths, str(feats), str(queries)
+
+
+def test_didemo_corpus_labels_durations_and_clipping(tmp_path):
+    paths, feats, queries = didemo_raw(tmp_path)
+    summary = build_corpus(str(tmp_path / "didemo"), "didemo", paths, [feats], 2.5, query_features=queries,
+                           progress=False)
+    config = load_data_config(summary["data_config"])
+    assert config.dset_name == "didemo" and config.ctx_mode == "visual" and config.text_encoder is None
+    train = [json.loads(line) for line in open(config.train_data_path)]
+    val = [json.loads(line) for line in open(config.eval_data_path)]
+    assert train[0]["ts"] == [5.0, 15.0] and train[0]["duration"] == 30.0  # most agreed (1, 2); 12 clips x 2.5 s
+    assert val[0]["duration"] == 22.5
+    assert val[0]["ts"] == [[0.0, 10.0], [22.5, 22.5], [0.0, 10.0], [10.0, 15.0]]  # all 4, most agreed first, clipped
+    assert val[1]["ts"] == [5.0, 10.0]  # 3 annotators: the most agreed one
+    assert summary["warnings"] == ["warning: 1 moments outside their video, clipped to it "
+                                   "(first: desc_id 11: [25.0, 30.0] on 22.5 s)"]
+    counts, problems = check_corpus(summary["data_config"], ranklists=False, ctx_mode="visual")
+    assert problems == [] and counts["val"] == dict(queries=2, videos=1, problems=0)
+
+
+def assert_fails_cleanly(tmp_path, match, **kwargs):
+    out = tmp_path / "out"
+    with pytest.raises(CorpusInputError, match=match):
+        build_corpus(str(out), progress=False, **kwargs)
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_bad_inputs_stop_with_file_and_key(tmp_path):
+    raw = raw_tvr_corpus(tmp_path)
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for desc_id in range(10):
+        raw_video(queries, str(desc_id), 3, 4, seed=desc_id)
+    base = dict(annotation_format="tvr", annotations=raw["annotations"], video_features=[raw["feats"]],
+                clip_length=CLIP, query_features=str(queries))
+    feats = raw["feats"]
+
+    os.rename(f"{feats}/val_1.npy", f"{tmp_path}/val_1.npy")
+    assert_fails_cleanly(tmp_path, "feats: no features for video 'val_1', named in the annotations", **base)
+    np.save(f"{feats}/val_1.npy", np.zeros((5, 7), dtype=np.float32))
+    assert_fails_cleanly(tmp_path, "key 'val_1': expected feature dim 6 .* found 7", **base)
+    bad = np.zeros((5, 6), dtype=np.float32)
+    bad[2, 1] = np.nan
+    np.save(f"{feats}/val_1.npy", bad)
+    assert_fails_cleanly(tmp_path, "key 'val_1': NaN or infinite value in row 2", **base)
+    np.save(f"{feats}/val_1.npy", np.zeros((5, 6), dtype=np.float32))
+    with open(f"{feats}/val_1.npy", "r+b") as f:
+        f.truncate(100)
+    assert_fails_cleanly(tmp_path, "val_1.npy: cannot read features of key 'val_1'", **base)
+    np.save(f"{feats}/val_1.npy", np.zeros((5, 6), dtype=np.float32))
+
+    rows = [json.loads(line) for line in open(raw["annotations"]["val"])]
+    rows[1]["desc_id"] = 0
+    duplicate = dict(base, annotations=dict(train=raw["annotations"]["train"],
+                                            val=write_jsonl(tmp_path / "dup.jsonl", rows)))
+    assert_fails_cleanly(tmp_path, "dup.jsonl: desc_id 0 appears twice", **duplicate)
+    os.remove(queries / "9.npy")
+    assert_fails_cleanly(tmp_path, "queries: no query features for desc_id 9", **base)
+
+    (tmp_path / "out").mkdir()
+    with pytest.raises(CorpusInputError, match="out: already exists"):
+        build_corpus(str(tmp_path / "out"), progress=False, **base)
+
+
+def test_cli_prints_counts_and_training_flags(tmp_path, capsys):
+    paths, feats, queries = didemo_raw(tmp_path)
+    main(["--out_dir", str(tmp_path / "c"), "--annotation_format", "didemo", "--annotations",
+          f"train={paths['train']}", f"val={paths['val']}", "--video_features", feats, "--clip_length", "2.5",
+          "--query_features", queries])
+    printed = capsys.readouterr().out
+    assert "val: 2 queries, 1 videos" in printed and "No first-stage ranklists were written" in printed
+    assert (f"Train with: --dataset_config {tmp_path}/c/data_config.json --dset_name didemo --ctx_mode visual "
+            f"--clip_length 2.5 --max_ctx_len 12 --visual_dim 4 --query_dim 5") in printed
+
+
+@pytest.mark.parametrize("name, clip_length", [("didemo", 2.5), ("anet", 3.0)])
+def test_presets_match_the_layout_the_builder_writes(name, clip_length):
+    from utils.build_corpus import release_layout
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    preset = json.load(open(os.path.join(repo, "config", f"{name}_data_config.json")))
+    assert {k: preset[k] for k in release_layout(name, clip_length)} == release_layout(name, clip_length)
+    assert preset["dset_name"] == name and preset["clip_length"] == clip_length and preset["ctx_mode"] == "visual"
+    script = open(os.path.join(repo, "scripts", f"train_{name}.sh")).read()
+    assert f"--clip_length {clip_length:g}" in script.replace("3.0", "3") and "--ctx_mode visual" in script

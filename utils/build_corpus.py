@@ -1,0 +1,466 @@
+"""Turn a corpus in the formats the field uses into the release layout this project trains on.
+
+    python -m utils.build_corpus --out_dir DIR --annotation_format {tvr,didemo,anet,qvhighlights} \\
+        --annotations train=PATH val=PATH [test_public=PATH] \\
+        --video_features PATH [PATH ...] --clip_length 1.5 \\
+        [--sub_features PATH | --subtitles PATH] [--query_features PATH] [--text_encoder NAME_OR_PATH]
+
+Writes under DIR: the annotation jsonl of every split, `<name>_video2dur_idx.json`, the video, subtitle and
+query LMDB stores in the release encodings, and DIR/data_config.json (root_path = DIR); then prints the
+train.py flags for the corpus.
+
+* Video features: each `--video_features` PATH is one feature set (a folder of per-video .npy / .npz / .pt
+  files or one .h5 keyed by video name). Several sets are L2-normalised row-wise (unless
+  --no_l2_normalize) and concatenated per clip, as the release's ResNet + SlowFast features were. A set
+  extracted at another clip length (--video_feature_clip_lengths) is resampled to --clip_length (each clip
+  the overlap-weighted mean of the rows it covers); the first set then fixes a video's clip count and the
+  others are zero-padded or cut to it when they differ by at most --max_clip_count_diff rows (an error
+  beyond that).
+* Queries: --query_features (per-query files named by desc_id, or an .h5 keyed by str(desc_id)), or the
+  query text encoded with --text_encoder (token level).
+* Subtitles: --sub_features (clip-level, same containers) or --subtitles (jsonl {vid_name, sub: [{text,
+  start, end}]} or a folder of <vid_name>.srt) encoded with --text_encoder: a clip's feature is the
+  max-pool of the token features of every sentence overlapping it, zeros where none does. Without either,
+  the corpus is visual-only (ctx_mode visual).
+* Moments outside their video are clipped to it (counted in a warning). DiDeMo gives no durations: they
+  come from --durations (JSON {video: seconds}) or from the features (clips x clip_length).
+* First-stage ranklists are not written: the data config points at the paths where the first-stage
+  retriever writes them (data/<split>_first_stage_ranklist); training needs them.
+
+Everything is built in DIR.partial and renamed to DIR at the end, so a failed build leaves no corpus; an
+existing DIR is an error. Features are streamed one video at a time.
+"""
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+import config as config_package
+from utils.corpus_formats import (ANNOTATION_FORMATS, CorpusInputError, check_feature_array, l2_normalize_rows,
+                                  load_annotations, load_subtitles, open_features, resample_rows,
+                                  subtitle_clip_features)
+from utils.errors import run_cli
+from utils.feature_stores import StoreWriter, encode_npz_features, encode_video_features
+from utils.io_utils import load_json, save_json, save_jsonl
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test_public")
+DATA_CONFIG_NAME = "data_config.json"
+QUERY_CHUNK = 2048  # queries whose features are held at once
+MODEL_CONFIG_PATH = os.path.join(os.path.dirname(config_package.__file__), "model_config.json")
+
+
+def release_layout(name, clip_length):
+    """Path keys of the data config (relative to root_path) for corpus `name`. The ranklist paths are where
+    the first-stage retriever writes its lists."""
+    cl = f"{clip_length:g}"
+    return dict(
+        desc_bert_path=f"sub_query_feature/{name}_query",
+        sub_bert_path=f"sub_query_feature/{name}_sub_max_cl-{cl}",
+        vid_feat_path=f"video_feature/{name}_visual_cl-{cl}",
+        train_data_path=f"data/{name}_train_release.jsonl",
+        eval_data_path=f"data/{name}_val_release.jsonl",
+        test_data_path=f"data/{name}_test_public_release.jsonl",
+        train_first_VR_ranklist_path="data/train_first_stage_ranklist",
+        eval_first_VR_ranklist_path_hero="data/val_first_stage_ranklist",
+        test_public_first_VR_ranklist_path_hero="data/test_public_first_stage_ranklist",
+        video_duration_idx_path=f"data/{name}_video2dur_idx.json",
+    )
+
+
+def model_max_clips():
+    """Clips per video the default model config can take (its video position embeddings)."""
+    return int(load_json(MODEL_CONFIG_PATH)["bert_config"]["max_position_embeddings"])
+
+
+class _Warnings:
+    """Counts of repaired input problems, with the first example of each."""
+
+    def __init__(self):
+        self.counts, self.examples = {}, {}
+
+    def add(self, kind, example):
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.examples.setdefault(kind, example)
+
+    def lines(self):
+        return [f"warning: {n} {kind} (first: {self.examples[kind]})" for kind, n in self.counts.items()]
+
+
+class VideoFeatureSets:
+    """Reads one video's clip features from every set: resampled, checked, aligned, normalised, concatenated."""
+
+    def __init__(self, paths, clip_lengths, clip_length, l2_normalize, max_clip_count_diff, warnings):
+        self.sources = [open_features(path) for path in paths]
+        self.paths = list(paths)
+        self.clip_lengths = list(clip_lengths)
+        self.clip_length = clip_length
+        self.l2_normalize = l2_normalize
+        self.max_clip_count_diff = max_clip_count_diff
+        self.dims = [None] * len(paths)
+        self.warnings = warnings
+
+    def missing(self, names):
+        """[(path, first missing name, number missing)] over the sets."""
+        result = []
+        for path, source in zip(self.paths, self.sources):
+            absent = [name for name in names if name not in source]
+            if absent:
+                result.append((path, absent[0], len(absent)))
+        return result
+
+    def read(self, name):
+        """-> (n_clips, sum of dims) float32."""
+        parts = []
+        for i, (path, source) in enumerate(zip(self.paths, self.sources)):
+            rows = check_feature_array(source.get(name), f"{path}: key {name!r}", self.dims[i])
+            self.dims[i] = rows.shape[1]
+            if self.clip_lengths[i] != self.clip_length:
+                rows = resample_rows(rows, self.clip_lengths[i], self.clip_length)
+            if parts:
+                rows = align_clip_count(rows, len(parts[0]), f"{path}: key {name!r}", self.max_clip_count_diff,
+                                        self.warnings)
+            parts.append(l2_normalize_rows(rows) if self.l2_normalize else rows)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+    def close(self):
+        for source in self.sources:
+            source.close()
+
+
+def align_clip_count(rows, n_clips, where, max_diff, warnings):
+    """Zero-pad or cut `rows` to n_clips rows when they differ by at most max_diff; an error beyond."""
+    if len(rows) == n_clips:
+        return rows
+    if abs(len(rows) - n_clips) > max_diff:
+        raise CorpusInputError(f"{where}: {len(rows)} clips, while the first feature set has {n_clips} for this "
+                               f"video (more than --max_clip_count_diff {max_diff} apart: check the clip lengths)")
+    warnings.add("videos whose feature sets differ in clip count (zero-padded / cut to the first set)", where)
+    aligned = np.zeros((n_clips, rows.shape[1]), dtype=rows.dtype)
+    aligned[:min(n_clips, len(rows))] = rows[:n_clips]
+    return aligned
+
+
+def _load_splits(annotation_format, annotations):
+    """{split: records}; desc_ids assigned where the format has none; duplicates are an error."""
+    records_by_split = {}
+    next_id = 0
+    seen = {}
+    for split in SPLITS:
+        if split not in annotations:
+            records_by_split[split] = []
+            continue
+        path = annotations[split]
+        records = load_annotations(annotation_format, path, has_gt=split != "test_public")
+        for record in records:
+            if record["desc_id"] is None:
+                record["desc_id"] = next_id
+                next_id += 1
+            if record["desc_id"] in seen:
+                raise CorpusInputError(f"{path}: desc_id {record['desc_id']} appears twice (also in "
+                                       f"{seen[record['desc_id']]})")
+            seen[record["desc_id"]] = path
+        records_by_split[split] = records
+    return records_by_split
+
+
+def _videos_of(records):
+    """Video names in order of first appearance, with the duration their annotations give (or None)."""
+    durations = {}
+    for record in records:
+        name = record["vid_name"]
+        if name is None:
+            continue
+        if name not in durations or (durations[name] is None and record["duration"] is not None):
+            durations[name] = record["duration"]
+        elif record["duration"] is not None and abs(record["duration"] - durations[name]) > 1e-2:
+            raise CorpusInputError(f"video {name!r}: annotations give two durations ({durations[name]} and "
+                                   f"{record['duration']}, desc_id {record['desc_id']})")
+    return durations
+
+
+def _clip_moment(moment, duration, desc_id, warnings):
+    clipped = [min(max(t, 0.0), duration) for t in moment]
+    if clipped != moment:
+        warnings.add("moments outside their video, clipped to it", f"desc_id {desc_id}: {moment} on {duration} s")
+    return [round(t, 4) for t in clipped]
+
+
+def _release_row(record, split, duration, warnings):
+    """The annotation row written for one query."""
+    row = dict(desc_id=record["desc_id"], desc=record["desc"])
+    if record["vid_name"] is not None:
+        row.update(vid_name=record["vid_name"], duration=duration)
+    if record["moment"] is not None:
+        label = _clip_moment(record["moment"], duration, record["desc_id"], warnings)
+        if split != "train" and record["annotator_moments"]:
+            row["ts"] = [_clip_moment(m, duration, record["desc_id"], warnings) for m in record["annotator_moments"]]
+        else:
+            row["ts"] = label
+    if "type" in record:
+        row["type"] = record["type"]
+    return row
+
+
+def _encoder(name_or_path, device, dtype, batch_size):
+    from utils.text_encoder import TextEncoder
+
+    return TextEncoder(name_or_path, device=device, dtype=dtype, batch_size=batch_size)
+
+
+def build_corpus(out_dir, annotation_format, annotations, video_features, clip_length, video_feature_clip_lengths=None,
+                 sub_features=None, subtitles=None, query_features=None, text_encoder=None, text_encoder_device=None,
+                 text_encoder_dtype="float32", text_batch_size=64, durations=None, dset_name=None, l2_normalize=True,
+                 max_clip_count_diff=2, progress=True):
+    """Build the corpus in out_dir (see the module docstring) -> summary dict (dims, counts, flags, warnings)."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir):
+        raise CorpusInputError(f"--out_dir {out_dir}: already exists (choose a new folder or remove it)")
+    if not clip_length > 0:
+        raise CorpusInputError(f"--clip_length must be positive, found {clip_length}")
+    if sub_features and subtitles:
+        raise CorpusInputError("--sub_features and --subtitles are alternatives: give one")
+    if not set(annotations) <= set(SPLITS) or not {"train", "val"} <= set(annotations):
+        raise CorpusInputError(f"--annotations: expected train=PATH val=PATH [test_public=PATH], found "
+                               f"{sorted(annotations)}")
+    if (subtitles or not query_features) and not text_encoder:
+        raise CorpusInputError("--text_encoder is needed to encode the query text (no --query_features) and the "
+                               "subtitles (--subtitles)")
+    clip_lengths = video_feature_clip_lengths or [clip_length] * len(video_features)
+    if len(clip_lengths) != len(video_features):
+        raise CorpusInputError(f"--video_feature_clip_lengths: {len(clip_lengths)} values for "
+                               f"{len(video_features)} --video_features sets")
+    dset_name = dset_name or annotation_format
+    ctx_mode = "visual_sub" if (sub_features or subtitles) else "visual"
+    warnings = _Warnings()
+    started = time.time()
+
+    records_by_split = _load_splits(annotation_format, annotations)
+    if dset_name == "tvr":
+        untyped = next((r for split in ("train", "val") for r in records_by_split[split] if "type" not in r), None)
+        if untyped is not None:
+            raise CorpusInputError(f"desc_id {untyped['desc_id']}: no 'type' (v, t or vt), which a corpus named "
+                                   f"'tvr' needs for its per-type metrics; pass another --dset_name")
+    videos_by_split = {split: _videos_of(records) for split, records in records_by_split.items()}
+    given_durations = load_json(durations) if durations else {}
+
+    video_sets = VideoFeatureSets(video_features, clip_lengths, clip_length, l2_normalize, max_clip_count_diff,
+                                  warnings)
+    all_videos = list(dict.fromkeys(name for split in SPLITS for name in videos_by_split[split]))
+    for path, name, n_missing in video_sets.missing(all_videos):
+        raise CorpusInputError(f"{path}: no features for video {name!r}, named in the annotations "
+                               f"({n_missing} videos missing)")
+    sub_source = open_features(sub_features) if sub_features else None
+    if sub_source is not None:
+        absent = [name for name in all_videos if name not in sub_source]
+        if absent:
+            raise CorpusInputError(f"{sub_features}: no subtitle features for video {absent[0]!r} "
+                                   f"({len(absent)} videos missing)")
+    query_source = open_features(query_features) if query_features else None
+    all_queries = [r for split in SPLITS for r in records_by_split[split]]
+    if query_source is not None:
+        absent = [r["desc_id"] for r in all_queries if str(r["desc_id"]) not in query_source]
+        if absent:
+            raise CorpusInputError(f"{query_features}: no query features for desc_id {absent[0]} "
+                                   f"({len(absent)} queries missing)")
+    subtitle_sentences = load_subtitles(subtitles) if subtitles else None
+    encoder = (_encoder(text_encoder, text_encoder_device, text_encoder_dtype, text_batch_size)
+               if text_encoder and (subtitles or not query_features) else None)
+
+    layout = release_layout(dset_name, clip_length)
+    partial = out_dir + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted earlier build left
+    os.makedirs(partial)
+    path = {key: os.path.join(partial, relative) for key, relative in layout.items()}
+    try:
+        n_clips_by_video, dims = _write_video_stores(path, all_videos, video_sets, sub_source, subtitle_sentences,
+                                                     encoder, clip_length, max_clip_count_diff, warnings, progress)
+        dims["query"] = _write_query_store(path["desc_bert_path"], all_queries, query_source, encoder, progress)
+        video2dur, rows_by_split = {}, {}
+        next_idx = 0
+        for split in SPLITS:
+            video2dur[split] = {}
+            for name, duration in videos_by_split[split].items():
+                if duration is None:
+                    duration = float(given_durations.get(name, n_clips_by_video[name] * clip_length))
+                video2dur[split][name] = [duration, next_idx]
+                next_idx += 1
+            rows_by_split[split] = [
+                _release_row(r, split, video2dur[split][r["vid_name"]][0] if r["vid_name"] else None, warnings)
+                for r in records_by_split[split]]
+        for split, key in (("train", "train_data_path"), ("val", "eval_data_path"), ("test_public", "test_data_path")):
+            save_jsonl(rows_by_split[split], path[key])
+        save_json(video2dur, path["video_duration_idx_path"])
+
+        max_clips = max(n_clips_by_video.values())
+        max_ctx_len = min(max_clips, model_max_clips())
+        n_truncated = sum(n > max_ctx_len for n in n_clips_by_video.values())
+        data_config = dict(
+            dset_name=dset_name, root_path=out_dir, **layout, ctx_mode=ctx_mode, clip_length=clip_length,
+            video_feature_sets=[dict(path=os.path.abspath(p), clip_length=c, dim=d, l2_normalized=l2_normalize)
+                                for p, c, d in zip(video_features, clip_lengths, video_sets.dims)],
+            text_encoder=encoder.settings() if encoder is not None else None,
+            first_stage_ranklists="not written yet: the first-stage retriever writes them to the *_ranklist paths")
+        save_json(data_config, os.path.join(partial, DATA_CONFIG_NAME), save_pretty=True)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        video_sets.close()
+        for source in (sub_source, query_source):
+            if source is not None:
+                source.close()
+    os.rename(partial, out_dir)
+
+    return dict(data_config=os.path.join(out_dir, DATA_CONFIG_NAME), dset_name=dset_name, ctx_mode=ctx_mode,
+                clip_length=clip_length, max_ctx_len=max_ctx_len, n_truncated_videos=n_truncated,
+                dims=dims, queries={split: len(records_by_split[split]) for split in SPLITS},
+                videos={split: len(videos_by_split[split]) for split in SPLITS},
+                warnings=warnings.lines(), seconds=round(time.time() - started, 1))
+
+
+def _write_video_stores(path, names, video_sets, sub_source, subtitle_sentences, encoder, clip_length,
+                        max_clip_count_diff, warnings, progress):
+    """Visual (and subtitle) store, one video at a time -> ({name: n_clips}, {"visual": Dv, "text": Dt})."""
+    n_clips_by_video = {}
+    dims = dict(visual=None, text=None)
+    with_sub = sub_source is not None or subtitle_sentences is not None
+    with StoreWriter(path["vid_feat_path"], encode_video_features) as visual_writer, \
+            _optional_writer(path["sub_bert_path"] if with_sub else None) as sub_writer:
+        for name in tqdm(names, desc="videos", disable=not progress):
+            visual = video_sets.read(name)
+            visual_writer.put(name, visual)
+            n_clips_by_video[name] = len(visual)
+            dims["visual"] = visual.shape[1]
+            if sub_source is not None:
+                sub = check_feature_array(sub_source.get(name), f"{sub_source.path}: key {name!r}", dims["text"])
+                sub = align_clip_count(sub, len(visual), f"{sub_source.path}: key {name!r}", max_clip_count_diff,
+                                       warnings)
+            elif subtitle_sentences is not None:
+                sentences = subtitle_sentences.get(name, [])
+                if not sentences:
+                    warnings.add("videos without subtitles (zero subtitle features)", name)
+                    sub = np.zeros((len(visual), encoder.dim), dtype=np.float32)
+                else:
+                    tokens = encoder.encode_tokens([str(s["text"]) for s in sentences])
+                    sub = subtitle_clip_features(sentences, tokens, len(visual), clip_length)
+            else:
+                continue
+            dims["text"] = sub.shape[1]
+            sub_writer.put(name, sub)
+    return n_clips_by_video, dims
+
+
+class _optional_writer:
+    """A StoreWriter for the npz encoding, or nothing when path is None."""
+
+    def __init__(self, path):
+        self.writer = StoreWriter(path, encode_npz_features) if path else None
+
+    def __enter__(self):
+        return self.writer.__enter__() if self.writer else None
+
+    def __exit__(self, *exc):
+        return self.writer.__exit__(*exc) if self.writer else False
+
+
+def _write_query_store(store_path, records, query_source, encoder, progress):
+    """Query store, QUERY_CHUNK queries at a time -> query feature dim."""
+    dim = None
+    with StoreWriter(store_path, encode_npz_features) as writer:
+        chunks = [records[i:i + QUERY_CHUNK] for i in range(0, len(records), QUERY_CHUNK)]
+        for chunk in tqdm(chunks, desc="queries", unit="chunk", disable=not progress or len(chunks) < 2):
+            if query_source is not None:
+                features = [check_feature_array(query_source.get(r["desc_id"]),
+                                                f"{query_source.path}: key {str(r['desc_id'])!r}", dim)
+                            for r in chunk]
+            else:
+                features = encoder.encode_tokens([r["desc"] for r in chunk], progress=progress and len(chunks) == 1,
+                                                 desc="queries")
+            for record, tokens in zip(chunk, features):
+                dim = tokens.shape[1]
+                writer.put(record["desc_id"], tokens)
+    return dim
+
+
+def training_flags(summary):
+    """The train.py flags for a built corpus."""
+    flags = ["--dataset_config", summary["data_config"], "--dset_name", summary["dset_name"],
+             "--ctx_mode", summary["ctx_mode"], "--clip_length", f"{summary['clip_length']:g}",
+             "--max_ctx_len", str(summary["max_ctx_len"]), "--visual_dim", str(summary["dims"]["visual"]),
+             "--query_dim", str(summary["dims"]["query"])]
+    if summary["dims"]["text"] is not None:
+        flags += ["--text_dim", str(summary["dims"]["text"])]
+    return flags
+
+
+def _split_paths(items):
+    paths = {}
+    for item in items:
+        split, sep, path = item.partition("=")
+        if not sep or split not in SPLITS or not path:
+            raise CorpusInputError(f"--annotations {item!r}: expected SPLIT=PATH with SPLIT one of {SPLITS}")
+        paths[split] = path
+    return paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out_dir", required=True, help="folder to create (must not exist)")
+    parser.add_argument("--annotation_format", required=True, choices=ANNOTATION_FORMATS)
+    parser.add_argument("--annotations", required=True, nargs="+", metavar="SPLIT=PATH",
+                        help="train=PATH val=PATH [test_public=PATH]")
+    parser.add_argument("--video_features", required=True, nargs="+",
+                        help="one folder of per-video .npy/.npz/.pt files or one .h5 per feature set")
+    parser.add_argument("--clip_length", type=float, required=True, help="seconds per clip of the built corpus")
+    parser.add_argument("--video_feature_clip_lengths", type=float, nargs="+", default=None,
+                        help="clip length of each --video_features set when not --clip_length (resampled)")
+    parser.add_argument("--no_l2_normalize", action="store_true",
+                        help="concatenate the feature sets without L2-normalising each first")
+    parser.add_argument("--max_clip_count_diff", type=int, default=2,
+                        help="clip counts of a video's feature sets may differ by this much (padded / cut)")
+    parser.add_argument("--sub_features", default=None, help="clip-level subtitle features (folder or .h5)")
+    parser.add_argument("--subtitles", default=None, help="subtitle jsonl {vid_name, sub} or a folder of .srt files")
+    parser.add_argument("--query_features", default=None,
+                        help="token-level query features: folder of <desc_id>.npy/.npz/.pt or .h5 keyed by desc_id")
+    parser.add_argument("--text_encoder", default=None, help="Hugging Face model name or local folder")
+    parser.add_argument("--text_encoder_device", default=None, help="e.g. cuda:0 or cpu (default: cuda if present)")
+    parser.add_argument("--text_encoder_dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--text_batch_size", type=int, default=64)
+    parser.add_argument("--durations", default=None, help="JSON {video: seconds} (DiDeMo; else from the features)")
+    parser.add_argument("--dset_name", default=None,
+                        help="corpus name in file names and results (default: the annotation format); "
+                             "'tvr' requires query types and adds per-type metrics")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    summary = build_corpus(
+        args.out_dir, args.annotation_format, _split_paths(args.annotations), args.video_features, args.clip_length,
+        video_feature_clip_lengths=args.video_feature_clip_lengths, sub_features=args.sub_features,
+        subtitles=args.subtitles, query_features=args.query_features, text_encoder=args.text_encoder,
+        text_encoder_device=args.text_encoder_device, text_encoder_dtype=args.text_encoder_dtype,
+        text_batch_size=args.text_batch_size, durations=args.durations, dset_name=args.dset_name,
+        l2_normalize=not args.no_l2_normalize, max_clip_count_diff=args.max_clip_count_diff)
+    for line in summary["warnings"]:
+        print(line)
+    for split in SPLITS:
+        print(f"{split}: {summary['queries'][split]} queries, {summary['videos'][split]} videos")
+    print(f"Wrote {summary['data_config']} in {summary['seconds']} s ({summary['ctx_mode']} corpus)")
+    if summary["n_truncated_videos"]:
+        print(f"note: {summary['n_truncated_videos']} videos have more than {summary['max_ctx_len']} clips (the "
+              f"model's limit); training and evaluation see their first {summary['max_ctx_len']} clips only")
+    print("No first-stage ranklists were written: train the first-stage retriever on this corpus "
+          "(scripts/train_first_stage.sh, then scripts/rank_first_stage.sh) before training on it.")
+    print("Train with: " + " ".join(training_flags(summary)))
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main)
