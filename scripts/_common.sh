@@ -1,6 +1,9 @@
-# Shared by the training and inference scripts (sourced, not run). Run the scripts from anywhere; they cd
-# to the repository root, so relative paths in their flags are relative to it.
+# Sourced by every script (not run): the Python to use, the project install, and the device flags. The scripts
+# cd to the repository root, so relative paths in their flags are relative to it.
 #
+#   PYTHON            the active python3 when it has pip, else the local .venv (created once, gitignored)
+#   install_project [EXTRAS]   pip install -e ".[EXTRAS]" unless everything is importable already (idempotent);
+#                     torch is installed only when missing, pinned to the version the project is tested with
 #   use_device GPU    GPU is a CUDA device id (exported as CUDA_VISIBLE_DEVICES, then --device 0) or `cpu`
 #                     (--device -1); sets the array DEVICE_FLAGS.
 #   use_devices GPUS  as use_device, and GPUS may also be a comma-separated list of CUDA ids (e.g. 0,1,2,3):
@@ -11,7 +14,36 @@
 #                     --rdzv_endpoint HOST:29500 --rdzv_id RUN".
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-python3}"
+if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
+  [ -d "$REPO_ROOT/.venv" ] || python3 -m venv "$REPO_ROOT/.venv"
+  PYTHON="$REPO_ROOT/.venv/bin/python"
+fi
+export PYTHON
+TESTED_TORCH_VERSION="2.13.0"
+
+install_project() {
+  local target="."
+  [ -n "${1:-}" ] && target=".[$1]"
+  if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+    "$PYTHON" -m pip install --quiet "torch==$TESTED_TORCH_VERSION"
+  fi
+  # Skip pip when everything is already importable from this checkout (a second run starts at once).
+  if ! (cd "$REPO_ROOT" && "$PYTHON" - "${1:-}" >/dev/null 2>&1 <<'PY'
+import importlib, os, sys
+extras = {"test": ["pytest"], "corpus": ["transformers", "h5py"], "extract": ["av", "transformers"]}
+names = ["numpy", "lmdb", "msgpack", "msgpack_numpy", "easydict", "tqdm", "tensorboard"]
+for extra in filter(None, sys.argv[1].split(",")):
+    names += extras[extra]
+for name in names:
+    importlib.import_module(name)
+import method
+assert os.path.dirname(os.path.dirname(os.path.abspath(method.__file__))) == os.getcwd()
+PY
+  ); then
+    (cd "$REPO_ROOT" && "$PYTHON" -m pip install --quiet --disable-pip-version-check -e "$target")
+  fi
+}
 
 die() {
   echo "$(basename "$0"): $*" >&2

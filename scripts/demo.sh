@@ -5,6 +5,6 @@
 #   bash scripts/demo.sh [extra train.py flags, e.g. --n_epoch 8]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/_python_env.sh
+source scripts/_common.sh
 install_project
 exec "$PYTHON" -m method.tools.demo "$@"

@@ -7,17 +7,12 @@
 #   bash scripts/gpu_ddp_check.sh [GPU]     GPU: CUDA device id (default 0), or `cpu` for the same check with gloo
 # Needs only torch and the repository's dependencies; prints PASS or FAIL (exit status 1) and the numbers.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python}"
+source "$(dirname "$0")/_common.sh"
+cd "$REPO_ROOT"
 GPU="${1:-0}"
 TOLERANCE=1e-4  # max |w_ddp - w_single| after 6 Adam steps at lr 1e-3
 
-if [[ "$GPU" == cpu ]]; then
-  device_flags=(--device -1)
-else
-  export CUDA_VISIBLE_DEVICES="$GPU"
-  device_flags=(--device 0)
-fi
+use_device "$GPU"
 export OMP_NUM_THREADS=1
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -28,7 +23,7 @@ trap 'rm -rf "$work"' EXIT
   || { tail -20 "$work/corpus.out"; echo FAIL; exit 1; }
 flags=(--dataset_config "$work/corpus/tvr_data_config.json" --model_config config/model_config_tiny.json
        --visual_dim 12 --text_dim 8 --query_dim 8 --hidden_dim 32 --max_ctx_len 30 --num_workers 0 --bsz 8
-       --eval_query_bsz 8 --lr 1e-3 --n_epoch 1 --use_interal_vr_scores --stop_task SVMR "${device_flags[@]}")
+       --eval_query_bsz 8 --lr 1e-3 --n_epoch 1 --use_interal_vr_scores --stop_task SVMR "${DEVICE_FLAGS[@]}")
 
 start=$SECONDS
 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 train.py "${flags[@]}" \

@@ -3,6 +3,6 @@
 #   bash scripts/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/_python_env.sh
-install_project test
+source scripts/_common.sh
+install_project test,corpus,extract
 exec "$PYTHON" -m pytest -q "$@" tests

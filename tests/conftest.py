@@ -1,5 +1,7 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures. Tests are laid out as tests/unit/test_<module>.py (one file per production module)
+and tests/integration/ (training, inference, distributed runs, fault tolerance, bad inputs, demo, benchmark).
 
+repo_root: the repository root (utils.run_dir.REPO_ROOT, which test modules also import).
 tiny_corpus: a small synthetic TVR-format corpus (utils/synthetic_tvr.py), generated once per test session;
 the fixture value is the path of its data config; `tiny_corpus_kwargs` gives the generate_corpus arguments
 (sizes, dims: visual 12, text 8, query 8).
@@ -12,11 +14,17 @@ import os
 import pytest
 import torch
 
+from utils.run_dir import REPO_ROOT
 from utils.synthetic_tvr import generate_corpus
 
 TINY_CORPUS_KWARGS = dict(n_train_videos=24, n_val_videos=20, n_test_videos=16, n_train_queries=48,
                           n_val_queries=24, n_test_queries=12, visual_dim=12, text_dim=8, query_dim=8,
                           min_duration=15.0, max_duration=45.0, seed=0)
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    return REPO_ROOT
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +38,6 @@ def tiny_corpus(tmp_path_factory):
     return generate_corpus(tmp_path_factory.mktemp("tiny_corpus"), **TINY_CORPUS_KWARGS)
 
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL_CONFIG = os.path.join(REPO_ROOT, "config", "model_config_tiny.json")
 
 

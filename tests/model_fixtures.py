@@ -7,7 +7,8 @@ import torch
 
 from method.conquer import CONQUER
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from utils.run_dir import REPO_ROOT as REPO
+from utils.run_dir import REPO_ROOT
 DIMS = {"visual_dim": 12, "text_dim": 10, "query_dim": 8}
 
 

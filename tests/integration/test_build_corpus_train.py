@@ -11,7 +11,7 @@ from utils.build_corpus import build_corpus, training_flags
 from utils.feature_stores import write_ranklist_store
 from utils.data_config import load_data_config
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.run_dir import REPO_ROOT
 TINY_MODEL_CONFIG = os.path.join(REPO_ROOT, "config", "model_config_tiny.json")
 
 

@@ -13,6 +13,7 @@ from utils.corpus_formats import CorpusInputError, subtitle_clip_features
 from utils.data_config import load_data_config
 from utils.feature_stores import QueryFeatureStore, SubtitleFeatureStore, decode_video_features, _open_env
 from utils.text_encoder import TextEncoder
+from utils.run_dir import REPO_ROOT
 
 CLIP = 1.5
 
@@ -217,7 +218,7 @@ def test_cli_prints_counts_and_training_flags(tmp_path, capsys):
 def test_presets_match_the_layout_the_builder_writes(name, clip_length):
     from utils.build_corpus import release_layout
 
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    repo = REPO_ROOT
     preset = json.load(open(os.path.join(repo, "config", f"{name}_data_config.json")))
     assert {k: preset[k] for k in release_layout(name, clip_length)} == release_layout(name, clip_length)
     assert preset["dset_name"] == name and preset["clip_length"] == clip_length and preset["ctx_mode"] == "visual"

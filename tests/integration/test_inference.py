@@ -14,7 +14,7 @@ from config.options import OptionError
 from utils.io_utils import load_json, load_jsonl
 from utils.standalone_eval import eval_retrieval
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from utils.run_dir import REPO_ROOT
 
 MEASURE_FLAGS = {
     "general": ["--use_interal_vr_scores"],

@@ -1,24 +1,19 @@
-"""Synthetic TVR corpus (layout, determinism, ranklist quality, learnable signal) and the data checker."""
+"""utils/synthetic_tvr.py: layout, determinism, ranklist quality and the learnable planted signal."""
 import filecmp
 import json
 import os
-import re
-import shutil
-import subprocess
-import sys
 
 import lmdb
 import numpy as np
-import pytest
 
-from method.dataset import DUMMY_TEST_PUBLIC_VIDEO, StartEndDataset, st_ed_label
+from method.dataset import StartEndDataset
 from utils import check_data, synthetic_tvr
 from utils.data_config import PATH_KEYS, load_data_config
-from utils.feature_stores import (QueryFeatureStore, RanklistStore, SubtitleFeatureStore, VideoFeatureStore,
-                                  close_store, encode_ranklist, encode_video_features)
-from utils.io_utils import load_json, load_jsonl, save_jsonl
+from utils.feature_stores import QueryFeatureStore, RanklistStore, SubtitleFeatureStore, VideoFeatureStore, close_store
+from utils.io_utils import load_json, load_jsonl
+from utils.run_dir import REPO_ROOT as REPO
+from utils.tvr_format import DUMMY_TEST_PUBLIC_VIDEO, st_ed_label
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_DIR = os.path.join(REPO, "tests", "data", "tvr_sample")
 SPLITS = {"train": ("train_data_path", "train_first_VR_ranklist_path"),
           "val": ("eval_data_path", "eval_first_VR_ranklist_path_hero"),
@@ -178,93 +173,3 @@ def test_real_annotations_mode(tmp_path):
     assert problems == [] and counts["val"]["queries"] == 50
     item = StartEndDataset(config, mode="test_public", is_eval=True)[0]
     assert item["model_inputs"]["visual"]["feat_mask"][0].sum() == 62  # the dummy (91.56 s) is stored
-
-
-def test_cli_writes_a_corpus_that_the_checker_passes(tmp_path, capsys):
-    synthetic_tvr.main(["--out_dir", str(tmp_path), "--n_train_videos", "12", "--n_val_videos", "12",
-                        "--n_test_videos", "12", "--n_train_queries", "10", "--n_val_queries", "10",
-                        "--n_test_queries", "10", "--visual_dim", "5", "--seed", "3"])
-    out = capsys.readouterr().out
-    assert f"--dataset_config {tmp_path}/tvr_data_config.json --visual_dim 5 --text_dim 32 --query_dim 32" in out
-    result = subprocess.run([sys.executable, "-m", "utils.check_data", "--dataset_config",
-                             str(tmp_path / "tvr_data_config.json")], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "val: 10 queries, 12 videos, 0 problems" in result.stdout and "OK" in result.stdout
-
-
-def test_checker_passes_the_clean_tiny_corpus(tiny_corpus, capsys):
-    assert check_data.main(["--dataset_config", tiny_corpus]) == 0
-    assert "train: 48 queries" in capsys.readouterr().out
-
-
-@pytest.fixture
-def broken_corpus(tmp_path, tiny_corpus):
-    """A copy of the tiny corpus with one planted problem of each kind -> (config path, expected messages)."""
-    root = tmp_path / "broken"
-    shutil.copytree(os.path.dirname(tiny_corpus), root)
-    config_path = str(root / "tvr_data_config.json")
-    with open(config_path) as f:
-        saved = json.load(f)
-    saved["root_path"] = str(root)
-    with open(config_path, "w") as f:
-        json.dump(saved, f)
-    config = load_data_config(config_path)
-    train, val = load_jsonl(config.train_data_path), load_jsonl(config.eval_data_path)
-    splits = load_json(config.video_duration_idx_path)
-
-    def edit_store(path, edit):
-        close_store(path)
-        env = lmdb.open(path)
-        with env.begin(write=True) as txn:
-            edit(txn)
-        env.close()
-
-    no_query, no_ranklist, foreign, short = val[0]["desc_id"], val[1]["desc_id"], val[2]["desc_id"], val[3]["desc_id"]
-    nan_video = train[0]["vid_name"]
-    wrong_dim_video = next(name for name in splits["val"] if name not in {row["vid_name"] for row in val[:4]})
-    edit_store(config.desc_bert_path, lambda txn: txn.delete(str(no_query).encode()))
-    edit_store(config.eval_first_VR_ranklist_path_hero, lambda txn: (
-        txn.delete(str(no_ranklist).encode()),
-        txn.put(str(foreign).encode(), encode_ranklist([(0, 1.0)] + [(idx, 0.5) for _, idx in splits["val"].values()])),
-        txn.put(str(short).encode(), encode_ranklist([(idx, 0.5) for _, idx in list(splits["val"].values())[:3]]))))
-    nan_features = np.ones((4, 12), np.float32)
-    nan_features[1, 2] = np.nan
-    edit_store(config.vid_feat_path, lambda txn: (
-        txn.put(nan_video.encode(), encode_video_features(nan_features)),
-        txn.put(wrong_dim_video.encode(), encode_video_features(np.ones((4, 13), np.float32)))))
-    train[1]["ts"] = [1.0, train[1]["duration"] + 5]
-    save_jsonl(train, config.train_data_path)
-    expected = [
-        rf"query store .*: key '{no_query}' not found",
-        rf"ranklist store .*tvr_val_top100_hero: key '{no_ranklist}' not found",
-        rf"key '{foreign}': 1 video indices are not videos of split 'val' \(first: \[0\]\)",
-        rf"key '{short}': 3 entries, expected at least max_vcmr_video=10",
-        rf"video store .*: key '{nan_video}': expected finite values, found NaN/inf in row 1",
-        rf"video store .*: key '{wrong_dim_video}' has feature dim 13, while \d+ keys have dim 12",
-        rf"tvr_train_select100_release.jsonl: row 1 \(desc_id {train[1]['desc_id']}\): ts moment .* ends after",
-    ]
-    return config_path, expected
-
-
-def test_checker_finds_every_planted_problem(broken_corpus, capsys):
-    config_path, expected = broken_corpus
-    counts, problems = check_data.check_corpus(config_path)
-    assert len(problems) == len(expected), "\n".join(problems)
-    for pattern in expected:
-        assert any(re.search(pattern, p) for p in problems), (pattern, problems)
-    assert counts["train"]["problems"] == 2 and counts["val"]["problems"] == 4
-    assert check_data.main(["--dataset_config", config_path, "--max_problems", "2"]) == 1
-    out = capsys.readouterr().out
-    assert "7 problem(s); the first 2:" in out and out.count("\n  - ") == 2
-
-
-def test_checker_reports_a_missing_store_and_a_bad_config(tmp_path, tiny_corpus):
-    root = tmp_path / "copy"
-    shutil.copytree(os.path.dirname(tiny_corpus), root)
-    saved = json.load(open(root / "tvr_data_config.json"))
-    json.dump(dict(saved, root_path=str(root)), open(root / "tvr_data_config.json", "w"))
-    shutil.rmtree(root / "video_feature")
-    counts, problems = check_data.check_corpus(str(root / "tvr_data_config.json"), splits=["val"])
-    assert len(problems) == 1 and "video store" in problems[0] and "resnet_slowfast_1.5" in problems[0]
-    missing = tmp_path / "nope.json"
-    assert check_data.check_corpus(str(missing))[1] == [f"data config {missing}: file not found"]

@@ -14,8 +14,9 @@ from method.dataset import (DUMMY_TEST_PUBLIC_VIDEO, DatasetError, StartEndDatas
 from utils.data_config import PATH_KEYS, DataConfigError, load_data_config
 from utils.feature_stores import write_query_store, write_ranklist_store, write_subtitle_store, write_video_store
 from utils.io_utils import save_json, save_jsonl
+from utils.run_dir import REPO_ROOT
 
-RELEASE_LAYOUT = json.load(open(os.path.join(os.path.dirname(__file__), "..", "config", "tvr_data_config.json")))
+RELEASE_LAYOUT = json.load(open(os.path.join(REPO_ROOT, "config", "tvr_data_config.json")))
 
 
 def _features(seed, n, d):

@@ -7,8 +7,9 @@ import pytest
 
 from method.tools.param_count import build_meta_model, main as param_count_main, parameter_counts
 from model_fixtures import load_model_config
+from utils.run_dir import REPO_ROOT
 
-REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
+REFERENCE_DIR = os.path.join(REPO_ROOT, "tests", "reference")
 REFERENCE_FILES = sorted(glob.glob(os.path.join(REFERENCE_DIR, "state_dict_*.tsv")))
 NAME_PATTERN = re.compile(r"state_dict_(general|disjoint|exclusive)_(visual_sub|visual)(_nomoe)?(_small)?\.tsv")
 

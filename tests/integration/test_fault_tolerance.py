@@ -25,7 +25,7 @@ from config.options import BaseOptions
 from method.checkpoint import load_checkpoint
 from utils.errors import run_cli
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from utils.run_dir import REPO_ROOT
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1")
 N_EPOCH = 2  # epochs -1 (evaluation of the untrained model), 0 and 1; 6 batches each
 

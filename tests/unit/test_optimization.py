@@ -9,8 +9,9 @@ from easydict import EasyDict
 
 from method.optimization import (BertAdamW, apply_warmup, build_optimizer, clip_gradients,
                                  split_parameter_groups, warmup_lr_multiplier, warmup_steps_for)
+from utils.run_dir import REPO_ROOT
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
+CONFIG_DIR = os.path.join(REPO_ROOT, "config")
 
 
 def reference_adamw_step(params, grads, states, lr, wd, betas=(0.9, 0.999), eps=1e-6):

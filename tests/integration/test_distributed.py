@@ -22,7 +22,7 @@ from method.checkpoint import load_checkpoint
 from method.dataset import StartEndDataset
 from utils import distributed
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from utils.run_dir import REPO_ROOT
 TINY_MODEL_CONFIG = os.path.join(REPO_ROOT, "config", "model_config_tiny.json")
 # One thread per process: 2 processes fit the 2 cores, and every process computes with the same kernels.
 CHILD_ENV = dict(os.environ, OMP_NUM_THREADS="1")

@@ -15,7 +15,7 @@ import train
 from config.options import OptionError
 from method.checkpoint import load_checkpoint
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from utils.run_dir import REPO_ROOT
 # One thread: fast on a shared 2-core machine, and the same numerics in this process and in subprocesses.
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
 LOSS_LINE = re.compile(r"^\d{4}(_\d\d){5} \[Epoch\] (\d{3}) \[Loss\] moment_ce_loss (\d+\.\d{4}) "

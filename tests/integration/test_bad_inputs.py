@@ -24,7 +24,7 @@ from utils.feature_stores import StoreWriter, encode_npz_features, encode_rankli
 from utils.io_utils import load_json, load_jsonl, save_json, save_jsonl
 from utils.standalone_eval import main as standalone_eval_main
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from utils.run_dir import REPO_ROOT
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from method.evaluation import (compute_predictions, eval_epoch, nms_submission, ranked_rows_needed,
                                top_n_submission)
 from utils.temporal_nms import apply_nms
+from utils.run_dir import REPO_ROOT
 
 DUMMY = "dummy_video"
 SUBMISSION = "latest_tvr_val_predictions_VCMR_SVMR_VR.json"
@@ -284,7 +285,7 @@ def test_cache_on_equals_cache_off_real_model(tmp_path, tiny_corpus, measure, us
     max_ctx_len = 32
     dataset = StartEndDataset(load_data_config(tiny_corpus), max_ctx_len=max_ctx_len, is_eval=True, mode="val",
                               inference_top_k=10)
-    with open(os.path.join(os.path.dirname(__file__), "..", "config", "model_config_tiny.json")) as f:
+    with open(os.path.join(REPO_ROOT, "config", "model_config_tiny.json")) as f:
         config = json.load(f)
     torch.manual_seed(0)
     model = CONQUER(config, visual_dim=TINY_CORPUS_KWARGS["visual_dim"], text_dim=TINY_CORPUS_KWARGS["text_dim"],
