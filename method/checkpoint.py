@@ -1,4 +1,4 @@
-"""Checkpoints (SPEC §6.1, §6.5): writing, safe loading, strict weight loading, model construction.
+"""Checkpoints: writing, safe loading, strict weight loading, model construction.
 
 A checkpoint is `torch.save` of {"model": state_dict, "model_cfg": EasyDict, "epoch": int} plus optional
 extra keys (e.g. optimizer state for resuming). `model_cfg` is pickled as a nested `easydict.EasyDict`,
@@ -25,7 +25,6 @@ logger = logging.getLogger(__name__)
 
 _ALLOWED_GLOBALS = [(collections.OrderedDict, "easydict.EasyDict")]
 _ALLOWED_LEAF_TYPES = (torch.Tensor, bool, int, float, complex, str, bytes, type(None), torch.device, torch.dtype)
-_REQUIRED = object()
 
 
 class CheckpointError(ConquerError):
@@ -163,37 +162,26 @@ def load_model_weights(model, state_dict, source=None):
     model.load_state_dict(state_dict, strict=True)
 
 
-def _option(opt, key, default=_REQUIRED):
-    value = opt.get(key, default) if isinstance(opt, dict) else getattr(opt, key, default)
-    if value is _REQUIRED:
-        raise KeyError(f"option {key!r} is needed to build the model but is missing")
-    return value
+# CONQUER constructor argument <- the option that sets it. Options missing from `opt` keep the constructor's
+# default, so every default is declared once (with the options, and the same values on the constructor).
+MODEL_OPTIONS = {
+    "visual_dim": "visual_dim", "text_dim": "text_dim", "query_dim": "query_dim", "hidden_dim": "hidden_dim",
+    "video_len": "max_ctx_len", "ctx_mode": "ctx_mode", "lw_st_ed": "lw_st_ed", "lw_video_ce": "lw_video_ce",
+    "similarity_measure": "similarity_measure", "use_debug": "debug", "no_output_moe_weight": "no_output_moe_weight",
+    "qal_impl": "qal_impl", "masked_vs_pool": "masked_vs_pool", "masked_netvlad": "masked_netvlad",
+    "gate_per_query": "gate_per_query",
+}
 
 
 def build_model(model_cfg, opt, source=None):
-    """CONQUER from a model config (e.g. checkpoint["model_cfg"]) and the options (SPEC §7; dict or EasyDict).
+    """CONQUER from a model config (e.g. checkpoint["model_cfg"]) and the options (dict or EasyDict).
 
     `source`, the file the model config was read from, is named in a ModelConfigError.
     """
+    options = opt if isinstance(opt, dict) else vars(opt)
+    kwargs = {argument: options[name] for argument, name in MODEL_OPTIONS.items() if name in options}
     try:
-        return CONQUER(
-            model_cfg,
-            visual_dim=_option(opt, "visual_dim"),
-            text_dim=_option(opt, "text_dim"),
-            query_dim=_option(opt, "query_dim"),
-            hidden_dim=_option(opt, "hidden_dim"),
-            video_len=_option(opt, "max_ctx_len"),
-            ctx_mode=_option(opt, "ctx_mode"),
-            lw_st_ed=_option(opt, "lw_st_ed", 0.01),
-            lw_video_ce=_option(opt, "lw_video_ce", 0.05),
-            similarity_measure=_option(opt, "similarity_measure"),
-            use_debug=_option(opt, "debug", False),
-            no_output_moe_weight=_option(opt, "no_output_moe_weight", False),
-            qal_impl=_option(opt, "qal_impl", "decomposed"),
-            masked_vs_pool=_option(opt, "masked_vs_pool", False),
-            masked_netvlad=_option(opt, "masked_netvlad", False),
-            gate_per_query=_option(opt, "gate_per_query", False),
-        )
+        return CONQUER(model_cfg, **kwargs)
     except ModelConfigError as e:
         if source is None:
             raise
@@ -201,7 +189,7 @@ def build_model(model_cfg, opt, source=None):
 
 
 def load_encoder_pretrain(model, path):
-    """Initialise `model.encoder` (and `model.query_weight`) from a first-stage checkpoint (SPEC §6.5, fixed Q10).
+    """Initialise `model.encoder` (and `model.query_weight`) from a first-stage checkpoint (fixes [Q10]).
 
     Keys `encoder.*` / `query_weight.*` lose exactly that prefix and are loaded strictly; tensors are
     mapped to CPU first. Gate weights are skipped with a warning when the model has no MoE gate.

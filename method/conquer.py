@@ -1,4 +1,4 @@
-"""CONQUER: contextual query-aware ranking for video corpus moment retrieval (SPEC §4).
+"""CONQUER: contextual query-aware ranking for video corpus moment retrieval.
 
 Pipeline for B queries with N candidate videos each (M = B·N, query-major):
 query encoder -> Q̂ (B, Lq, H); video encoder -> V̂, Ŝ (M, L, H); QDF gate -> F (M, L, H);
@@ -93,7 +93,7 @@ def index_encoded_videos(encoded_videos, index):
 
 class CONQUER(nn.Module):
     """CONQUER re-ranker. `config` is the model config (model_config.json, dict or EasyDict); dimensions and
-    variant options follow SPEC §7. Extensions, all off by default (faithful): qal_impl "plain" (original
+    variant options are those of config/options.py. Extensions, all off by default (faithful): qal_impl "plain" (original
     similarity formulation), masked_vs_pool [Q12], masked_netvlad [Q13], gate_per_query [Q14].
     `memory_light` (default True) trains with the formulations of method/memory_light.py (same values, less
     memory kept for backward); False keeps the plain ops, for tests and benchmarks."""
@@ -141,7 +141,7 @@ class CONQUER(nn.Module):
                 module.memory_light = bool(enabled)
 
     def reset_parameters(self):
-        """SPEC §4.12: Linear/Embedding weights N(0, initializer_range), biases 0, LayerNorm (1, 0),
+        """The original's initialisation: Linear/Embedding weights N(0, initializer_range), biases 0, LayerNorm (1, 0),
         Conv1d PyTorch default; NetVLAD clusters keep their construction init."""
         std = self.config.initializer_range
         for module in self.modules():
@@ -194,7 +194,7 @@ class CONQUER(nn.Module):
         return video_scores, begin_logits.view(b, n_videos_per_query, l), end_logits.view(b, n_videos_per_query, l)
 
     def get_pred_from_raw_query(self, model_inputs):
-        """model_inputs: batch dict (SPEC §3.4) with query (B, Lq, ·) and visual/sub (B, N, L, ·) or (B·N, L, ·)
+        """model_inputs: batch dict (method/dataset.py start_end_collate) with query (B, Lq, ·) and visual/sub (B, N, L, ·) or (B·N, L, ·)
         -> (video_scores (B, N) or None, begin_logits (B, N, L), end_logits (B, N, L)). The dict is not modified."""
         query_inputs = model_inputs["query"]
         video_inputs = {}
@@ -212,7 +212,7 @@ class CONQUER(nn.Module):
                                   self.encode_videos(video_inputs), video_inputs["visual"]["feat_mask"], m // b)
 
     def forward(self, batch):
-        """batch: training batch (SPEC §3.4) with st_ed_indices (B, 2), GT video at index 0 of each query
+        """batch: training batch (method/dataset.py start_end_collate) with st_ed_indices (B, 2), GT video at index 0 of each query
         -> (loss, {"moment_ce_loss", "video_ce_loss", "loss_overall"} as floats, already weighted)
 
         Shared normalization: begin/end softmax runs over the N·L clips of all N videos of a query.

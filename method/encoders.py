@@ -1,4 +1,4 @@
-"""Query and video encoders (SPEC §4.2): a LinearLayer projection followed by a small Transformer.
+"""Query and video encoders: a LinearLayer projection followed by a small Transformer.
 
 Every encoder input is a dict as produced by the data loader:
 {"feat" (M, T, D) float, "feat_mask" (M, T) 0/1, "feat_pos_id" (M, T), "feat_token_id" (M, T)}.

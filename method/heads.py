@@ -1,4 +1,4 @@
-"""Output heads (SPEC §4.7-4.8): moment localization (begin/end logits) and video scoring."""
+"""Output heads: moment localization (begin/end logits) and video scoring."""
 import torch
 from torch import nn
 

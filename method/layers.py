@@ -226,7 +226,7 @@ class BertEncoder(nn.Module):
         """hidden_states (M, T, H), mask (M, T) 0/1 (1 = real token) -> (M, T, H)
 
         Only keys are masked: every position, padded or not, is computed as a query, and padded outputs
-        are used downstream by CONQUER (SPEC §4.10).
+        are used downstream by CONQUER (the moment head scores every clip position).
         """
         additive_mask = (1.0 - mask[:, None, None, :].float()) * ATTENTION_MASK_VALUE
         for layer in self.layer:

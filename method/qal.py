@@ -1,4 +1,4 @@
-"""Query-aware learning (QAL, SPEC §4.5-4.6): bi-directional video/query attention and FCPlusTransformer."""
+"""Query-aware learning (QAL): bi-directional video/query attention and FCPlusTransformer."""
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -1,4 +1,4 @@
-"""Query-dependent fusion (QDF, SPEC §4.3-4.4).
+"""Query-dependent fusion (QDF).
 
 A NetVLAD pooling of the encoded query feeds a softmax gate that weighs the video modalities
 (visual, sub); the fused clip features are the gate-weighted sum of the encoded modalities.

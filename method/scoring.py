@@ -121,9 +121,9 @@ def select_top_n(scores, n):
     """The first n entries of each row in (descending score, ascending index) order.
 
     On CPU by partial selection: torch.topk finds the n-th largest value t of each row; every entry > t is
-    taken, plus the entries == t of smallest index up to n in total; only those n are then sorted (5x faster
-    than a full sort for 5 x 110k scores). On CUDA a full stable sort is faster (0.17 vs 0.55 ms on an H100)
-    and is used instead. Both give the same result.
+    taken, plus the entries == t of smallest index up to n in total; only those n are then sorted, much less
+    work than a full sort of every row. On CUDA a full stable sort is faster than the selection's several
+    kernels and is used instead. Both give the same result.
 
     Args:
         scores: (B, F) float tensor without NaN (`score_batch` checks the logits).

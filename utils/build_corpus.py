@@ -31,7 +31,6 @@ Everything is built in DIR.partial and renamed to DIR at the end, so a failed bu
 existing DIR is an error. Features are streamed one video at a time.
 """
 import argparse
-import json
 import logging
 import os
 import shutil

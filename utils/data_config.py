@@ -1,4 +1,4 @@
-"""Data config (`config/tvr_data_config.json`): where the TVR feature release lives (SPEC §2.1).
+"""Data config (`config/tvr_data_config.json`): where a corpus in the release layout lives.
 
 Every path key in the file is relative to `root_path`; `load_data_config` returns them already joined
 with it (absolute), so nothing downstream joins paths again. A relative `root_path` is taken relative to
@@ -11,7 +11,7 @@ from easydict import EasyDict
 
 from utils.errors import ConquerError
 
-# Keys whose value is a path below root_path, in the order of SPEC §2.1.
+# Keys whose value is a path below root_path, in the order config/tvr_data_config.json lists them.
 PATH_KEYS = (
     "desc_bert_path",
     "sub_bert_path",

@@ -1,4 +1,4 @@
-"""LMDB feature stores of the TVR release: readers, writers and the exact value encodings (SPEC §2.2).
+"""LMDB feature stores of the TVR release: readers, writers and the exact value encodings.
 
 | store     | key (UTF-8)     | value                                                        |
 |-----------|-----------------|--------------------------------------------------------------|
