@@ -46,10 +46,10 @@ from utils.corpus_formats import (ANNOTATION_FORMATS, CorpusInputError, check_fe
 from utils.errors import run_cli
 from utils.feature_stores import StoreWriter, encode_npz_features, encode_video_features
 from utils.io_utils import load_json, save_json, save_jsonl
+from utils.tvr_format import SPLITS
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test_public")
 DATA_CONFIG_NAME = "data_config.json"
 QUERY_CHUNK = 2048  # queries whose features are held at once
 MODEL_CONFIG_PATH = os.path.join(os.path.dirname(config_package.__file__), "model_config.json")

@@ -34,12 +34,10 @@ import numpy as np
 
 from utils.errors import ConquerError
 from utils.io_utils import DataFileError, load_json, load_jsonl
+from utils.tvr_format import MULTI_MOMENT_MIN_COUNT
 
 ANNOTATION_FORMATS = ("tvr", "didemo", "anet", "qvhighlights")
 DIDEMO_SEGMENT_SECONDS = 5.0
-# The evaluator scores a query against several annotator moments (IoU with at least two of them) only when
-# it has at least this many; fewer are scored against one moment.
-MIN_ANNOTATOR_MOMENTS = 4
 FEATURE_FILE_EXTENSIONS = (".npy", ".npz", ".pt")
 
 
@@ -90,7 +88,7 @@ def convert_tvr(path, has_gt=True):
             multi = isinstance(ts, list) and len(ts) > 0 and all(isinstance(p, (list, tuple)) for p in ts)
             moments = [_moment(p, path, f"desc_id {record['desc_id']}: ts") for p in (ts if multi else [ts])]
             record["moment"] = moments[0]
-            record["annotator_moments"] = moments if len(moments) >= MIN_ANNOTATOR_MOMENTS else None
+            record["annotator_moments"] = moments if len(moments) >= MULTI_MOMENT_MIN_COUNT else None
             record["duration"] = float(row["duration"])
         records.append(record)
     return records
@@ -129,7 +127,7 @@ def convert_didemo(path, has_gt=True):
                                        f"[start_segment, end_segment] index pairs, found {times!r}")
             best = most_agreed_segment(times)
             record["moment"] = didemo_segment_to_seconds(best)
-            if len(times) >= MIN_ANNOTATOR_MOMENTS:
+            if len(times) >= MULTI_MOMENT_MIN_COUNT:
                 # The most agreed moment first (the label of a loss on this split), the others in file order.
                 others = [list(p) for p in times]
                 others.remove(best)

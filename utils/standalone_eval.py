@@ -25,12 +25,10 @@ import numpy as np
 
 from utils.errors import CLI_ERROR_EXIT_STATUS, ConquerError, run_cli
 from utils.io_utils import DataFileError, load_json, load_jsonl, save_json
-from utils.tvr_format import IOU_THRESHOLDS, MAX_PREDICTIONS_PER_QUERY, QUERY_TYPES, RECALL_TOPK, TASKS
+from utils.tvr_format import (IOU_THRESHOLDS, MAX_PREDICTIONS_PER_QUERY, MULTI_MOMENT_MIN_COUNT,
+                              MULTI_MOMENT_MIN_OVERLAPS, QUERY_TYPES, RECALL_TOPK, TASKS)
 
 logger = logging.getLogger(__name__)
-
-MULTI_GT_MIN_TS = 4  # a "ts" with at least this many entries is a list of GT moments (DiDeMo)
-MULTI_GT_MIN_OVERLAPS = 2
 
 
 class SubmissionError(ConquerError):
@@ -134,14 +132,14 @@ def _gt_moments(gt_item):
         raise GroundTruthError(f"GT desc_id {desc_id}: no 'ts' (moment) to evaluate VCMR/SVMR against")
     ts = gt_item["ts"]
     try:
-        if len(ts) >= MULTI_GT_MIN_TS:
+        if len(ts) >= MULTI_MOMENT_MIN_COUNT:
             moments = [(float(st), float(ed)) for st, ed in ts]
         else:
             st, ed = ts
             moments = [(float(st), float(ed))]
     except (TypeError, ValueError):
         raise GroundTruthError(f"GT desc_id {desc_id}: 'ts' must be [st, ed] or a list of >= "
-                               f"{MULTI_GT_MIN_TS} [st, ed] pairs, got {ts!r}") from None
+                               f"{MULTI_MOMENT_MIN_COUNT} [st, ed] pairs, got {ts!r}") from None
     return moments
 
 
@@ -205,7 +203,7 @@ def eval_by_task_type(task_results, video2idx, ground_truth, task_type, iou_thds
         for q, m in enumerate(moments):
             gt_ts[q, :len(m)] = m
             is_moment[q, :len(m)] = True
-        overlaps_needed = np.array([MULTI_GT_MIN_OVERLAPS if len(e["ts"]) >= MULTI_GT_MIN_TS else 1
+        overlaps_needed = np.array([MULTI_MOMENT_MIN_OVERLAPS if len(e["ts"]) >= MULTI_MOMENT_MIN_COUNT else 1
                                     for e in gt_items], dtype=np.int64)
         iou = temporal_iou_float32(preds[:, :, None, 1], preds[:, :, None, 2],
                                    gt_ts[:, None, :, 0], gt_ts[:, None, :, 1])  # (Q, P, G)

@@ -50,6 +50,10 @@ IOU_THRESHOLDS = (0.5, 0.7)
 RECALL_TOPK = (1, 5, 10, 100)
 QUERY_TYPES = ("v", "t", "vt")
 CTX_MODES = ("visual_sub", "visual")
+# A "ts" with at least this many [start, end] pairs lists several annotators' moments (DiDeMo); a prediction
+# is then correct at IoU θ when it overlaps at least MULTI_MOMENT_MIN_OVERLAPS of them by θ.
+MULTI_MOMENT_MIN_COUNT = 4
+MULTI_MOMENT_MIN_OVERLAPS = 2
 # A submission keeps this many predictions per query, and the evaluator reads no more.
 MAX_PREDICTIONS_PER_QUERY = 100
 # The training file keeps only queries whose GT video is in the first-stage top 100 ("select100").
