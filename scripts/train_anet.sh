@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# CONQUER on ActivityNet Captions (visual only: no subtitles), general similarity, shared-normalization training.
+# CONQUER on ActivityNet Captions (visual only: no subtitles), the paper's best recipe (scripts/train_sharednorm_general.sh) with
+# this corpus's preset.
 #   bash scripts/train_anet.sh EXP_ID GPU|GPU,GPU,...|cpu [extra train.py flags, which override these]
 # Build the corpus first (README "Your own corpus"), set root_path in config/anet_data_config.json, and
 # run the first stage on it (scripts/train_first_stage.sh, scripts/rank_first_stage.sh).
@@ -10,10 +11,6 @@
 #   longer), while ActivityNet moments (tens of seconds on average) still span several clips.
 # VISUAL_DIM / QUERY_DIM: the dims your features have (the build command prints them).
 set -euo pipefail
-source "$(dirname "$0")/_common.sh"
-start_training_script "$@"
-
-exec "${LAUNCHER[@]}" train.py "${PAPER_FLAGS[@]}" --dataset_config config/anet_data_config.json --dset_name anet \
-  --ctx_mode visual --clip_length 3.0 --max_ctx_len 100 --visual_dim "${VISUAL_DIM:-4352}" --query_dim "${QUERY_DIM:-768}" \
-  --use_interal_vr_scores --bsz 16 --use_extend_pool 1000 --neg_video_num 3 \
-  "${DEVICE_FLAGS[@]}" "${@:3}"
+[[ $# -ge 2 ]] || { echo "usage: bash $0 EXP_ID GPU|GPU,GPU,...|cpu [extra train.py flags]" >&2; exit 2; }
+exec bash "$(dirname "$0")/train_sharednorm_general.sh" "$1" "$2" --dataset_config config/anet_data_config.json \
+  --dset_name anet --ctx_mode visual --clip_length 3.0 --max_ctx_len 100 --visual_dim "${VISUAL_DIM:-4352}" --query_dim "${QUERY_DIM:-768}" "${@:3}"

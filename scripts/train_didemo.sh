@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# CONQUER on DiDeMo (visual only: DiDeMo has no subtitles), general similarity, shared-normalization training.
+# CONQUER on DiDeMo (visual only: DiDeMo has no subtitles), the paper's best recipe (scripts/train_sharednorm_general.sh) with
+# this corpus's preset.
 #   bash scripts/train_didemo.sh EXP_ID GPU|GPU,GPU,...|cpu [extra train.py flags, which override these]
 # Build the corpus first (README "Your own corpus"), set root_path in config/didemo_data_config.json, and
 # run the first stage on it (scripts/train_first_stage.sh, scripts/rank_first_stage.sh).
@@ -11,10 +12,6 @@
 # VISUAL_DIM / QUERY_DIM: the dims your features have (the build command prints them); defaults are the
 #   release's ResNet+SlowFast (4352) and RoBERTa (768).
 set -euo pipefail
-source "$(dirname "$0")/_common.sh"
-start_training_script "$@"
-
-exec "${LAUNCHER[@]}" train.py "${PAPER_FLAGS[@]}" --dataset_config config/didemo_data_config.json --dset_name didemo \
-  --ctx_mode visual --clip_length 2.5 --max_ctx_len 12 --visual_dim "${VISUAL_DIM:-4352}" --query_dim "${QUERY_DIM:-768}" \
-  --use_interal_vr_scores --bsz 16 --use_extend_pool 1000 --neg_video_num 3 \
-  "${DEVICE_FLAGS[@]}" "${@:3}"
+[[ $# -ge 2 ]] || { echo "usage: bash $0 EXP_ID GPU|GPU,GPU,...|cpu [extra train.py flags]" >&2; exit 2; }
+exec bash "$(dirname "$0")/train_sharednorm_general.sh" "$1" "$2" --dataset_config config/didemo_data_config.json \
+  --dset_name didemo --ctx_mode visual --clip_length 2.5 --max_ctx_len 12 --visual_dim "${VISUAL_DIM:-4352}" --query_dim "${QUERY_DIM:-768}" "${@:3}"

@@ -396,3 +396,19 @@ def test_inference_script_launches_torchrun_for_a_gpu_list(tmp_path):
     assert run_script_with_fake_python(tmp_path, "cpu", script=script).stdout.splitlines()[1] == "inference.py"
     result = run_script_with_fake_python(tmp_path, "0,x", script=script)
     assert result.returncode == 2 and "GPU list '0,x'" in result.stderr
+
+
+@pytest.mark.parametrize("script,preset", [
+    ("train_didemo.sh", "--dataset_config config/didemo_data_config.json --dset_name didemo --ctx_mode visual "
+                        "--clip_length 2.5 --max_ctx_len 12"),
+    ("train_anet.sh", "--dataset_config config/anet_data_config.json --dset_name anet --ctx_mode visual "
+                      "--clip_length 3.0 --max_ctx_len 100"),
+])
+def test_corpus_presets_run_the_paper_recipe_with_their_flags(tmp_path, script, preset):
+    result = run_script_with_fake_python(tmp_path, "cpu", script=(script, "x"))
+    assert result.returncode == 0, result.stderr
+    command = " ".join(result.stdout.splitlines()[1:])
+    recipe = "--use_interal_vr_scores --bsz 16 --use_extend_pool 1000 --neg_video_num 3 --device -1"
+    # The preset's flags follow the recipe's (so they win over its TVR data config); the user's come last.
+    assert command.startswith("train.py --dataset_config config/tvr_data_config.json")
+    assert command.endswith(f"{recipe} {preset} --visual_dim 4352 --query_dim 768 --bsz 64")
