@@ -224,7 +224,7 @@ def test_encoder_pretrain_is_copied(full_run, base_args, tmp_path):
 def test_debug_run_is_small_and_real(base_args, tmp_path):
     # Also exercises worker processes, bf16 autocast on the CPU and the LR warmup.
     run_dir = train.main(base_args + ["--results_root", str(tmp_path / "results"), "--exp_id", "dbg", "--debug",
-                                      "--n_epoch", "50", "--bsz", "4", "--lr_warmup_proportion", "0.5",
+                                      "--n_epoch", "50", "--bsz", "4", "--lr_warmup_fraction", "0.5",
                                       "--num_workers", "2", "--amp", "bf16"])
     assert os.path.dirname(run_dir) == str(tmp_path / "debug_results")
     assert len(read_lines(os.path.join(run_dir, "train.log.txt"))) == 2 + 1  # 2 epochs
@@ -238,6 +238,44 @@ def test_debug_run_is_small_and_real(base_args, tmp_path):
     # 2 epochs x 3 batches, warmup over half of the 6 steps, from LR 0.
     assert [e.value for e in events.Scalars("Train/LR_top")] == pytest.approx([0, 1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3,
                                                                                1e-3])
+
+
+ORIGINAL_TRAIN_SET = dict(max_ctx_len=100, max_desc_len=30, clip_length=1.5, ctx_mode="visual_sub")
+NON_DEFAULT = ["--max_ctx_len", "100", "--max_desc_len", "8", "--clip_length", "3.0"]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (NON_DEFAULT, ORIGINAL_TRAIN_SET),
+    (NON_DEFAULT + ["--train_set_honours_options"], dict(max_ctx_len=100, max_desc_len=8, clip_length=3.0,
+                                                         ctx_mode="visual_sub")),
+    (["--ctx_mode", "visual", "--max_ctx_len", "30"], ORIGINAL_TRAIN_SET),
+    # visual_sub with another max_ctx_len crashes in the original: the options are used.
+    (["--max_ctx_len", "30", "--max_desc_len", "8"], dict(max_ctx_len=30, max_desc_len=8, clip_length=1.5,
+                                                          ctx_mode="visual_sub")),
+])
+def test_training_set_options_as_the_original(base_args, tmp_path, extra, expected):
+    opt = train.BaseOptions().parse(base_args + ["--results_root", str(tmp_path), "--exp_id", "ts"] + extra)
+    train_dataset, eval_loss_dataset, eval_dataset = train.build_datasets(opt)
+    assert {name: getattr(train_dataset, name) for name in expected} == expected
+    for dataset in (eval_loss_dataset, eval_dataset):
+        assert (dataset.max_ctx_len, dataset.max_desc_len, dataset.ctx_mode) == (opt.max_ctx_len, opt.max_desc_len,
+                                                                                 opt.ctx_mode)
+
+
+def test_visual_training_on_the_original_train_set_and_unused_warmup_proportion(base_args, tmp_path):
+    """--ctx_mode visual trains on the original's visual_sub training set (L 100) and evaluates with the
+    options; --lr_warmup_proportion is recorded but, as in the original, leaves the LR constant."""
+    run_dir = train.main(base_args + ["--results_root", str(tmp_path), "--exp_id", "vis", "--ctx_mode", "visual",
+                                      "--n_epoch", "1", "--no_eval_untrained", "--lr_warmup_proportion", "0.5",
+                                      "--max_vcmr_video", "3"])
+    assert json.load(open(os.path.join(run_dir, "opt.json")))["lr_warmup_proportion"] == 0.5
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(run_dir, "tensorboard_log")).Reload()
+    assert [e.value for e in events.Scalars("Train/LR_top")] == pytest.approx([1e-3] * len(
+        events.Scalars("Train/LR_top")))
+    assert len(events.Scalars("Train/LR_top")) > 1
 
 
 def test_training_needs_val(base_args, tmp_path):
