@@ -28,7 +28,7 @@ NOT_RESTORED_AT_INFERENCE = (
     "eval_query_bsz", "eval_context_bsz", "device_ids", "max_vcmr_video", "max_pred_l", "min_pred_l",
     "external_inference_vr_res_path",
     "num_workers", "resume", "amp", "video_cache", "nms_input_full", "force_model_dir", "qal_impl",
-    "output_dir",
+    "output_dir", "nms_metrics_by_dset",
 )
 
 
