@@ -83,6 +83,9 @@ class NullWriter:
     def add_scalars(self, *args, **kwargs):
         pass
 
+    def flush(self):
+        pass
+
     def close(self):
         pass
 
@@ -361,10 +364,11 @@ class Trainer:
         if first_epoch >= self.n_epoch:
             logger.info("all %d epochs are done; pass a larger --n_epoch to train further", self.n_epoch)
             return
-        # Resuming: tensorboard drops the events of the unfinished epoch (they are written again).
-        purge_step = first_epoch * self.batches_per_epoch + 1 if opt.resume else None
-        self.writer = (SummaryWriter(opt.tensorboard_log_dir, purge_step=purge_step)
-                       if distributed.is_main_process() else NullWriter())
+        if opt.resume and distributed.is_main_process():
+            # The unfinished epoch runs again: its points, flushed before the kill, are written again.
+            run_dir.drop_tensorboard_scalars(opt.tensorboard_log_dir,
+                                             unfinished_epoch_points(first_epoch, self.batches_per_epoch))
+        self.writer = SummaryWriter(opt.tensorboard_log_dir) if distributed.is_main_process() else NullWriter()
         try:
             for epoch in tqdm(range(first_epoch, self.n_epoch), desc="Epoch", initial=first_epoch - self.start_epoch,
                               total=self.n_epoch - self.start_epoch, disable=not distributed.is_main_process()):
@@ -376,11 +380,25 @@ class Trainer:
                 elif self.should_evaluate(epoch):
                     self.stopped_early = self.evaluate(epoch)
                 self.last_epoch = epoch
+                self.writer.flush()  # the points of a finished epoch are on disk before last.ckpt says so
                 self.save_last_checkpoint(epoch)
                 if self.stopped_early:
                     break
         finally:
             self.writer.close()
+
+
+def unfinished_epoch_points(epoch, batches_per_epoch):
+    """(tag, step) -> whether that TensorBoard point belongs to `epoch` or later: its training steps
+    (Train/*, step epoch * batches_per_epoch + batch), its eval-loss point (Eval_Loss/*, step epoch) and
+    its evaluation (Eval/*, step (epoch + 1) * batches_per_epoch)."""
+    def belongs(tag, step):
+        if tag.startswith("Eval_Loss/"):
+            return step >= epoch
+        if tag.startswith("Eval/"):
+            return step >= (epoch + 1) * batches_per_epoch
+        return step >= epoch * batches_per_epoch
+    return belongs
 
 
 def main(argv=None):
