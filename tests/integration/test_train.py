@@ -14,6 +14,7 @@ import torch
 import train
 from config.options import OptionError
 from method.checkpoint import load_checkpoint
+from kill_points import FREEZE_HARNESS
 
 from utils.run_dir import REPO_ROOT
 # One thread: fast on a shared 2-core machine, and the same numerics in this process and in subprocesses.
@@ -134,26 +135,20 @@ def test_resume_equals_uninterrupted_run(full_run, base_args, tmp_path):
 
 def test_resume_after_sigkill_mid_epoch(full_run, base_args, tmp_path):
     args = base_args + ["--results_root", str(tmp_path / "results"), "--exp_id", "killed", "--n_epoch", "3"]
-    process = subprocess.Popen([sys.executable, "train.py"] + args, cwd=REPO_ROOT, env=SUBPROCESS_ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp_path / "frozen"
+    # Frozen before the 10th training step (epoch 1 of epochs 0..2, 6 steps each), then killed.
+    process = subprocess.Popen([sys.executable, "-c", FREEZE_HARNESS, str(marker), "step", "10"] + args,
+                               cwd=REPO_ROOT, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        # Kill as soon as epoch 0 is saved: the process is then inside epoch 1.
-        last_ckpt, seen_mtime, deadline = None, None, time.time() + 120
-        while time.time() < deadline and process.poll() is None:
-            found = glob.glob(os.path.join(tmp_path, "results", "*", "last.ckpt"))
-            if found and os.path.getmtime(found[0]) != seen_mtime:
-                last_ckpt, seen_mtime = found[0], os.path.getmtime(found[0])
-                if load_checkpoint(last_ckpt)["epoch"] == 0:
-                    process.send_signal(signal.SIGKILL)
-                    break
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert process.poll() is None and time.time() < deadline, "train.py ended before the kill point"
             time.sleep(0.02)
-        process.wait(timeout=60)
     finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    run_dir = os.path.dirname(last_ckpt)
-    assert load_checkpoint(last_ckpt)["epoch"] < 2  # killed before the end
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    (run_dir,) = glob.glob(str(tmp_path / "results" / "*"))
+    assert load_checkpoint(os.path.join(run_dir, "last.ckpt"))["epoch"] == 0
 
     subprocess.run([sys.executable, "train.py", "--resume", run_dir], cwd=REPO_ROOT, env=SUBPROCESS_ENV,
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
