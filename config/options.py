@@ -18,6 +18,7 @@ from method.conquer import SIMILARITY_MEASURES
 from utils import distributed, run_dir
 from utils.errors import OptionError
 from utils.io_utils import load_json
+from utils.torch_requirement import require_torch
 from utils.tvr_format import CTX_MODES, TASKS
 
 # Options that inference takes from its own command line rather than from the run's opt.json. The first
@@ -157,6 +158,7 @@ class BaseOptions:
         p.add_argument("--config", help="JSON file whose keys set options not given on the command line")
 
     def parse(self, argv=None):
+        require_torch()  # train.py and inference.py start here
         if not self.initialized:
             self.initialize()
         argv = sys.argv[1:] if argv is None else list(argv)
