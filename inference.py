@@ -18,7 +18,7 @@ from easydict import EasyDict
 from config.options import TestOptions
 from method.checkpoint import build_model, load_checkpoint, load_model_weights
 from method.dataset import StartEndDataset
-from method.evaluation import eval_epoch
+from method.evaluation import eval_epoch, resolve_tasks
 from utils import distributed, run_dir
 from utils.data_config import load_data_config
 from utils.errors import run_cli
@@ -27,9 +27,11 @@ from utils.report import format_metrics_table
 logger = logging.getLogger(__name__)
 
 
-def submission_filename(opt):
+def submission_filename(opt, tasks):
+    """The original's name, listing `tasks`: the tasks that run (SVMR is skipped on a split without GT, where
+    the original crashes), in the order given."""
     return (f"inference_{opt.dset_name}_{opt.eval_split_name}_{opt.eval_id}_predictions_"
-            f"{'_'.join(opt.tasks)}_hero.json")
+            f"{'_'.join(tasks)}_hero.json")
 
 
 def build_eval_dataset(opt):
@@ -59,7 +61,8 @@ def run_inference(opt):
     model = load_trained_model(opt)
     distributed.run_on_main(lambda: run_dir.check_writable(opt.output_dir))  # only rank 0 writes
     eval_opt = EasyDict(opt, results_dir=opt.output_dir)
-    return eval_epoch(model, eval_dataset, eval_opt, submission_filename(opt), tasks=opt.tasks)
+    tasks = resolve_tasks(opt.tasks, opt.eval_split_name, eval_dataset.has_gt)
+    return eval_epoch(model, eval_dataset, eval_opt, submission_filename(opt, tasks), tasks=tasks)
 
 
 def main(argv=None):

@@ -9,7 +9,7 @@ setup(
     package_data={"config": ["*.json"]},
     python_requires=">=3.9",
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.6",
         "numpy",
         "lmdb",
         "msgpack",

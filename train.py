@@ -83,21 +83,46 @@ class NullWriter:
     def add_scalars(self, *args, **kwargs):
         pass
 
+    def flush(self):
+        pass
+
     def close(self):
         pass
 
 
-def build_datasets(opt):
-    """(train, eval-loss, evaluation) datasets; the last two are None with --disable_eval.
+# The original builds its training set with the dataset's own defaults, whatever the options say.
+ORIGINAL_TRAIN_SET_OPTIONS = dict(max_ctx_len=100, max_desc_len=30, clip_length=1.5, ctx_mode="visual_sub")
 
-    Unlike the original, the training set receives max_ctx_len, max_desc_len, clip_length and ctx_mode
-    [Q2], so the model and its training data always agree.
+
+def train_set_options(opt):
+    """max_ctx_len, max_desc_len, clip_length and ctx_mode of the training set.
+
+    As the original: the dataset defaults (100, 30, 1.5, visual_sub), whatever the options say, so that
+    non-default options train exactly as it did; with --train_set_honours_options, the options. The options
+    are also used, with a log line, for ctx_mode visual_sub with max_ctx_len other than 100: there the
+    original crashes (the model splits its two-modality sequence at max_ctx_len clips).
     """
+    honoured = {name: opt[name] for name in ORIGINAL_TRAIN_SET_OPTIONS}
+    if opt.train_set_honours_options or honoured == ORIGINAL_TRAIN_SET_OPTIONS:
+        return honoured
+    if opt.ctx_mode == "visual_sub" and opt.max_ctx_len != ORIGINAL_TRAIN_SET_OPTIONS["max_ctx_len"]:
+        logger.info("training set built with the options %s (the original's fixed %s crash with --ctx_mode "
+                    "visual_sub and --max_ctx_len %d)", honoured, ORIGINAL_TRAIN_SET_OPTIONS, opt.max_ctx_len)
+        return honoured
+    logger.info("training set built with %s, as the original, not with the options %s; pass "
+                "--train_set_honours_options to use the options", ORIGINAL_TRAIN_SET_OPTIONS, honoured)
+    return dict(ORIGINAL_TRAIN_SET_OPTIONS)
+
+
+def build_datasets(opt):
+    """(train, eval-loss, evaluation) datasets; the last two are None with --disable_eval. The training set's
+    lengths, clip length and ctx_mode follow `train_set_options`; the other two use the options."""
     data_config = load_data_config(opt.dataset_config)
     common = dict(max_ctx_len=opt.max_ctx_len, max_desc_len=opt.max_desc_len, clip_length=opt.clip_length,
                   ctx_mode=opt.ctx_mode, data_ratio=opt.data_ratio)
     train_dataset = StartEndDataset(data_config, mode="train", is_eval=False, neg_video_num=opt.neg_video_num,
-                                    use_extend_pool=opt.use_extend_pool, **common)
+                                    use_extend_pool=opt.use_extend_pool, data_ratio=opt.data_ratio,
+                                    **train_set_options(opt))
     if opt.disable_eval:
         return train_dataset, None, None
     eval_loss_dataset = StartEndDataset(data_config, mode="val", is_eval=False, neg_video_num=opt.neg_video_num,
@@ -156,7 +181,7 @@ class Trainer:
         if opt.debug:
             self.batches_per_epoch = min(self.batches_per_epoch, DEBUG_BATCHES_PER_EPOCH)
         self.n_epoch = min(opt.n_epoch, DEBUG_N_EPOCH) if opt.debug else opt.n_epoch
-        self.warmup_steps = warmup_steps_for(self.n_epoch * self.batches_per_epoch, opt.lr_warmup_proportion)
+        self.warmup_steps = warmup_steps_for(self.n_epoch * self.batches_per_epoch, opt.lr_warmup_fraction)
         self.optimizer = build_optimizer(model, opt)
         self.scaler = make_grad_scaler(opt.amp, opt.device)
         self.start_epoch = 0 if opt.no_eval_untrained else -1
@@ -339,10 +364,11 @@ class Trainer:
         if first_epoch >= self.n_epoch:
             logger.info("all %d epochs are done; pass a larger --n_epoch to train further", self.n_epoch)
             return
-        # Resuming: tensorboard drops the events of the unfinished epoch (they are written again).
-        purge_step = first_epoch * self.batches_per_epoch + 1 if opt.resume else None
-        self.writer = (SummaryWriter(opt.tensorboard_log_dir, purge_step=purge_step)
-                       if distributed.is_main_process() else NullWriter())
+        if opt.resume and distributed.is_main_process():
+            # The unfinished epoch runs again: its points, flushed before the kill, are written again.
+            run_dir.drop_tensorboard_scalars(opt.tensorboard_log_dir,
+                                             unfinished_epoch_points(first_epoch, self.batches_per_epoch))
+        self.writer = SummaryWriter(opt.tensorboard_log_dir) if distributed.is_main_process() else NullWriter()
         try:
             for epoch in tqdm(range(first_epoch, self.n_epoch), desc="Epoch", initial=first_epoch - self.start_epoch,
                               total=self.n_epoch - self.start_epoch, disable=not distributed.is_main_process()):
@@ -354,11 +380,25 @@ class Trainer:
                 elif self.should_evaluate(epoch):
                     self.stopped_early = self.evaluate(epoch)
                 self.last_epoch = epoch
+                self.writer.flush()  # the points of a finished epoch are on disk before last.ckpt says so
                 self.save_last_checkpoint(epoch)
                 if self.stopped_early:
                     break
         finally:
             self.writer.close()
+
+
+def unfinished_epoch_points(epoch, batches_per_epoch):
+    """(tag, step) -> whether that TensorBoard point belongs to `epoch` or later: its training steps
+    (Train/*, step epoch * batches_per_epoch + batch), its eval-loss point (Eval_Loss/*, step epoch) and
+    its evaluation (Eval/*, step (epoch + 1) * batches_per_epoch)."""
+    def belongs(tag, step):
+        if tag.startswith("Eval_Loss/"):
+            return step >= epoch
+        if tag.startswith("Eval/"):
+            return step >= (epoch + 1) * batches_per_epoch
+        return step >= epoch * batches_per_epoch
+    return belongs
 
 
 def main(argv=None):

@@ -18,6 +18,7 @@ from method.conquer import SIMILARITY_MEASURES
 from utils import distributed, run_dir
 from utils.errors import OptionError
 from utils.io_utils import load_json
+from utils.torch_requirement import require_torch
 from utils.tvr_format import CTX_MODES, TASKS
 
 # Options that inference takes from its own command line rather than from the run's opt.json. The first
@@ -28,7 +29,7 @@ NOT_RESTORED_AT_INFERENCE = (
     "eval_query_bsz", "eval_context_bsz", "device_ids", "max_vcmr_video", "max_pred_l", "min_pred_l",
     "external_inference_vr_res_path",
     "num_workers", "resume", "amp", "video_cache", "nms_input_full", "force_model_dir", "qal_impl",
-    "output_dir",
+    "output_dir", "nms_metrics_by_dset",
 )
 
 
@@ -62,9 +63,9 @@ class BaseOptions:
 
         # training
         p.add_argument("--lr", type=float, default=1e-4, help="learning rate")
-        p.add_argument("--lr_warmup_proportion", type=float, default=0.0,
-                       help="fraction of the total steps with linear warmup from 0; the original parsed "
-                            "0.01 but never applied it, so 0 (constant LR) reproduces it")
+        p.add_argument("--lr_warmup_proportion", type=float, default=0.01,
+                       help="unused, as in the original (parsed and saved in opt.json, no effect); the "
+                            "warmup is --lr_warmup_fraction")
         p.add_argument("--wd", type=float, default=0.01, help="weight decay")
         p.add_argument("--n_epoch", type=int, default=50, help="number of epochs to run")
         p.add_argument("--max_es_cnt", type=int, default=3,
@@ -122,6 +123,18 @@ class BaseOptions:
                        help="temporal NMS IoU threshold; -1 = no NMS (0.7 for the paper's numbers)")
 
         # extensions: each default reproduces the original
+        p.add_argument("--lr_warmup_fraction", type=float, default=0.0,
+                       help="fraction of the total training steps with a linear LR warmup from 0 (0 = constant "
+                            "LR, as the original)")
+        p.add_argument("--train_set_honours_options", action="store_true",
+                       help="build the training set with --max_ctx_len, --max_desc_len, --clip_length and "
+                            "--ctx_mode; the original always builds it with 100, 30, 1.5 and visual_sub (same "
+                            "results with the default options). On by itself for --ctx_mode visual_sub with "
+                            "--max_ctx_len other than 100, where the original crashes")
+        p.add_argument("--nms_metrics_by_dset", action="store_true",
+                       help="evaluate the NMS submission with query types only when --dset_name is tvr, as the "
+                            "submission without NMS; the original always asks for types there, so corpora "
+                            "without a 'type' field (DiDeMo) need this flag with --nms_thd")
         p.add_argument("--resume", type=str, default=None,
                        help="continue the run in this run directory from its last.ckpt")
         p.add_argument("--amp", type=str, default="off", choices=["off", "bf16", "fp16"],
@@ -145,6 +158,7 @@ class BaseOptions:
         p.add_argument("--config", help="JSON file whose keys set options not given on the command line")
 
     def parse(self, argv=None):
+        require_torch()  # train.py and inference.py start here
         if not self.initialized:
             self.initialize()
         argv = sys.argv[1:] if argv is None else list(argv)
@@ -176,7 +190,7 @@ class BaseOptions:
         args = self.parser.parse_args(argv)
         if args.config is not None:
             config_values = load_json(args.config)
-            given = {token[2:].split("=")[0] for token in argv if token.startswith("--")}
+            given = given_dests(self.parser, argv)
             actions = {action.dest: action for action in self.parser._actions}
             for key, value in config_values.items():
                 if key not in actions or key == "config":
@@ -198,7 +212,7 @@ class BaseOptions:
         opt_path = os.path.join(opt.resume, run_dir.OPT_FILENAME)
         if not os.path.isfile(opt_path):
             raise OptionError(f"--resume {opt.resume}: not a run directory (no {run_dir.OPT_FILENAME})")
-        given = {token[2:].split("=")[0] for token in argv if token.startswith("--")}
+        given = given_dests(self.parser, argv)
         for key, value in load_json(opt_path).items():
             if key in opt and key not in given and key != "resume":
                 opt[key] = value
@@ -230,8 +244,8 @@ class BaseOptions:
             raise OptionError(f"--clip_length must be positive, got {opt.clip_length}")
         if opt.neg_video_num < 0:
             raise OptionError(f"--neg_video_num must be >= 0, got {opt.neg_video_num}")
-        if not 0 <= opt.lr_warmup_proportion < 1:
-            raise OptionError(f"--lr_warmup_proportion must be in [0, 1), got {opt.lr_warmup_proportion}")
+        if not 0 <= opt.lr_warmup_fraction < 1:
+            raise OptionError(f"--lr_warmup_fraction must be in [0, 1), got {opt.lr_warmup_fraction}")
         if "tasks" not in opt:
             distributed.per_rank_batch_size(opt.bsz)
         # No GPU, or a precision the device cannot run: fail before a run directory is created.
@@ -269,6 +283,22 @@ class TestOptions(BaseOptions):
             opt.setdefault(key, value)
         opt.results_dir = run_dir.choose_checkpoint_dir(opt.get("results_dir"), opt.model_dir, opt.force_model_dir)
         opt.output_dir = opt.output_dir or opt.results_dir
+
+
+_NOT_GIVEN = object()
+
+
+def given_dests(parser, argv):
+    """Names (dests) of the options that `argv` sets, whatever spelling it uses: an alias, a negated flag
+    (`--no_video_cache` sets video_cache), `--name=value` or an abbreviation argparse accepts.
+
+    argparse fills in a default only for a dest missing from the namespace it is given, so a namespace
+    pre-filled with a marker keeps the marker exactly for the options not on the command line.
+    """
+    namespace = argparse.Namespace(**{action.dest: _NOT_GIVEN for action in parser._actions
+                                      if action.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=namespace)
+    return {dest for dest, value in vars(namespace).items() if value is not _NOT_GIVEN}
 
 
 def _coerce_config_value(action, value, config_path):

@@ -20,6 +20,7 @@ from method.conquer import CONQUER, to_easydict
 from method.layers import ModelConfigError
 from utils.errors import ConquerError
 from utils.io_utils import atomic_torch_save
+from utils.torch_requirement import require_torch
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def load_checkpoint(path, map_location="cpu", required_keys=("model", "model_cfg
     Raises CheckpointError naming the file when it is missing, truncated or corrupt, lacks
     `required_keys`, or references a Python global outside the allow-list (which is then not executed).
     """
+    require_torch()  # an older torch would report every checkpoint as corrupt
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint file not found")

@@ -29,7 +29,7 @@ from method.scoring import prediction_results, rank_batch
 from utils import distributed
 from utils.errors import OptionError
 from utils.io_utils import gc_paused, save_json
-from utils.standalone_eval import eval_retrieval
+from utils.standalone_eval import GroundTruthError, eval_retrieval
 from utils.temporal_nms import apply_nms
 from utils.tvr_format import IOU_THRESHOLDS, MAX_PREDICTIONS_PER_QUERY, TASKS
 
@@ -37,6 +37,20 @@ logger = logging.getLogger(__name__)
 
 # Share of the free accelerator memory the video cache may take; the rest is left to the query batches.
 CACHE_DEVICE_MEMORY_FRACTION = 0.5
+
+
+def _evaluate_nms_submission(submission_nms, ground_truth, opt):
+    """Metrics of the NMS submission. The original asks for query types here whatever the corpus (a DiDeMo
+    GT has none); `nms_metrics_by_dset` asks for them only on tvr, as for the submission without NMS."""
+    by_dset = opt.get("nms_metrics_by_dset", False)
+    try:
+        return eval_retrieval(submission_nms, ground_truth, iou_thds=IOU_THRESHOLDS, match_number=not opt.debug,
+                              verbose=opt.debug, use_desc_type=opt.dset_name == "tvr" if by_dset else True)
+    except GroundTruthError as e:
+        if by_dset:
+            raise
+        raise GroundTruthError(f"{e} (the NMS metrics use query types, as the original; pass "
+                               f"--nms_metrics_by_dset to use them only for --dset_name tvr)") from None
 
 
 def resolve_tasks(tasks, split, has_gt):
@@ -335,9 +349,7 @@ def _save_and_evaluate(results, eval_dataset, opt, save_submission_filename, max
         save_json(submission_nms, nms_path)
         written.append(nms_path)
         if has_metrics:
-            # The original evaluates the NMS submission with the evaluator's default use_desc_type=True [Q22].
-            metrics_nms = eval_retrieval(submission_nms, eval_dataset.query_data, iou_thds=IOU_THRESHOLDS,
-                                         match_number=not opt.debug, verbose=opt.debug, use_desc_type=True)
+            metrics_nms = _evaluate_nms_submission(submission_nms, eval_dataset.query_data, opt)
             metrics_nms_path = _derived_path(nms_path, "_metrics.json")
             save_json(metrics_nms, metrics_nms_path, save_pretty=True)
             written.append(metrics_nms_path)

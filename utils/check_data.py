@@ -3,10 +3,14 @@
     python -m utils.check_data --dataset_config config/tvr_data_config.json [--splits train val test_public]
 
 Checks: the data config loads; every store opens; every annotation is well formed (fields, type, unique
-desc_id, ts inside the video); every desc_id has query features and a ranklist; ranklists reference only
+desc_id, 0 <= start <= end); every train and val moment gives clip labels start <= end on its video, as
+training computes them (--max_ctx_len, --clip_length: the training set's, 100 and 1.5 as in the original);
+every desc_id has query features and a ranklist; ranklists reference only
 videos of their split, hold at least --max_vcmr_video entries on val/test_public and (train) rank the GT in
 the top 100 (--no_ranklists skips the ranklists: a corpus the first stage has not ranked yet); every annotated or ranked video has visual (and subtitle) features; feature values are finite
-and dims agree across keys. Exit status 0 only when no problem is found.
+and dims agree across keys. What the original accepts but may be a mistake (no `duration`, moments ending
+after the video, videos with zero feature rows) is reported as warnings with counts. Exit status 0 when no
+problem is found (warnings allowed), 2 otherwise (as every command on bad input).
 """
 import argparse
 import collections
@@ -15,11 +19,13 @@ import sys
 from tqdm import tqdm
 
 from utils.data_config import DataConfigError, load_data_config
-from utils.errors import run_cli
+from utils.errors import CLI_ERROR_EXIT_STATUS, run_cli
 from utils.feature_stores import (FeatureStoreError, QueryFeatureStore, RanklistStore, SubtitleFeatureStore,
                                   VideoFeatureStore)
 from utils.io_utils import DataFileError, load_json, load_jsonl
-from utils.tvr_format import CTX_MODES, FIRST_STAGE_TOP, SPLIT_FILE_KEYS, SPLITS, annotation_problems
+from utils.tvr_format import (CTX_MODES, FIRST_STAGE_TOP, SPLIT_FILE_KEYS, SPLITS, DatasetError, annotation_problems,
+                              annotation_warnings, moment_problem, moments_of, st_ed_label)
+
 
 class _FeatureCheck:
     """Reads every key of one feature store once, remembering problems and which dim each key has."""
@@ -27,16 +33,22 @@ class _FeatureCheck:
     def __init__(self, store):
         self.store = store
         self.keys_by_dim = collections.defaultdict(list)
-        self.checked = set()
+        self.n_rows = {}  # key -> number of feature rows (keys read without problem)
 
     def check(self, key, problems):
-        if key in self.checked:
+        if key in self.n_rows:
             return
-        self.checked.add(key)
         try:
-            self.keys_by_dim[self.store.get(key).shape[1]].append(key)
+            features = self.store.get(key)
         except FeatureStoreError as e:
+            self.n_rows[key] = None
             problems.append(str(e))
+            return
+        self.n_rows[key] = features.shape[0]
+        self.keys_by_dim[features.shape[1]].append(key)
+
+    def empty_keys(self):
+        return sorted(key for key, n in self.n_rows.items() if n == 0)
 
     def dim_problems(self):
         if len(self.keys_by_dim) <= 1:
@@ -57,14 +69,17 @@ def _open(store_class, path, problems):
         return None
 
 
-def check_corpus(dataset_config, splits=SPLITS, max_vcmr_video=10, ctx_mode="visual_sub", ranklists=True):
-    """-> (counts per split {split: {"queries", "videos", "problems"}}, list of problem messages)."""
+def check_corpus(dataset_config, splits=SPLITS, max_vcmr_video=10, ctx_mode="visual_sub", ranklists=True,
+                 max_ctx_len=100, clip_length=1.5):
+    """-> (counts per split {split: {"queries", "videos", "problems"}}, list of problem messages,
+    {warning: (count, first key)})."""
     problems = []
+    warnings = {}
     try:
         config = load_data_config(dataset_config)
         video_splits = load_json(config.video_duration_idx_path)
     except (DataConfigError, DataFileError) as e:
-        return {}, [str(e)]
+        return {}, [str(e)], warnings
 
     query_store = _open(QueryFeatureStore, config.desc_bert_path, problems)
     video_store = _open(VideoFeatureStore, config.vid_feat_path, problems)
@@ -89,6 +104,7 @@ def check_corpus(dataset_config, splits=SPLITS, max_vcmr_video=10, ctx_mode="vis
             rows = []
         problems.extend(annotation_problems(rows, config[data_key], split, video2idx, config.dset_name,
                                             single_moment=split == "train"))
+        warnings.update(annotation_warnings(rows, config[data_key]))
         rows = [row for row in rows if isinstance(row, dict) and "desc_id" in row]
 
         videos = {row["vid_name"] for row in rows if row.get("vid_name") in video2idx}
@@ -102,11 +118,37 @@ def check_corpus(dataset_config, splits=SPLITS, max_vcmr_video=10, ctx_mode="vis
         for name in tqdm(sorted(videos), desc=f"{split}: video features", disable=not videos):
             for feature_check in feature_checks:
                 feature_check.check(name, problems)
+        if split != "test_public" and video_store is not None:
+            problems.extend(_label_problems(rows, config[data_key], feature_checks[0].n_rows, max_ctx_len,
+                                            clip_length))
         counts[split] = dict(queries=len(rows), videos=len(videos), problems=len(problems) - n_before)
 
     for check in feature_checks + ([query_check] if query_check else []):
         problems.extend(check.dim_problems())
-    return counts, problems
+        empty = check.empty_keys()
+        if empty:
+            warnings[f"{check.store.kind} store {check.store.path}: keys with zero feature rows (training "
+                     f"cannot label a GT video without visual rows)"] = (len(empty), empty[0])
+    return counts, problems, warnings
+
+
+def _label_problems(rows, path, n_visual_rows, max_ctx_len, clip_length):
+    """Moments whose training labels are not 0 <= st <= ed on their GT video (e.g. a zero-length moment on
+    a clip boundary): training (and its eval-loss pass on val) stops on them. The label is that of the
+    first moment, as training takes it."""
+    problems = []
+    for i, row in enumerate(rows):
+        n_rows = n_visual_rows.get(row.get("vid_name"))
+        if n_rows is None or "ts" not in row:
+            continue
+        label = moments_of(row["ts"])[0]
+        if moment_problem(label) is not None:
+            continue  # reported by annotation_problems
+        try:
+            st_ed_label(label, min(n_rows, max_ctx_len), clip_length)
+        except DatasetError as e:
+            problems.append(f"{path}: row {i} (desc_id {row['desc_id']}): training cannot label it: {e}")
+    return problems
 
 
 def _ranklist_problems(store, row, split, idx2video, max_vcmr_video, problems):
@@ -141,17 +183,26 @@ def main(argv=None):
                         help="visual: the subtitle store is not needed")
     parser.add_argument("--no_ranklists", action="store_true",
                         help="do not check first-stage ranklists (a corpus the first stage has not ranked yet)")
+    parser.add_argument("--max_ctx_len", type=int, default=100,
+                        help="clips per video of the training set (the original's training set: 100)")
+    parser.add_argument("--clip_length", type=float, default=1.5,
+                        help="seconds per clip of the training set (the original's training set: 1.5)")
     args = parser.parse_args(argv)
 
-    counts, problems = check_corpus(args.dataset_config, args.splits, args.max_vcmr_video, args.ctx_mode,
-                                    ranklists=not args.no_ranklists)
+    counts, problems, warnings = check_corpus(args.dataset_config, args.splits, args.max_vcmr_video, args.ctx_mode,
+                                              ranklists=not args.no_ranklists, max_ctx_len=args.max_ctx_len,
+                                              clip_length=args.clip_length)
     for split, count in counts.items():
         print(f"{split}: {count['queries']} queries, {count['videos']} videos, {count['problems']} problems")
+    if warnings:
+        print(f"\n{len(warnings)} warning(s) (accepted, as by the original):")
+        for warning, (count, first) in warnings.items():
+            print(f"  - {warning}: {count} (first: {first!r})")
     if problems:
         print(f"\n{len(problems)} problem(s); the first {min(len(problems), args.max_problems)}:")
         for problem in problems[:args.max_problems]:
             print(f"  - {problem}")
-        return 1
+        return CLI_ERROR_EXIT_STATUS
     print("OK: no problems found")
     return 0
 

@@ -164,8 +164,6 @@ class _FeatureStore(_Store):
             raise FeatureStoreError(f"{where}: expected a numeric 2-d `features` array (n, D), found "
                                     f"{getattr(features, 'dtype', type(features).__name__)} "
                                     f"shape {getattr(features, 'shape', None)}")
-        if features.shape[0] == 0:
-            raise FeatureStoreError(f"{where}: expected at least one feature row, found shape {features.shape}")
         if self.dim is not None and features.shape[1] != self.dim:
             raise FeatureStoreError(f"{where}: expected feature dim {self.dim}, found {features.shape[1]}")
         features = features[:self.max_len]

@@ -157,3 +157,36 @@ def truncate_logs(run_dir, sizes):
         if os.path.exists(path) and os.path.getsize(path) > size:
             with open(path, "r+b") as f:
                 f.truncate(size)
+
+
+def drop_tensorboard_scalars(log_dir, drop):
+    """Rewrite every event file under `log_dir` without the scalars for which `drop(tag, step)` is true
+    (each file is replaced atomically). What a resumed run calls to forget the unfinished epoch's points."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    for directory, _, names in os.walk(log_dir):
+        for name in sorted(n for n in names if n.startswith("events.out.tfevents.")):
+            path = os.path.join(directory, name)
+            kept, changed = [], False
+            for event in LegacyEventFileLoader(path).Load():
+                if event.HasField("summary"):
+                    values = [v for v in event.summary.value if not drop(v.tag, event.step)]
+                    if len(values) != len(event.summary.value):
+                        changed = True
+                        if not values:
+                            continue
+                        del event.summary.value[:]
+                        event.summary.value.extend(values)
+                kept.append(event)
+            if not changed:
+                continue
+            fd, temp_path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+            with os.fdopen(fd, "wb") as f:
+                writer = RecordWriter(f)
+                for event in kept:
+                    writer.write(event.SerializeToString())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp_path, path)
+

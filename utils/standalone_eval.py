@@ -1,7 +1,8 @@
 """TVR retrieval metrics: VCMR / SVMR recall at IoU thresholds, VR recall, by query type.
 
 A prediction row is [video_idx, st, ed, score]; only the first 100 rows of a query and their first three
-fields count. A row is *matched* when its video is the query's GT video, and *correct at θ* when it is
+fields are read (as the original: 3-field rows, extra fields and malformed rows past the 100th are accepted),
+and a desc_id listed twice in a task is scored with its last entry, with a warning. A row is *matched* when its video is the query's GT video, and *correct at θ* when it is
 matched and its IoU with the GT moment is >= θ (float32 IoU with the hull denominator, 0 when that is 0).
 DiDeMo-style queries with a list of >= 4 GT moments need IoU >= θ with at least 2 of them.
 
@@ -55,74 +56,71 @@ def temporal_iou_float32(pred_st, pred_ed, gt_st, gt_ed):
     return np.divide(intersection, hull, out=np.zeros_like(intersection), where=hull != 0)
 
 
-def _is_prediction_row(row):
-    if not isinstance(row, (list, tuple)) or len(row) != 4:
-        return False
-    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in row):
-        return False
-    return float(row[0]).is_integer()
+def _is_number(x):
+    # bool counts: the original converts rows with np.array(..., dtype=float32), which takes it as 0/1.
+    return isinstance(x, (int, float))
+
+
+def _row_fields(row):
+    """The first three fields of a row, or None when the row has fewer than three or they are not numbers."""
+    if not isinstance(row, (list, tuple)) or len(row) < 3 or not all(_is_number(x) for x in row[:3]):
+        return None
+    return row[:3]
 
 
 def prediction_matrix(rows, task_type, desc_id, max_pred=MAX_PREDICTIONS_PER_QUERY):
-    """Validate one query's rows and return the first `max_pred` as a float32 (n, 3) [video_idx, st, ed]."""
-    expected = "a list of rows [video_idx:int, st:float, ed:float, score:float]"
+    """One query's first `max_pred` rows as a float32 (n, 3) [video_idx, st, ed].
+
+    As the original, only those rows and only their first three fields are read: a 3-field row, extra
+    fields and anything past row `max_pred` are accepted; a read row whose first three fields are not
+    numbers is an error.
+    """
     if not isinstance(rows, list):
-        raise SubmissionError(f"{task_type}: desc_id {desc_id}: 'predictions' must be {expected}, "
-                              f"got {type(rows).__name__}")
-    if not rows:
-        return np.zeros((0, 3), dtype=np.float32)
-    try:
-        array = np.array(rows)
-    except (ValueError, TypeError):
-        array = None
-    well_formed = (array is not None and array.ndim == 2 and array.shape[1] == 4 and array.dtype.kind in "iuf"
-                   and bool(np.all(array[:, 0] == np.floor(array[:, 0]))))
-    if not well_formed:
-        bad = next(j for j, row in enumerate(rows) if not _is_prediction_row(row))
+        raise SubmissionError(f"{task_type}: desc_id {desc_id}: 'predictions' must be a list of rows "
+                              f"[video_idx, st, ed, score], got {type(rows).__name__}")
+    fields = [_row_fields(row) for row in rows[:max_pred]]
+    bad = next((j for j, f in enumerate(fields) if f is None), None)
+    if bad is not None:
         raise SubmissionError(f"{task_type}: desc_id {desc_id}: prediction row {bad} is {rows[bad]!r}; "
-                              f"expected [video_idx:int, st:float, ed:float, score:float]")
-    return array[:max_pred, :3].astype(np.float32)
+                              f"expected [video_idx, st, ed, ...] with three numbers first")
+    return np.array(fields, dtype=np.float32).reshape(len(fields), 3)
 
 
 def prediction_table(query_rows, task_type, desc_ids, max_pred=MAX_PREDICTIONS_PER_QUERY, bulk=True):
     """`prediction_matrix` of many queries, zero-padded: (Q, P, 3) float32 [video_idx, st, ed] and (Q, P) bool
     (True on real rows), P the longest kept list.
 
-    With `bulk` the rows of all queries go through one np.array call; when that does not give well-formed
-    numeric rows (or without `bulk`: the original's formulation), the queries are converted one by one by
+    With `bulk` the kept rows of all queries go through one np.array call; when that does not give numeric
+    rows (or without `bulk`: the original's formulation), the queries are converted one by one by
     `prediction_matrix`, which names the bad row.
     """
-    table = _bulk_rows(query_rows) if bulk else None
+    table = _bulk_rows(query_rows, max_pred) if bulk else None
     if table is None:
         matrices = [prediction_matrix(rows, task_type, desc_id, max_pred)
                     for rows, desc_id in zip(query_rows, desc_ids)]
-        lengths = np.array([len(m) for m in matrices], dtype=np.int64)
         table = np.concatenate(matrices) if matrices else np.zeros((0, 3), dtype=np.float32)
-    else:
-        lengths = np.array([len(rows) for rows in query_rows], dtype=np.int64)
-    starts = np.cumsum(lengths) - lengths
-    kept = np.minimum(lengths, max_pred)
+    kept = np.array([min(len(rows), max_pred) for rows in query_rows], dtype=np.int64)
+    starts = np.cumsum(kept) - kept
     is_row = np.arange(int(kept.max(initial=0)))[None, :] < kept[:, None]
     preds = np.zeros(is_row.shape + (3,), dtype=np.float32)  # zero padding is never matched
     positions = (starts[:, None] + np.arange(is_row.shape[1])[None, :])[is_row]
-    preds[is_row] = table[positions, :3].astype(np.float32)
+    preds[is_row] = table[positions].astype(np.float32)
     return preds, is_row
 
 
-def _bulk_rows(query_rows):
-    """All queries' rows as one (N, 4) numeric array, or None unless every row is well formed."""
+def _bulk_rows(query_rows, max_pred):
+    """The first three fields of every kept row of all queries as one (N, 3) numeric array, or None unless
+    every kept row has three numbers first."""
     if not all(isinstance(rows, list) for rows in query_rows):
         return None
-    rows = [row for query in query_rows for row in query]
+    rows = [row[:3] if isinstance(row, (list, tuple)) else row for query in query_rows for row in query[:max_pred]]
     if not rows:
-        return np.zeros((0, 4), dtype=np.float32)
+        return np.zeros((0, 3), dtype=np.float32)
     try:
         table = np.array(rows)
     except (ValueError, TypeError):
         return None
-    well_formed = (table.ndim == 2 and table.shape[1] == 4 and table.dtype.kind in "iuf"
-                   and bool(np.all(table[:, 0] == np.floor(table[:, 0]))))
-    return table if well_formed else None
+    return table if table.ndim == 2 and table.shape[1] == 3 and table.dtype.kind in "biuf" else None
 
 
 def _gt_moments(gt_item):
@@ -157,7 +155,8 @@ def _predictions_by_desc_id(task_results, task_type):
         if not isinstance(entry, dict) or "desc_id" not in entry or "predictions" not in entry:
             raise SubmissionError(f"{task_type}: entry {j} must be a dict with 'desc_id' and 'predictions'")
         if entry["desc_id"] in by_desc_id:
-            raise SubmissionError(f"{task_type}: desc_id {entry['desc_id']} appears more than once")
+            logger.warning("%s: desc_id %s appears more than once; its last entry is scored (as the original)",
+                           task_type, entry["desc_id"])
         by_desc_id[entry["desc_id"]] = entry["predictions"]
     return by_desc_id
 

@@ -70,15 +70,21 @@ def is_number(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def moment_problem(ts, duration):
-    """Why `ts` is not a usable [start, end] moment of a video of `duration` seconds, or None."""
+def moment_problem(ts):
+    """Why `ts` is not a usable [start, end] moment, or None. A moment may end after its video: its clip
+    labels are clipped to the video (`st_ed_label`), as the original does."""
     if not (isinstance(ts, (list, tuple)) and len(ts) == 2 and all(is_number(t) for t in ts)):
         return f"expected [start, end] seconds, found {ts!r}"
     if not 0 <= ts[0] <= ts[1]:
         return f"expected 0 <= start <= end, found {ts!r}"
-    if ts[1] > duration:
-        return f"moment {ts!r} ends after the video (duration {duration})"
     return None
+
+
+def moments_of(ts):
+    """The [start, end] moments of a `ts` field: a list of pairs (DiDeMo style) or one pair."""
+    if isinstance(ts, list) and ts and all(isinstance(pair, (list, tuple)) for pair in ts):
+        return list(ts)
+    return [ts]
 
 
 def annotation_problems(rows, path, split, video2idx, dset_name="tvr", single_moment=True):
@@ -86,9 +92,10 @@ def annotation_problems(rows, path, split, video2idx, dset_name="tvr", single_mo
 
     Every message names `path`, the row and desc_id. `single_moment` requires `ts` to be one
     [start, end] pair (training labels); otherwise a list of pairs (DiDeMo style) is also accepted.
+    `duration` is optional and never checked against `ts`, as in the original (see `annotation_warnings`).
     """
     has_gt = split != "test_public"
-    required = ("desc", "desc_id") + (("vid_name", "duration", "ts") if has_gt else ())
+    required = ("desc", "desc_id") + (("vid_name", "ts") if has_gt else ())
     if has_gt and dset_name == "tvr":
         required += ("type",)
     problems = []
@@ -115,18 +122,32 @@ def annotation_problems(rows, path, split, video2idx, dset_name="tvr", single_mo
             continue
         if row["vid_name"] not in video2idx:
             problems.append(f"{where}: vid_name {row['vid_name']!r} is not a video of split {split!r}")
-        duration = row["duration"]
-        if not (is_number(duration) and duration > 0):
-            problems.append(f"{where}: duration must be a positive number, found {duration!r}")
-            continue
-        ts = row["ts"]
-        multi = (not single_moment and isinstance(ts, list) and len(ts) > 0
-                 and all(isinstance(pair, (list, tuple)) for pair in ts))
-        for pair in (ts if multi else [ts]):
-            problem = moment_problem(pair, duration)
+        for pair in ([row["ts"]] if single_moment else moments_of(row["ts"])):
+            problem = moment_problem(pair)
             if problem:
                 problems.append(f"{where}: ts {problem}")
     return problems
+
+
+def annotation_warnings(rows, path):
+    """What the original accepts but may be a data mistake -> {warning: (count, first desc_id)}: rows
+    without a usable `duration`, moments ending after their video's `duration` (their labels are clipped)."""
+    warnings = {}
+
+    def warn(kind, row):
+        count, first = warnings.get(kind, (0, row.get("desc_id")))
+        warnings[kind] = (count + 1, first)
+
+    for row in rows:
+        if not isinstance(row, dict) or "ts" not in row:
+            continue
+        duration = row.get("duration")
+        if not (is_number(duration) and duration > 0):
+            warn(f"{path}: rows without a positive 'duration'", row)
+            continue
+        if any(moment_problem(pair) is None and pair[1] > duration for pair in moments_of(row["ts"])):
+            warn(f"{path}: moments ending after the video's duration (clip labels are clipped to the video)", row)
+    return warnings
 
 
 def st_ed_label(ts, n_clips, clip_length):

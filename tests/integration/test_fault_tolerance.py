@@ -1,5 +1,5 @@
-"""Fault tolerance: a training process killed with SIGKILL (at a random moment, mostly mid-epoch; while
-writing a checkpoint; during evaluation) never leaves a corrupt model.ckpt, last.ckpt, opt.json or metrics file, and
+"""Fault tolerance: a training process killed with SIGKILL (mid-epoch; while writing a checkpoint; during
+evaluation) never leaves a corrupt model.ckpt, last.ckpt, opt.json or metrics file, and
 --resume finishes the run exactly as an uninterrupted one; runs started in the same second get their own run
 directories; inference on a read-only run directory fails cleanly, or writes to --output_dir.
 """
@@ -8,7 +8,6 @@ import glob
 import json
 import multiprocessing
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -24,36 +23,12 @@ import train
 from config.options import BaseOptions
 from method.checkpoint import load_checkpoint
 from utils.errors import run_cli
+from kill_points import FREEZE_HARNESS
 
 from utils.run_dir import REPO_ROOT
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1")
 N_EPOCH = 2  # epochs -1 (evaluation of the untrained model), 0 and 1; 6 batches each
 
-# Runs train.py as __main__ and freezes it inside the N-th atomic write of a file whose name contains NAME:
-# at the fsync of the temporary file (the new bytes are written, the destination is not replaced yet). Once
-# frozen it creates the marker file and sleeps until killed. Arguments: MARKER write:NAME N TRAIN_ARGS...
-FREEZE_HARNESS = r"""
-import os, runpy, sys, time
-
-marker, point, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
-sys.argv = ["train.py"] + sys.argv[4:]
-name_part, count, real_fsync = point[len("write:"):], 0, os.fsync
-
-
-def fsync(fd):
-    global count
-    name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
-    if name.startswith(".") and name.endswith(".tmp") and name_part in name:
-        count += 1
-        if count == nth:
-            open(marker, "w").close()
-            time.sleep(3600)
-    real_fsync(fd)
-
-
-os.fsync = fsync
-runpy.run_path("train.py", run_name="__main__")
-"""
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -157,19 +132,14 @@ def assert_same_run(run_a, run_b):
 def test_sigkill_at_several_points_then_resume(base_args, reference_run, tmp_path):
     results_root = tmp_path / "results"
 
-    # 1. A new run, killed at a random moment after epoch -1 (the untrained evaluation) is saved: most
-    #    likely in the middle of epoch 0 (tests/test_train.py kills one exactly there).
-    log, delay = tmp_path / "random.log", random.uniform(0.0, 1.0)
-    process = start_training(base_args + ["--results_root", str(results_root), "--exp_id", "killed"], log)
-    try:
-        wait_for(lambda: glob.glob(str(results_root / "*" / "last.ckpt")), process, log)
-        time.sleep(delay)
-    finally:
-        sigkill(process)
-    assert process.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{log_tail(log)}"
+    # 1. A new run, killed in the middle of epoch 0 (before its 4th of 6 training steps), after epoch -1
+    #    (the untrained evaluation) was saved.
+    log, marker = tmp_path / "mid_epoch.log", tmp_path / "frozen_mid_epoch"
+    argv = base_args + ["--results_root", str(results_root), "--exp_id", "killed"]
+    kill_when_frozen(start_training(argv, log, ("step", 4), marker), marker, log)
     (run_dir,) = glob.glob(str(results_root / "*"))
     saved_epoch = assert_intact(run_dir)
-    assert saved_epoch in (-1, 0), f"killed {delay:.2f} s after epoch -1 was saved"
+    assert saved_epoch == -1
     resume = ["--resume", run_dir]
 
     # 2. While writing last.ckpt at the end of the next epoch: the previous last.ckpt stays in place.
@@ -191,6 +161,24 @@ def test_sigkill_at_several_points_then_resume(base_args, reference_run, tmp_pat
     assert assert_intact(run_dir) == N_EPOCH - 1
     assert not temp_files(run_dir)
     assert_same_run(reference_run, run_dir)
+    # TensorBoard: the points of the epochs that ran again (their training steps, the eval-loss point the
+    # evaluation kill left) are not duplicated.
+    assert tensorboard_scalars(run_dir) == tensorboard_scalars(reference_run)
+
+
+def tensorboard_scalars(run_dir):
+    """{(event dir, tag): [(step, value)]} of every event file of the run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for directory in sorted({os.path.dirname(p) for p in glob.glob(os.path.join(run_dir, "tensorboard_log", "**",
+                                                                                "events.out.tfevents.*"),
+                                                                      recursive=True)}):
+        events = EventAccumulator(directory, purge_orphaned_data=False).Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars[(os.path.relpath(directory, run_dir), tag)] = [(e.step, pytest.approx(e.value, abs=1e-6))
+                                                                   for e in events.Scalars(tag)]
+    return scalars
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ import pytest
 import inference
 import train
 from config.options import OptionError
-from utils.io_utils import load_json, load_jsonl
-from utils.standalone_eval import eval_retrieval
+from method.oracle import apply_nms_reference
+from utils.io_utils import load_json, load_jsonl, save_jsonl
+from utils.standalone_eval import GroundTruthError, eval_retrieval
 
 from utils.run_dir import REPO_ROOT
 
@@ -60,7 +61,13 @@ def test_each_measure_with_and_without_nms(run_dirs, tiny_train_flags, measure):
     gt = load_jsonl(load_json(opt.dataset_config)["root_path"] + "/data/tvr_val_release.jsonl")[:n_queries]
     assert metrics == json.loads(json.dumps(eval_retrieval(submission, gt, use_desc_type=True)))
     assert load_json(stem + "_metrics.json") == metrics
-    assert set(metrics_nms) == set(metrics)
+    # NMS: the list-popping reference on the written (top-100) submission, then a fresh evaluation.
+    nms_reference = {"video2idx": submission["video2idx"], "VR": submission["VR"]}
+    for task in ("SVMR", "VCMR"):
+        nms_reference[task] = apply_nms_reference(submission[task], 0.7, opt.max_before_nms, 100)
+    expected_nms = json.loads(json.dumps(eval_retrieval(nms_reference, gt, use_desc_type=True)))
+    assert metrics_nms == expected_nms == load_json(stem + "_nms_thd_0.7_metrics.json")
+    assert load_json(stem + "_nms_thd_0.7.json") == json.loads(json.dumps(nms_reference))
     # VR: the candidates, re-ranked only by exclusive/disjoint; general keeps the first-stage order.
     vr_rows = submission["VR"][0]["predictions"]
     assert len(vr_rows) == 5 and all(row[1:3] == [0, 0] for row in vr_rows)
@@ -75,17 +82,56 @@ def test_vcmr_alone_and_output_names(run_dirs, tiny_train_flags):
 
 
 def test_test_public_writes_the_submission_only(run_dirs, tiny_train_flags):
-    # SPEC Q6: SVMR needs the GT video, which test_public lacks; it is skipped instead of crashing.
+    # SVMR needs the GT video, which test_public lacks: it is skipped (the original crashes), and the file
+    # names list the tasks written, in the order given.
     _, (metrics, metrics_nms, paths) = infer(run_dirs["general"], tiny_train_flags, "--eval_split_name",
-                                             "test_public", "--nms_thd", "0.7")
+                                             "test_public", "--nms_thd", "0.7", "--tasks", "VR", "SVMR", "VCMR")
     assert metrics is None and metrics_nms is None
     assert [os.path.basename(p) for p in paths] == [
-        "inference_tvr_test_public_None_predictions_VCMR_SVMR_VR_hero.json",
-        "inference_tvr_test_public_None_predictions_VCMR_SVMR_VR_hero_nms_thd_0.7.json"]
+        "inference_tvr_test_public_None_predictions_VR_VCMR_hero.json",
+        "inference_tvr_test_public_None_predictions_VR_VCMR_hero_nms_thd_0.7.json"]
+    # Where the original runs (--tasks VCMR VR), its name.
+    _, (_, _, paths) = infer(run_dirs["general"], tiny_train_flags, "--eval_split_name", "test_public",
+                             "--tasks", "VCMR", "VR", "--eval_id", "tp")
+    assert [os.path.basename(p) for p in paths] == ["inference_tvr_test_public_tp_predictions_VCMR_VR_hero.json"]
     submission = load_json(paths[0])
     assert "SVMR" not in submission and len(submission["VCMR"]) > 0
     test_video_indices = set(submission["video2idx"].values())
     assert all(row[0] in test_video_indices for q in submission["VCMR"] for row in q["predictions"])
+
+
+def didemo_style_copy(tiny_train_flags, tmp_path):
+    """The tiny corpus as a DiDeMo-style corpus: no query types, several GT moments per val query (ending
+    after the video where the first moment does), no durations."""
+    data_config = tiny_train_flags[tiny_train_flags.index("--dataset_config") + 1]
+    corpus = shutil.copytree(os.path.dirname(data_config), tmp_path / "didemo")
+    config = load_json(corpus / os.path.basename(data_config))
+    config.update(root_path=str(corpus), dset_name="didemo")
+    json.dump(config, open(corpus / "didemo_config.json", "w"))
+    val_path = corpus / config["eval_data_path"]
+    rows = load_jsonl(val_path)
+    for row in rows:
+        del row["type"], row["duration"]
+        st, ed = row["ts"]
+        row["ts"] = [[st, ed], [st, ed + 1.0], [st, ed + 2.0], [st + 0.5, ed + 1e4]]
+    save_jsonl(rows, val_path)
+    return str(corpus / "didemo_config.json")
+
+
+def test_didemo_style_corpus_with_nms(run_dirs, tiny_train_flags, tmp_path):
+    """Without query types the NMS metrics fail as in the original, naming the flag that fixes them."""
+    data_config = didemo_style_copy(tiny_train_flags, tmp_path)
+    run_dir = shutil.copytree(run_dirs["general"], tmp_path / "run")
+    saved = load_json(run_dir / "opt.json")
+    saved["dset_name"] = "didemo"
+    json.dump(saved, open(run_dir / "opt.json", "w"))
+    argv = ["--model_dir", str(run_dir), "--dataset_config", data_config, "--device", "-1", "--num_workers", "0",
+            "--max_vcmr_video", "5", "--nms_thd", "0.7", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(GroundTruthError, match="missing key 'type'.*--nms_metrics_by_dset"):
+        inference.run_inference(inference.TestOptions().parse(argv))
+    shutil.rmtree(tmp_path / "out")
+    metrics, metrics_nms, _ = inference.run_inference(inference.TestOptions().parse(argv + ["--nms_metrics_by_dset"]))
+    assert list(metrics) == list(metrics_nms) == ["VCMR", "SVMR", "VR"]
 
 
 def test_general_without_internal_scores_is_rejected(run_dirs, tiny_train_flags, tmp_path):

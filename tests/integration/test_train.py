@@ -14,6 +14,7 @@ import torch
 import train
 from config.options import OptionError
 from method.checkpoint import load_checkpoint
+from kill_points import FREEZE_HARNESS
 
 from utils.run_dir import REPO_ROOT
 # One thread: fast on a shared 2-core machine, and the same numerics in this process and in subprocesses.
@@ -134,26 +135,20 @@ def test_resume_equals_uninterrupted_run(full_run, base_args, tmp_path):
 
 def test_resume_after_sigkill_mid_epoch(full_run, base_args, tmp_path):
     args = base_args + ["--results_root", str(tmp_path / "results"), "--exp_id", "killed", "--n_epoch", "3"]
-    process = subprocess.Popen([sys.executable, "train.py"] + args, cwd=REPO_ROOT, env=SUBPROCESS_ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp_path / "frozen"
+    # Frozen before the 10th training step (epoch 1 of epochs 0..2, 6 steps each), then killed.
+    process = subprocess.Popen([sys.executable, "-c", FREEZE_HARNESS, str(marker), "step", "10"] + args,
+                               cwd=REPO_ROOT, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        # Kill as soon as epoch 0 is saved: the process is then inside epoch 1.
-        last_ckpt, seen_mtime, deadline = None, None, time.time() + 120
-        while time.time() < deadline and process.poll() is None:
-            found = glob.glob(os.path.join(tmp_path, "results", "*", "last.ckpt"))
-            if found and os.path.getmtime(found[0]) != seen_mtime:
-                last_ckpt, seen_mtime = found[0], os.path.getmtime(found[0])
-                if load_checkpoint(last_ckpt)["epoch"] == 0:
-                    process.send_signal(signal.SIGKILL)
-                    break
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert process.poll() is None and time.time() < deadline, "train.py ended before the kill point"
             time.sleep(0.02)
-        process.wait(timeout=60)
     finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    run_dir = os.path.dirname(last_ckpt)
-    assert load_checkpoint(last_ckpt)["epoch"] < 2  # killed before the end
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    (run_dir,) = glob.glob(str(tmp_path / "results" / "*"))
+    assert load_checkpoint(os.path.join(run_dir, "last.ckpt"))["epoch"] == 0
 
     subprocess.run([sys.executable, "train.py", "--resume", run_dir], cwd=REPO_ROOT, env=SUBPROCESS_ENV,
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -224,7 +219,7 @@ def test_encoder_pretrain_is_copied(full_run, base_args, tmp_path):
 def test_debug_run_is_small_and_real(base_args, tmp_path):
     # Also exercises worker processes, bf16 autocast on the CPU and the LR warmup.
     run_dir = train.main(base_args + ["--results_root", str(tmp_path / "results"), "--exp_id", "dbg", "--debug",
-                                      "--n_epoch", "50", "--bsz", "4", "--lr_warmup_proportion", "0.5",
+                                      "--n_epoch", "50", "--bsz", "4", "--lr_warmup_fraction", "0.5",
                                       "--num_workers", "2", "--amp", "bf16"])
     assert os.path.dirname(run_dir) == str(tmp_path / "debug_results")
     assert len(read_lines(os.path.join(run_dir, "train.log.txt"))) == 2 + 1  # 2 epochs
@@ -238,6 +233,44 @@ def test_debug_run_is_small_and_real(base_args, tmp_path):
     # 2 epochs x 3 batches, warmup over half of the 6 steps, from LR 0.
     assert [e.value for e in events.Scalars("Train/LR_top")] == pytest.approx([0, 1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3,
                                                                                1e-3])
+
+
+ORIGINAL_TRAIN_SET = dict(max_ctx_len=100, max_desc_len=30, clip_length=1.5, ctx_mode="visual_sub")
+NON_DEFAULT = ["--max_ctx_len", "100", "--max_desc_len", "8", "--clip_length", "3.0"]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (NON_DEFAULT, ORIGINAL_TRAIN_SET),
+    (NON_DEFAULT + ["--train_set_honours_options"], dict(max_ctx_len=100, max_desc_len=8, clip_length=3.0,
+                                                         ctx_mode="visual_sub")),
+    (["--ctx_mode", "visual", "--max_ctx_len", "30"], ORIGINAL_TRAIN_SET),
+    # visual_sub with another max_ctx_len crashes in the original: the options are used.
+    (["--max_ctx_len", "30", "--max_desc_len", "8"], dict(max_ctx_len=30, max_desc_len=8, clip_length=1.5,
+                                                          ctx_mode="visual_sub")),
+])
+def test_training_set_options_as_the_original(base_args, tmp_path, extra, expected):
+    opt = train.BaseOptions().parse(base_args + ["--results_root", str(tmp_path), "--exp_id", "ts"] + extra)
+    train_dataset, eval_loss_dataset, eval_dataset = train.build_datasets(opt)
+    assert {name: getattr(train_dataset, name) for name in expected} == expected
+    for dataset in (eval_loss_dataset, eval_dataset):
+        assert (dataset.max_ctx_len, dataset.max_desc_len, dataset.ctx_mode) == (opt.max_ctx_len, opt.max_desc_len,
+                                                                                 opt.ctx_mode)
+
+
+def test_visual_training_on_the_original_train_set_and_unused_warmup_proportion(base_args, tmp_path):
+    """--ctx_mode visual trains on the original's visual_sub training set (L 100) and evaluates with the
+    options; --lr_warmup_proportion is recorded but, as in the original, leaves the LR constant."""
+    run_dir = train.main(base_args + ["--results_root", str(tmp_path), "--exp_id", "vis", "--ctx_mode", "visual",
+                                      "--n_epoch", "1", "--no_eval_untrained", "--lr_warmup_proportion", "0.5",
+                                      "--max_vcmr_video", "3"])
+    assert json.load(open(os.path.join(run_dir, "opt.json")))["lr_warmup_proportion"] == 0.5
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(run_dir, "tensorboard_log")).Reload()
+    assert [e.value for e in events.Scalars("Train/LR_top")] == pytest.approx([1e-3] * len(
+        events.Scalars("Train/LR_top")))
+    assert len(events.Scalars("Train/LR_top")) > 1
 
 
 def test_training_needs_val(base_args, tmp_path):

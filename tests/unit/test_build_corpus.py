@@ -95,7 +95,7 @@ def test_text_corpus_stores_equal_inputs_and_encoder(tmp_path, text_model):
     video2dur = json.load(open(config.video_duration_idx_path))
     assert video2dur["val"] == {"val_0": [5.7, 3], "val_1": [7.2, 4]} and video2dur["test_public"] == {}
     assert summary["dims"] == dict(visual=6, text=16, query=16)
-    counts, problems = check_corpus(summary["data_config"], ranklists=False)
+    counts, problems, _ = check_corpus(summary["data_config"], ranklists=False)
     assert problems == [] and counts["train"]["queries"] == 6 and counts["val"]["videos"] == 2
     assert training_flags(summary)[-6:] == ["--visual_dim", "6", "--query_dim", "16", "--text_dim", "16"]
 
@@ -155,7 +155,7 @@ def test_didemo_corpus_labels_durations_and_clipping(tmp_path):
     assert val[1]["ts"] == [5.0, 10.0]  # 3 annotators: the most agreed one
     assert summary["warnings"] == ["warning: 1 moments outside their video, clipped to it "
                                    "(first: desc_id 11: [25.0, 30.0] on 22.5 s)"]
-    counts, problems = check_corpus(summary["data_config"], ranklists=False, ctx_mode="visual")
+    counts, problems, _ = check_corpus(summary["data_config"], ranklists=False, ctx_mode="visual")
     assert problems == [] and counts["val"] == dict(queries=2, videos=1, problems=0)
 
 

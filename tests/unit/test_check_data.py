@@ -12,7 +12,7 @@ import pytest
 
 from utils import check_data, synthetic_tvr
 from utils.data_config import load_data_config
-from utils.feature_stores import close_store, encode_ranklist, encode_video_features
+from utils.feature_stores import close_store, encode_npz_features, encode_ranklist, encode_video_features
 from utils.io_utils import load_json, load_jsonl, save_jsonl
 from utils.run_dir import REPO_ROOT as REPO
 
@@ -74,7 +74,11 @@ def broken_corpus(tmp_path, tiny_corpus):
     edit_store(config.vid_feat_path, lambda txn: (
         txn.put(nan_video.encode(), encode_video_features(nan_features)),
         txn.put(wrong_dim_video.encode(), encode_video_features(np.ones((4, 13), np.float32)))))
-    train[1]["ts"] = [1.0, train[1]["duration"] + 5]
+    # Accepted with a warning, as the original accepts them: a moment past the video's end, no duration.
+    train[2]["ts"] = [1.0, train[2]["duration"] + 5]
+    del train[3]["duration"]
+    # A zero-length moment on a clip boundary: labels st 2 > ed 1, which training cannot use.
+    train[1]["ts"] = [3.0, 3.0]
     save_jsonl(train, config.train_data_path)
     expected = [
         rf"query store .*: key '{no_query}' not found",
@@ -83,21 +87,47 @@ def broken_corpus(tmp_path, tiny_corpus):
         rf"key '{short}': 3 entries, expected at least max_vcmr_video=10",
         rf"video store .*: key '{nan_video}': expected finite values, found NaN/inf in row 1",
         rf"video store .*: key '{wrong_dim_video}' has feature dim 13, while \d+ keys have dim 12",
-        rf"tvr_train_select100_release.jsonl: row 1 \(desc_id {train[1]['desc_id']}\): ts moment .* ends after",
+        rf"tvr_train_select100_release.jsonl: row 1 \(desc_id {train[1]['desc_id']}\): training cannot label it: "
+        rf"ts \[3.0, 3.0\] with clip_length 1.5 on \d+ clips gives \(st, ed\) = \(2, 1\)",
     ]
     return config_path, expected
 
 
 def test_checker_finds_every_planted_problem(broken_corpus, capsys):
     config_path, expected = broken_corpus
-    counts, problems = check_data.check_corpus(config_path)
+    counts, problems, warnings = check_data.check_corpus(config_path)
     assert len(problems) == len(expected), "\n".join(problems)
+    assert {re.sub(r".*: ", "", w): n for w, (n, _) in warnings.items()} == {
+        "rows without a positive 'duration'": 1,
+        "moments ending after the video's duration (clip labels are clipped to the video)": 1}
     for pattern in expected:
         assert any(re.search(pattern, p) for p in problems), (pattern, problems)
     assert counts["train"]["problems"] == 2 and counts["val"]["problems"] == 4
-    assert check_data.main(["--dataset_config", config_path, "--max_problems", "2"]) == 1
+    assert check_data.main(["--dataset_config", config_path, "--max_problems", "2"]) == 2
     out = capsys.readouterr().out
-    assert "7 problem(s); the first 2:" in out and out.count("\n  - ") == 2
+    assert "7 problem(s); the first 2:" in out and out.count("\n  - ") == 2 + len(warnings)
+    assert f"rows without a positive 'duration': 1 (first: {train_desc_id(config_path, 3)!r})" in out
+
+
+def train_desc_id(config_path, row):
+    return load_jsonl(load_data_config(config_path).train_data_path)[row]["desc_id"]
+
+
+def test_zero_row_features_are_a_warning(tmp_path, tiny_corpus, capsys):
+    root = tmp_path / "copy"
+    shutil.copytree(os.path.dirname(tiny_corpus), root)
+    saved = json.load(open(root / "tvr_data_config.json"))
+    json.dump(dict(saved, root_path=str(root)), open(root / "tvr_data_config.json", "w"))
+    config = load_data_config(str(root / "tvr_data_config.json"))
+    val_video = load_jsonl(config.eval_data_path)[0]["vid_name"]
+    close_store(config.sub_bert_path)
+    env = lmdb.open(config.sub_bert_path)
+    with env.begin(write=True) as txn:
+        txn.put(val_video.encode(), encode_npz_features(np.zeros((0, 8), np.float32)))
+    env.close()
+    assert check_data.main(["--dataset_config", str(root / "tvr_data_config.json"), "--splits", "val"]) == 0
+    assert f"keys with zero feature rows (training cannot label a GT video without visual rows): 1 (first: " \
+           f"{val_video!r})" in capsys.readouterr().out
 
 
 def test_checker_reports_a_missing_store_and_a_bad_config(tmp_path, tiny_corpus):
@@ -106,7 +136,7 @@ def test_checker_reports_a_missing_store_and_a_bad_config(tmp_path, tiny_corpus)
     saved = json.load(open(root / "tvr_data_config.json"))
     json.dump(dict(saved, root_path=str(root)), open(root / "tvr_data_config.json", "w"))
     shutil.rmtree(root / "video_feature")
-    counts, problems = check_data.check_corpus(str(root / "tvr_data_config.json"), splits=["val"])
+    counts, problems, _ = check_data.check_corpus(str(root / "tvr_data_config.json"), splits=["val"])
     assert len(problems) == 1 and "video store" in problems[0] and "resnet_slowfast_1.5" in problems[0]
     missing = tmp_path / "nope.json"
     assert check_data.check_corpus(str(missing))[1] == [f"data config {missing}: file not found"]

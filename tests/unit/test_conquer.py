@@ -105,8 +105,8 @@ def test_bad_configuration_and_inputs_give_clear_errors():
 # ---------------------------------------------------------------------------------------------------
 # Independent plain re-implementation (float64, einsum, same weights)
 
-def reference_forward(model, config, batch, measure):
-    """SPEC §4.2-4.9 written out directly for ctx_mode visual_sub with the MoE gate."""
+def reference_forward(model, config, batch, measure, ctx_mode="visual_sub", moe=True):
+    """The model written out directly: ctx_mode visual_sub (with or without the MoE gate) or visual."""
     sd = {name: tensor.double() for name, tensor in model.state_dict().items()}
     bert = config["bert_config"]
     heads = bert["num_attention_heads"]
@@ -164,32 +164,39 @@ def reference_forward(model, config, batch, measure):
     def flat(x):
         return x.flatten(0, 1)
 
-    query, visual, sub = batch["query"], batch["visual"], batch["sub"]
+    query, visual, sub = batch["query"], batch["visual"], batch.get("sub")
     b, n, l = visual["feat_mask"].shape
     q_hat = embedded_transformer(linear_layer(query["feat"].double(), "encoder.queryEncoder.linear"),
                                  query["feat_pos_id"], query["feat_token_id"], query["feat_mask"],
                                  "encoder.queryEncoder.transformer")
-    sequence = torch.cat([linear_layer(flat(visual["feat"]).double(), "encoder.videoEncoder.img_linear"),
-                          linear_layer(flat(sub["feat"]).double(), "encoder.videoEncoder.text_linear")], dim=1)
-    encoded = embedded_transformer(
-        sequence, torch.cat([flat(visual["feat_pos_id"]), flat(sub["feat_pos_id"])], 1),
-        torch.cat([flat(visual["feat_token_id"]), flat(sub["feat_token_id"])], 1),
-        torch.cat([flat(visual["feat_mask"]), flat(sub["feat_mask"])], 1), "encoder.videoEncoder.transformer")
-    v_hat, s_hat = encoded[:, :l], encoded[:, l:]
     q = q_hat.repeat_interleave(n, 0)
     mq = query["feat_mask"].repeat_interleave(n, 0).double()
     mv = flat(visual["feat_mask"]).double()
-
-    # NetVLAD gate over every query token, padded ones included [Q13].
-    assign = torch.softmax(layer_norm(torch.einsum("mtd,dk->mtk", q, sd["query_weight.text_pooling.clusters"]),
-                                      "query_weight.text_pooling.LayerNorm"), dim=-1)
-    centres = sd["query_weight.text_pooling.clusters2"]
-    vlad = torch.einsum("mtk,mtd->mdk", assign, q) - assign.sum(1)[:, None, :] * centres
-    vlad = vlad / vlad.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    vlad = vlad.reshape(vlad.shape[0], -1)
-    vlad = vlad / vlad.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    gate = torch.softmax(vlad @ sd["query_weight.moe_fc_txt.weight"].T, dim=1)
-    fused = gate[:, 0, None, None] * v_hat + gate[:, 1, None, None] * s_hat
+    if ctx_mode == "visual":  # one modality: no gate, the fused features are the encoded visual ones
+        fused = embedded_transformer(linear_layer(flat(visual["feat"]).double(), "encoder.videoEncoder.linear"),
+                                     flat(visual["feat_pos_id"]), flat(visual["feat_token_id"]),
+                                     flat(visual["feat_mask"]), "encoder.videoEncoder.transformer")
+    else:
+        sequence = torch.cat([linear_layer(flat(visual["feat"]).double(), "encoder.videoEncoder.img_linear"),
+                              linear_layer(flat(sub["feat"]).double(), "encoder.videoEncoder.text_linear")], dim=1)
+        encoded = embedded_transformer(
+            sequence, torch.cat([flat(visual["feat_pos_id"]), flat(sub["feat_pos_id"])], 1),
+            torch.cat([flat(visual["feat_token_id"]), flat(sub["feat_token_id"])], 1),
+            torch.cat([flat(visual["feat_mask"]), flat(sub["feat_mask"])], 1), "encoder.videoEncoder.transformer")
+        v_hat, s_hat = encoded[:, :l], encoded[:, l:]
+        if moe:
+            # NetVLAD gate over every query token, padded ones included.
+            assign = torch.softmax(layer_norm(torch.einsum("mtd,dk->mtk", q, sd["query_weight.text_pooling.clusters"]),
+                                              "query_weight.text_pooling.LayerNorm"), dim=-1)
+            centres = sd["query_weight.text_pooling.clusters2"]
+            vlad = torch.einsum("mtk,mtd->mdk", assign, q) - assign.sum(1)[:, None, :] * centres
+            vlad = vlad / vlad.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            vlad = vlad.reshape(vlad.shape[0], -1)
+            vlad = vlad / vlad.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            gate = torch.softmax(vlad @ sd["query_weight.moe_fc_txt.weight"].T, dim=1)
+            fused = gate[:, 0, None, None] * v_hat + gate[:, 1, None, None] * s_hat
+        else:  # plain mean of the two modalities
+            fused = (v_hat + s_hat) / 2
 
     # Trilinear similarity from the explicit concat, BiDAF attention, QAL.
     lq = q.shape[1]
@@ -218,12 +225,28 @@ def reference_forward(model, config, batch, measure):
     return scores, begin, end
 
 
-@pytest.mark.parametrize("measure", ["general", "exclusive"])
-@pytest.mark.parametrize("qal_impl", ["decomposed", "plain"])
-def test_forward_matches_independent_reimplementation(measure, qal_impl):
+def reference_loss(scores, begin, end, st_ed, lw_st_ed=0.01, lw_video_ce=0.05):
+    """Shared-normalization losses written out: -log softmax over all N*L clips of the query's videos."""
+    def ce(logits, target):
+        return -(logits.log_softmax(dim=1)[torch.arange(len(target)), target]).mean()
+
+    b = begin.shape[0]
+    loss = lw_st_ed * (ce(begin.reshape(b, -1), st_ed[:, 0]) + ce(end.reshape(b, -1), st_ed[:, 1]))
+    return loss if scores is None else loss + lw_video_ce * ce(scores, torch.zeros(b, dtype=torch.int64))
+
+
+FORWARD_VARIANTS = [("general", "visual_sub", True, "decomposed"), ("general", "visual_sub", True, "plain"),
+                    ("exclusive", "visual_sub", True, "decomposed"), ("exclusive", "visual_sub", True, "plain"),
+                    ("general", "visual", False, "decomposed"), ("exclusive", "visual", False, "plain"),
+                    ("general", "visual_sub", False, "decomposed"), ("exclusive", "visual_sub", False, "plain")]
+
+
+@pytest.mark.parametrize("measure, ctx_mode, moe, qal_impl", FORWARD_VARIANTS)
+def test_forward_and_loss_match_independent_reimplementation(measure, ctx_mode, moe, qal_impl):
     torch.manual_seed(0)
     dims = {"visual_dim": 40, "text_dim": 24, "query_dim": 16}
-    model = make_model("small", dims=dims, similarity_measure=measure, qal_impl=qal_impl)
+    model = make_model("small", dims=dims, similarity_measure=measure, qal_impl=qal_impl, ctx_mode=ctx_mode,
+                       no_output_moe_weight=not moe)
     with torch.no_grad():  # leave the trivial init: nonlinearities in their curved range, LayerNorms not (1, 0)
         for name, param in model.named_parameters():
             if "LayerNorm" in name or name.endswith("bias"):
@@ -231,9 +254,11 @@ def test_forward_matches_independent_reimplementation(measure, qal_impl):
             elif param.dim() == 2:
                 param.normal_(0.0, 0.15)
     batch = make_batch(b=2, n=3, dims=dims, seed=1)
+    if ctx_mode == "visual":
+        del batch["sub"]
     assert (batch["visual"]["feat_mask"] == 0).any() and (batch["query"]["feat_mask"] == 0).any()
     ours = predict(model, batch)
-    reference = reference_forward(model, load_model_config("small"), batch, measure)
+    reference = reference_forward(model, load_model_config("small"), batch, measure, ctx_mode, moe)
     for mine, theirs in zip(ours, reference):
         if theirs is None:
             assert mine is None
@@ -241,6 +266,11 @@ def test_forward_matches_independent_reimplementation(measure, qal_impl):
             torch.testing.assert_close(mine.double(), theirs, rtol=1e-5, atol=5e-6)
     masked = batch["visual"]["feat_mask"] == 0
     assert torch.all(ours[1][masked] == -1e4) and torch.all(ours[2][masked] == -1e4)
+    with torch.no_grad():
+        loss, loss_dict = model.eval()(clone_batch(batch))
+    expected = reference_loss(*reference, batch["st_ed_indices"])
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+    assert loss_dict["loss_overall"] == pytest.approx(float(expected), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------

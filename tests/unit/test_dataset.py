@@ -376,10 +376,8 @@ def _item_error(tmp_path, edit, match, **kwargs):
 @pytest.mark.parametrize("edit,match", [
     (lambda s: s["annotations"]["train"][0].update(ts=[5.0, 3.0]),
      r"tvr_train_select100_release.jsonl: row 0 \(desc_id 1\): ts expected 0 <= start <= end, found \[5.0, 3.0\]"),
-    (lambda s: s["annotations"]["train"][0].update(ts=[3.0, 16.0]),
-     r"row 0 \(desc_id 1\): ts moment \[3.0, 16.0\] ends after the video \(duration 15.0\)"),
     (lambda s: s["annotations"]["train"][0].update(ts=[3.0]), r"desc_id 1\): ts expected \[start, end\] seconds"),
-    (lambda s: s["annotations"]["train"][1].pop("duration"), r"row 1 \(desc_id 2\): missing field\(s\) \['duration'\]"),
+    (lambda s: s["annotations"]["train"][1].pop("ts"), r"row 1 \(desc_id 2\): missing field\(s\) \['ts'\]"),
     (lambda s: s["annotations"]["train"][0].update(type="x"), r"desc_id 1\): unknown type 'x'"),
     (lambda s: s["annotations"]["train"][1].update(desc_id=1), r"row 1 \(desc_id 1\): duplicated desc_id 1"),
     (lambda s: s["annotations"]["train"][0].update(vid_name="vid_z"),
@@ -433,6 +431,26 @@ def test_ranklist_index_outside_the_split(tmp_path):
     _item_error(tmp_path, lambda s: s["ranklists"]["val"].update({1: [(201, 0.9), (999, 0.1)]}),
                 r"tvr_val_top100_hero: key '1' references video index 999, which is not a video of split 'val'",
                 mode="val", is_eval=True, inference_top_k=2)
+
+
+def test_data_the_original_accepts(tmp_path):
+    """Moments past the video's end (DiDeMo's 5 s segments), rows without duration, zero feature rows and
+    multi-moment GT in the eval-loss set: accepted, labels clipped to the video as the original does."""
+    spec = base_spec()
+    spec["annotations"]["train"][1]["ts"] = [7.5, 12.0]  # vid_b: 6 clips, 9 s
+    spec["annotations"]["train"][0].pop("duration")
+    spec["annotations"]["val"][0]["ts"] = [[3.2, 7.6], [0.0, 20.0], [1.0, 2.0], [4.0, 5.0]]
+    spec["annotations"]["val"][1].pop("duration")
+    spec["sub"]["vid_b"] = np.zeros((0, 4), np.float32)
+    config = build_corpus(tmp_path, spec)
+    train_set = StartEndDataset(config, mode="train", neg_video_num=1)
+    assert train_set[1]["model_inputs"]["st_ed_indices"].tolist() == [5, 5]
+    assert train_set[0]["model_inputs"]["st_ed_indices"].tolist() == [2, 5]
+    assert train_set[1]["model_inputs"]["sub"]["feat_mask"][0].sum() == 0  # vid_b's subtitles: no rows
+    eval_loss_set = StartEndDataset(config, mode="val", neg_video_num=1)
+    assert eval_loss_set[0]["model_inputs"]["st_ed_indices"].tolist() == [2, 5]  # the first moment
+    eval_set = StartEndDataset(config, mode="val", is_eval=True, inference_top_k=2)
+    assert eval_set[0]["meta"]["ts"] == spec["annotations"]["val"][0]["ts"]
 
 
 def test_label_outside_the_clips(tmp_path):

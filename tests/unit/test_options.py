@@ -27,24 +27,65 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_original_defaults():
-    opt = BaseOptions()
-    opt.initialize()
-    defaults = vars(opt.parser.parse_args([]))
-    expected = {
-        "dset_name": "tvr", "eval_split_name": "val", "data_ratio": 1.0, "results_root": "results", "seed": 2018,
-        "device": 0, "device_ids": [0], "num_workers": 8, "lr": 1e-4, "wd": 0.01, "n_epoch": 50, "max_es_cnt": 3,
-        "stop_task": "VCMR", "eval_tasks_at_training": ["VCMR", "SVMR", "VR"], "bsz": 32, "eval_query_bsz": 8,
-        "grad_clip": -1, "eval_epoch_num": 1, "max_ctx_len": 100, "max_desc_len": 30, "clip_length": 1.5,
-        "ctx_mode": "visual_sub", "visual_dim": 4352, "text_dim": 768, "query_dim": 768, "hidden_dim": 768,
-        "lw_st_ed": 0.01, "lw_video_ce": 0.05, "lr_mul": 1, "use_extend_pool": 1000, "neg_video_num": 3,
-        "encoder_pretrain_ckpt_filepath": "None", "use_interal_vr_scores": False, "similarity_measure": "general",
-        "min_pred_l": 0, "max_pred_l": 24, "max_before_nms": 200, "max_vcmr_video": 10, "nms_thd": -1,
-        # SPEC Q3: the original's 0.01 was never applied; 0 reproduces its constant learning rate.
-        "lr_warmup_proportion": 0.0,
-    }
-    for key, value in expected.items():
-        assert defaults[key] == value, key
+# The original's options table: name -> (type, default, choices); "flag" = store_true. The types are what
+# argparse converts with (nargs "+" options list their item type).
+ORIGINAL_OPTIONS = {
+    "dset_name": (str, "tvr", ("tvr", "didemo")), "eval_split_name": (str, "val", None),
+    "data_ratio": (float, 1.0, None), "debug": ("flag", False, None), "disable_eval": ("flag", False, None),
+    "results_root": (str, "results", None), "exp_id": (str, None, None), "seed": (int, 2018, None),
+    "device": (int, 0, None), "device_ids": (int, [0], None), "num_workers": (int, 8, None),
+    "lr": (float, 1e-4, None), "lr_warmup_proportion": (float, 0.01, None), "wd": (float, 0.01, None),
+    "n_epoch": (int, 50, None), "max_es_cnt": (int, 3, None), "stop_task": (str, "VCMR", ("VCMR", "SVMR", "VR")),
+    "eval_tasks_at_training": (str, ["VCMR", "SVMR", "VR"], None), "bsz": (int, 32, None),
+    "eval_query_bsz": (int, 8, None), "no_eval_untrained": ("flag", False, None), "grad_clip": (float, -1, None),
+    "eval_epoch_num": (int, 1, None), "max_ctx_len": (int, 100, None), "max_desc_len": (int, 30, None),
+    "clip_length": (float, 1.5, None), "ctx_mode": (str, "visual_sub", None), "dataset_config": (str, None, None),
+    "visual_dim": (int, 4352, None), "text_dim": (int, 768, None), "query_dim": (int, 768, None),
+    "hidden_dim": (int, 768, None), "no_output_moe_weight": ("flag", False, None),
+    "model_config": (str, None, None), "lw_st_ed": (float, 0.01, None), "lw_video_ce": (float, 0.05, None),
+    "lr_mul": (float, 1, None), "use_extend_pool": (int, 1000, None), "neg_video_num": (int, 3, None),
+    "encoder_pretrain_ckpt_filepath": (str, "None", None), "use_interal_vr_scores": ("flag", False, None),
+    "similarity_measure": (str, "general", ("general", "exclusive", "disjoint")), "min_pred_l": (int, 0, None),
+    "max_pred_l": (int, 24, None), "max_before_nms": (int, 200, None), "max_vcmr_video": (int, 10, None),
+    "nms_thd": (float, -1, None), "config": (str, None, None),
+}
+ORIGINAL_TEST_OPTIONS = {"eval_id": (str, None, None), "model_dir": (str, None, None),
+                         "tasks": (str, ["VCMR", "SVMR", "VR"], ("VCMR", "SVMR", "VR"))}
+# Deliberate differences (each has a row in the README's differences table): choices this implementation
+# adds where the original accepted anything (and crashed later), or widens (any corpus name).
+WIDENED_CHOICES = {"dset_name": None, "ctx_mode": ("visual_sub", "visual"),
+                   "eval_tasks_at_training": ("VCMR", "SVMR", "VR")}
+
+
+def _actions(options):
+    options.initialize()
+    return {action.dest: action for action in options.parser._actions}
+
+
+@pytest.mark.parametrize("options, table", [(BaseOptions, ORIGINAL_OPTIONS),
+                                            (TestOptions, {**ORIGINAL_OPTIONS, **ORIGINAL_TEST_OPTIONS})])
+def test_options_match_the_original_table(options, table):
+    actions = _actions(options())
+    for name, (kind, default, choices) in table.items():
+        action = actions[name]
+        assert f"--{name}" in action.option_strings, name
+        if kind == "flag":
+            assert action.nargs == 0 and action.const is True, name
+        else:
+            assert action.type in (kind, None if kind is str else kind), name
+        assert action.default == default and type(action.default) is type(default), name
+        expected_choices = WIDENED_CHOICES.get(name, choices)
+        assert (tuple(action.choices) if action.choices else None) == expected_choices, name
+
+
+def test_extensions_default_to_the_original_behaviour():
+    actions = _actions(TestOptions())
+    extensions = set(actions) - set(ORIGINAL_OPTIONS) - set(ORIGINAL_TEST_OPTIONS) - {"help"}
+    expected = {"resume": None, "amp": "off", "optimizer": "bert_adamw", "nms_input_full": False,
+                "qal_impl": "decomposed", "video_cache": True, "masked_vs_pool": False, "masked_netvlad": False,
+                "gate_per_query": False, "lr_warmup_fraction": 0.0, "train_set_honours_options": False,
+                "nms_metrics_by_dset": False, "force_model_dir": False, "output_dir": None}
+    assert {name: actions[name].default for name in extensions} == expected
 
 
 def test_run_dir_opt_json_and_code_zip(in_tmp):
@@ -82,6 +123,37 @@ def test_config_file_typed_and_cli_wins(in_tmp):
     json.dump({"learning_rate": 1}, open("typo.json", "w"))
     with pytest.raises(OptionError, match="typo.json.*learning_rate"):
         BaseOptions().parse(["--exp_id", "c", "--config", "typo.json"] + CPU)
+
+
+# Every spelling of an option on the command line beats --config and --resume.
+SPELLINGS = [
+    (["--use_internal_vr_scores"], "use_interal_vr_scores", True, False),
+    (["--use_interal_vr_scores"], "use_interal_vr_scores", True, False),
+    (["--no_video_cache"], "video_cache", False, True),
+    (["--bsz=7"], "bsz", 7, 5),
+    (["--bsz", "7"], "bsz", 7, 5),
+    (["--n_ep", "7"], "n_epoch", 7, 5),  # an abbreviation (argparse's default, as the original)
+    (["--n_ep=7"], "n_epoch", 7, 5),
+]
+
+
+@pytest.mark.parametrize("argv, dest, given, in_file", SPELLINGS)
+def test_every_spelling_wins_over_config(in_tmp, argv, dest, given, in_file):
+    json.dump({dest: in_file}, open("cfg.json", "w"))
+    base = ["--exp_id", "c", "--config", "cfg.json", "--device", "-1", "--similarity_measure", "disjoint"]
+    opt = BaseOptions().parse(base + argv)
+    assert opt[dest] == given
+
+
+@pytest.mark.parametrize("argv, dest, given, in_file", SPELLINGS)
+def test_every_spelling_wins_over_resume(in_tmp, argv, dest, given, in_file):
+    started = BaseOptions().parse(["--exp_id", "r", "--device", "-1", "--similarity_measure", "disjoint"])
+    saved = json.load(open(os.path.join(started.results_dir, "opt.json")))
+    saved[dest] = in_file
+    json.dump(saved, open(os.path.join(started.results_dir, "opt.json"), "w"))
+    opt = BaseOptions().parse(["--resume", started.results_dir] + argv)
+    assert opt[dest] == given
+    assert BaseOptions().parse(["--resume", started.results_dir])[dest] == in_file
 
 
 @pytest.mark.parametrize("argv, flag", [

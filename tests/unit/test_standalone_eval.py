@@ -184,9 +184,38 @@ def test_bulk_prediction_table_equals_per_query_matrices():
         assert is_row[q].sum() == len(matrix) == min(len(rows), 100)
         np.testing.assert_array_equal(preds[q, :len(matrix)], matrix)
         assert not preds[q, len(matrix):].any()
-    bad = queries[:3] + [[[0, 0.0, 1.0, 0.5]] * 101 + [[0, "x", 1.0, 0.5]]]  # bad row past the first 100
-    with pytest.raises(SubmissionError, match="desc_id 3: prediction row 101"):
+    bad = queries[:3] + [[[0, 0.0, 1.0, 0.5]] * 99 + [[0, "x", 1.0, 0.5]]]  # bad row within the first 100
+    with pytest.raises(SubmissionError, match="desc_id 3: prediction row 99"):
         prediction_table(bad, "VCMR", list(range(4)))
+
+
+def original_matrix(rows):
+    """The original evaluator's conversion of one query's rows."""
+    return np.array([e[:3] for e in rows][:100], dtype=np.float32).reshape(-1, 3)
+
+
+def test_rows_the_original_reads_are_scored_like_it():
+    """3-field rows, extra or non-numeric trailing fields and junk past row 100 are read as the original
+    reads them (first three fields of the first 100 rows), in both conversions."""
+    queries = [[[0, 0.0, 10.0]], [[1, 4.5, 15.0, 0.9, "extra"]], [[2, 0.0, 3.0, "score"]],
+               [[3, 1.5, 3.0, 0.5]] * 100 + [[3, "x"], "junk"], [[1.5, 0.0, 1.0, 0.5], [True, 0, 1, 0]]]
+    for bulk in (True, False):
+        preds, is_row = prediction_table(queries, "VCMR", list(range(len(queries))), bulk=bulk)
+        for q, rows in enumerate(queries):
+            np.testing.assert_array_equal(preds[q][is_row[q]], original_matrix(rows))
+    faithful = {10: [[0, 0.0, 10.0]], 11: [[1, 4.5, 15.0, 0.9, "extra"]], 12: [[2, 0.0, 3.0, "score"]]}
+    clean = {d: [row[:3] + [1.0] for row in rows] for d, rows in faithful.items()}
+    metrics = eval_retrieval(submission_with(task_entries(faithful)), GT)
+    assert metrics == eval_retrieval(submission_with(task_entries(clean)), GT)
+    assert metrics["VCMR"]["0.5-r1"] == 100.0
+
+
+def test_duplicate_desc_id_keeps_the_last_entry_with_a_warning(caplog):
+    entries = task_entries({10: [[3, 0.0, 10.0, 1.0]]}) + task_entries(GOOD)  # GOOD's 10 comes last
+    with caplog.at_level("WARNING"):
+        metrics = eval_retrieval(submission_with(entries), GT)
+    assert metrics == eval_retrieval(submission_with(task_entries(GOOD)), GT)
+    assert "VCMR: desc_id 10 appears more than once" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,8 +232,8 @@ GOOD = {10: [[0, 0.0, 1.0, 0.5]], 11: [[1, 0.0, 1.0, 0.5]], 12: []}
     ({10: GOOD[10], 11: GOOD[11]}, "VCMR: no predictions for GT desc_id 12"),
     ({**GOOD, 99: []}, "VCMR: desc_id 99 is not in the GT"),
     ({**GOOD, 11: [[1, 0.0, 1.0, 0.5], [1, "0", 1.0, 0.5]]}, "VCMR: desc_id 11: prediction row 1"),
-    ({**GOOD, 11: [[1, 0.0, 1.0]]}, "desc_id 11: prediction row 0"),
-    ({**GOOD, 11: [[1.5, 0.0, 1.0, 0.5]]}, "desc_id 11: prediction row 0"),
+    ({**GOOD, 11: [[1, 0.0]]}, "desc_id 11: prediction row 0"),
+    ({**GOOD, 11: [["1", 0.0, 1.0, 0.5]]}, "desc_id 11: prediction row 0"),
     ({**GOOD, 11: [[0, 0.0, 1.0, 0.5], [[1], 0.0, 1.0, 0.5]]}, "desc_id 11: prediction row 1"),
     ({**GOOD, 11: [[0, 0.0, 1.0, 0.5], None]}, "desc_id 11: prediction row 1"),
     ({**GOOD, 11: "nope"}, "desc_id 11: 'predictions' must be"),
@@ -214,9 +243,7 @@ def test_submission_errors_name_task_and_desc_id(entries, message):
         eval_retrieval(submission_with(task_entries(entries)), GT)
 
 
-def test_duplicate_desc_id_and_missing_video2idx_are_errors():
-    with pytest.raises(SubmissionError, match="desc_id 10 appears more than once"):
-        eval_retrieval(submission_with(task_entries(GOOD) + task_entries({10: []})), GT)
+def test_missing_video2idx_is_an_error():
     with pytest.raises(SubmissionError, match="video2idx"):
         eval_retrieval({"VCMR": task_entries(GOOD)}, GT)
     with pytest.raises(SubmissionError, match="GT video 'c'"):

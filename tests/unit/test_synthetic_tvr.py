@@ -169,7 +169,7 @@ def test_real_annotations_mode(tmp_path):
     train_ids = {row["desc_id"] for row in load_jsonl(config.train_data_path)}
     real_ids = {row["desc_id"] for row in load_jsonl(config.eval_data_path) + load_jsonl(config.test_data_path)}
     assert len(train_ids) == 30 and not train_ids & real_ids
-    counts, problems = check_data.check_corpus(config_path)
+    counts, problems, _ = check_data.check_corpus(config_path)
     assert problems == [] and counts["val"]["queries"] == 50
     item = StartEndDataset(config, mode="test_public", is_eval=True)[0]
     assert item["model_inputs"]["visual"]["feat_mask"][0].sum() == 62  # the dummy (91.56 s) is stored
