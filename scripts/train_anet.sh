@@ -13,4 +13,4 @@
 set -euo pipefail
 [[ $# -ge 2 ]] || { echo "usage: bash $0 EXP_ID GPU|GPU,GPU,...|cpu [extra train.py flags]" >&2; exit 2; }
 exec bash "$(dirname "$0")/train_sharednorm_general.sh" "$1" "$2" --dataset_config config/anet_data_config.json \
-  --dset_name anet --ctx_mode visual --clip_length 3.0 --max_ctx_len 100 --visual_dim "${VISUAL_DIM:-4352}" --query_dim "${QUERY_DIM:-768}" "${@:3}"
+  --dset_name anet --train_set_honours_options --ctx_mode visual --clip_length 3.0 --max_ctx_len 100 --visual_dim "${VISUAL_DIM:-4352}" --query_dim "${QUERY_DIM:-768}" "${@:3}"

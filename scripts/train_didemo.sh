@@ -14,4 +14,4 @@
 set -euo pipefail
 [[ $# -ge 2 ]] || { echo "usage: bash $0 EXP_ID GPU|GPU,GPU,...|cpu [extra train.py flags]" >&2; exit 2; }
 exec bash "$(dirname "$0")/train_sharednorm_general.sh" "$1" "$2" --dataset_config config/didemo_data_config.json \
-  --dset_name didemo --ctx_mode visual --clip_length 2.5 --max_ctx_len 12 --visual_dim "${VISUAL_DIM:-4352}" --query_dim "${QUERY_DIM:-768}" "${@:3}"
+  --dset_name didemo --train_set_honours_options --ctx_mode visual --clip_length 2.5 --max_ctx_len 12 --visual_dim "${VISUAL_DIM:-4352}" --query_dim "${QUERY_DIM:-768}" "${@:3}"

@@ -1,4 +1,4 @@
-"""Shared helpers of the tests/test_model*.py files: configs, tiny models and padded batches (SPEC §3)."""
+"""Shared helpers of the model tests: configs, tiny models and padded batches (as the dataset collates them)."""
 import copy
 import json
 import os
@@ -6,9 +6,8 @@ import os
 import torch
 
 from method.conquer import CONQUER
-
 from utils.run_dir import REPO_ROOT as REPO
-from utils.run_dir import REPO_ROOT
+
 DIMS = {"visual_dim": 12, "text_dim": 10, "query_dim": 8}
 
 

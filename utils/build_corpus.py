@@ -389,8 +389,8 @@ def _write_query_store(store_path, records, query_source, encoder, progress):
 
 
 def training_flags(summary):
-    """The train.py flags for a built corpus."""
-    flags = ["--dataset_config", summary["data_config"], "--dset_name", summary["dset_name"],
+    """The train.py flags for a built corpus (its training set must follow the options, unlike the original's)."""
+    flags = ["--dataset_config", summary["data_config"], "--dset_name", summary["dset_name"], "--train_set_honours_options",
              "--ctx_mode", summary["ctx_mode"], "--clip_length", f"{summary['clip_length']:g}",
              "--max_ctx_len", str(summary["max_ctx_len"]), "--visual_dim", str(summary["dims"]["visual"]),
              "--query_dim", str(summary["dims"]["query"])]

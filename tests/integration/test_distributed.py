@@ -399,9 +399,11 @@ def test_inference_script_launches_torchrun_for_a_gpu_list(tmp_path):
 
 
 @pytest.mark.parametrize("script,preset", [
-    ("train_didemo.sh", "--dataset_config config/didemo_data_config.json --dset_name didemo --ctx_mode visual "
+    ("train_didemo.sh", "--dataset_config config/didemo_data_config.json --dset_name didemo --train_set_honours_options "
+                        "--ctx_mode visual "
                         "--clip_length 2.5 --max_ctx_len 12"),
-    ("train_anet.sh", "--dataset_config config/anet_data_config.json --dset_name anet --ctx_mode visual "
+    ("train_anet.sh", "--dataset_config config/anet_data_config.json --dset_name anet --train_set_honours_options "
+                      "--ctx_mode visual "
                       "--clip_length 3.0 --max_ctx_len 100"),
 ])
 def test_corpus_presets_run_the_paper_recipe_with_their_flags(tmp_path, script, preset):

@@ -210,7 +210,8 @@ def test_cli_prints_counts_and_training_flags(tmp_path, capsys):
           "--query_features", queries])
     printed = capsys.readouterr().out
     assert "val: 2 queries, 1 videos" in printed and "No first-stage ranklists were written" in printed
-    assert (f"Train with: --dataset_config {tmp_path}/c/data_config.json --dset_name didemo --ctx_mode visual "
+    assert (f"Train with: --dataset_config {tmp_path}/c/data_config.json --dset_name didemo "
+            "--train_set_honours_options --ctx_mode visual "
             f"--clip_length 2.5 --max_ctx_len 12 --visual_dim 4 --query_dim 5") in printed
 
 
