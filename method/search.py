@@ -40,9 +40,9 @@ from method.checkpoint import load_trained_model
 from method.dataset import build_eval_dataset, query_inputs
 from method.evaluation import nms_submission, ranked_rows_needed, top_n_submission
 from method.scoring import prediction_results, rank_batch, select_top_n
+from method import search_index
 from method.search_index import (RANKLIST_FIRST_STAGE, SearchIndex, SearchIndexError, build_index,
-                                 conquer_options, describe, first_stage_checkpoint, load_first_stage_model,
-                                 sha256_file)
+                                 conquer_options, describe, first_stage_checkpoint, sha256_file)
 from utils.data_config import load_data_config
 from utils.errors import ConquerError, run_cli
 from utils.feature_stores import FeatureStoreError
@@ -176,7 +176,7 @@ class Searcher:
         else:
             _check_checkpoint_unchanged(manifest["first_stage"], "--first_stage")
             self.first_stage = EmbeddingFirstStage(
-                load_first_stage_model(manifest["first_stage"]["run_dir"], self.device), self.index, self.k,
+                search_index.load_first_stage_model(manifest["first_stage"]["run_dir"], self.device), self.index, self.k,
                 self.device)
         self.data_config = load_data_config(self.opt.dataset_config)
         self.text_encoder = self._load_text_encoder()
