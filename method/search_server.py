@@ -84,6 +84,7 @@ def video_folder(searcher):
 def create_app(searcher):
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    app.json.sort_keys = False  # rows keep their field order: video_name, start, end, score, first_stage_rank
     videos = video_folder(searcher)
 
     @app.post("/search")
