@@ -129,16 +129,16 @@ def _tensor(array, device):
 
 
 def _check_run(recorded, given, flag, checkpoint_of):
-    """The run dir given on the command line must be the one the index was built from."""
+    """The run dir given on the command line (if any) must be the one the index was built from."""
     if given is None:
         return
-    if recorded.get("kind") == RANKLIST_FIRST_STAGE or given == RANKLIST_FIRST_STAGE:
-        if recorded.get("kind", "model") != ("ranklist" if given == RANKLIST_FIRST_STAGE else "model"):
-            raise SearchIndexError(f"{flag} {given}: the index was built with {flag} "
-                                   f"{recorded.get('run_dir', RANKLIST_FIRST_STAGE)}")
+    recorded_kind = recorded.get("kind", "model")
+    if recorded_kind != ("ranklist" if given == RANKLIST_FIRST_STAGE else "model"):
+        raise SearchIndexError(f"{flag} {given}: the index was built with {flag} "
+                               f"{recorded.get('run_dir', RANKLIST_FIRST_STAGE)}")
+    if given == RANKLIST_FIRST_STAGE:
         return
-    checkpoint = checkpoint_of(given)
-    if os.path.realpath(given) != recorded["run_dir"] or sha256_file(checkpoint) != recorded["sha256"]:
+    if os.path.realpath(given) != recorded["run_dir"] or sha256_file(checkpoint_of(given)) != recorded["sha256"]:
         raise SearchIndexError(f"{flag} {given}: the index was built from {recorded['run_dir']} (checkpoint "
                                f"sha256 {recorded['sha256'][:12]}), not from this run; rebuild the index for it")
 
@@ -170,7 +170,7 @@ class Searcher:
         self.k = min(self.opt.max_vcmr_video, len(self.index.video_names))
         uses_ranklists = manifest["first_stage"]["kind"] == RANKLIST_FIRST_STAGE
         self.dataset = build_eval_dataset(self.opt, read_ranklists=uses_ranklists)
-        self.desc_ids = {row["desc_id"] for row in self.dataset.query_data}
+        self.desc_of = {row["desc_id"]: row["desc"] for row in self.dataset.query_data}
         if uses_ranklists:
             self.first_stage = RanklistFirstStage(self.dataset, self.index)
         else:
@@ -253,15 +253,14 @@ class Searcher:
         return prepared
 
     def _stored_query(self, desc_id):
-        if desc_id not in self.desc_ids:
+        if desc_id not in self.desc_of:
             raise QueryError(f"desc_id {desc_id} is not a query of split {self.opt.eval_split_name!r} of "
                              f"{self.opt.dataset_config}")
         try:
             features = self.dataset.query_store.get(desc_id)  # cut to max_desc_len, as in inference
         except FeatureStoreError as e:
             raise QueryError(str(e)) from None
-        desc = next(row["desc"] for row in self.dataset.query_data if row["desc_id"] == desc_id)
-        return PreparedQuery(desc_id, desc, features)
+        return PreparedQuery(desc_id, self.desc_of[desc_id], features)
 
     def _features(self, query):
         try:

@@ -227,6 +227,8 @@ def test_bad_index_folders_give_one_line_errors(runs, ranklist_indexes, tmp_path
     shutil.copytree(ranklist_indexes["general"], index)
     with pytest.raises(SearchIndexError, match="the index was built from .*, not from this run"):
         Searcher(index, conquer=runs["exclusive"])
+    with pytest.raises(SearchIndexError, match="the index was built with --first_stage ranklist"):
+        Searcher(index, first_stage=runs["general"])
     version_dir = SearchIndex.open(index).version_dir
     chunk = os.path.join(version_dir, "conquer.visual.00001.npy")
     with open(chunk, "r+b") as f:
