@@ -16,11 +16,10 @@ import torch
 from easydict import EasyDict
 
 from config.options import TestOptions
-from method.checkpoint import build_model, load_checkpoint, load_model_weights
-from method.dataset import StartEndDataset
+from method.checkpoint import load_trained_model
+from method.dataset import build_eval_dataset
 from method.evaluation import eval_epoch, resolve_tasks
 from utils import distributed, run_dir
-from utils.data_config import load_data_config
 from utils.errors import run_cli
 from utils.report import format_metrics_table
 
@@ -32,22 +31,6 @@ def submission_filename(opt, tasks):
     the original crashes), in the order given."""
     return (f"inference_{opt.dset_name}_{opt.eval_split_name}_{opt.eval_id}_predictions_"
             f"{'_'.join(tasks)}_hero.json")
-
-
-def build_eval_dataset(opt):
-    data_config = load_data_config(opt.dataset_config)
-    return StartEndDataset(
-        data_config, max_ctx_len=opt.max_ctx_len, max_desc_len=opt.max_desc_len, clip_length=opt.clip_length,
-        ctx_mode=opt.ctx_mode, is_eval=True, mode=opt.eval_split_name, neg_video_num=0,
-        data_ratio=opt.data_ratio, inference_top_k=opt.max_vcmr_video)
-
-
-def load_trained_model(opt):
-    checkpoint = load_checkpoint(opt.ckpt_filepath, map_location="cpu")
-    model = build_model(checkpoint["model_cfg"], opt, source=f"{opt.ckpt_filepath} (model_cfg)")
-    load_model_weights(model, checkpoint["model"], source=opt.ckpt_filepath)
-    logger.info("loaded %s (epoch %s)", opt.ckpt_filepath, checkpoint.get("epoch"))
-    return model.to(opt.device)
 
 
 def run_inference(opt):

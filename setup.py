@@ -22,5 +22,7 @@ setup(
         "test": ["pytest"],
         "corpus": ["transformers>=4.56", "h5py"],
         "extract": ["av>=14", "transformers>=4.56"],
+        "search": ["flask>=3", "waitress>=3", "transformers>=4.56"],
+        "search-test": ["requests", "selenium>=4.20"],
     },
 )

@@ -190,6 +190,16 @@ def build_model(model_cfg, opt, source=None):
         raise ModelConfigError(f"{source}: {e}") from None
 
 
+def load_trained_model(opt):
+    """CONQUER of a run (inference options: opt.ckpt_filepath, the dims and variant options), on opt.device,
+    rebuilt from the checkpoint's own model_cfg."""
+    checkpoint = load_checkpoint(opt.ckpt_filepath, map_location="cpu")
+    model = build_model(checkpoint["model_cfg"], opt, source=f"{opt.ckpt_filepath} (model_cfg)")
+    load_model_weights(model, checkpoint["model"], source=opt.ckpt_filepath)
+    logger.info("loaded %s (epoch %s)", opt.ckpt_filepath, checkpoint.get("epoch"))
+    return model.to(opt.device)
+
+
 def load_encoder_pretrain(model, path):
     """Initialise `model.encoder` (and `model.query_weight`) from a first-stage checkpoint (fixes [Q10]).
 

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
+from utils.data_config import load_data_config
 from utils.feature_stores import (FeatureStoreError, QueryFeatureStore, RanklistStore, SubtitleFeatureStore,
                                   VideoFeatureStore)
 from utils.io_utils import load_json, load_jsonl
@@ -41,7 +42,7 @@ class StartEndDataset(Dataset):
 
     def __init__(self, config, max_ctx_len=100, max_desc_len=30, clip_length=1.5, ctx_mode="visual_sub",
                  is_eval=False, mode="train", neg_video_num=3, data_ratio=1, use_extend_pool=500,
-                 inference_top_k=10):
+                 inference_top_k=10, read_ranklists=True):
         if mode not in SPLITS:
             raise DatasetError(f"mode must be one of {SPLITS}, found {mode!r}")
         if mode == "test_public" and not is_eval:
@@ -95,7 +96,8 @@ class StartEndDataset(Dataset):
         self.query_store = QueryFeatureStore(config.desc_bert_path, max_len=max_desc_len)
         self.video_store = VideoFeatureStore(config.vid_feat_path, max_len=max_ctx_len)
         self.sub_store = SubtitleFeatureStore(config.sub_bert_path, max_len=max_ctx_len) if self.use_sub else None
-        self.ranklist_store = RanklistStore(ranklist_path)
+        # A corpus searched with a learned first stage may have no ranklists yet.
+        self.ranklist_store = RanklistStore(ranklist_path) if read_ranklists else None
         self._dummy_stored = {}  # store kind -> whether it holds the test_public dummy (checked lazily)
 
     def check_feature_dims(self, query_dim, visual_dim, text_dim):
@@ -210,14 +212,7 @@ class StartEndDataset(Dataset):
         return random.sample(pool, k=self.neg_video_num)
 
     def _query_inputs(self, desc_id):
-        features = self.query_store.get(desc_id)
-        feat = np.zeros((self.max_desc_len, features.shape[1]), dtype=np.float32)
-        feat[:len(features)] = features
-        mask = np.zeros(self.max_desc_len, dtype=np.int64)
-        mask[:len(features)] = 1
-        return dict(feat=torch.from_numpy(feat), feat_mask=torch.from_numpy(mask),
-                    feat_pos_id=torch.arange(self.max_desc_len, dtype=torch.int64),
-                    feat_token_id=torch.full((self.max_desc_len,), TEXT_TOKEN_ID, dtype=torch.int64))
+        return query_inputs(self.query_store.get(desc_id), self.max_desc_len)
 
     def _video_inputs(self, video_names, store, token_id, placeholder_gt):
         """Padded (N, L, D) features of `video_names` from `store` -> (inputs dict, GT row count).
@@ -292,6 +287,28 @@ class StartEndDataset(Dataset):
         except (FeatureStoreError, DatasetError) as e:
             raise DatasetError(f"{self.mode} video {vid_name!r}: {e}") from None
         return {modality: {key: value[0] for key, value in tensors.items()} for modality, tensors in inputs.items()}
+
+
+def build_eval_dataset(opt, read_ranklists=True):
+    """The evaluation dataset inference runs on: split opt.eval_split_name of the data config opt.dataset_config,
+    with the run's options (max_ctx_len, max_desc_len, clip_length, ctx_mode, data_ratio, max_vcmr_video)."""
+    return StartEndDataset(
+        load_data_config(opt.dataset_config), max_ctx_len=opt.max_ctx_len, max_desc_len=opt.max_desc_len,
+        clip_length=opt.clip_length, ctx_mode=opt.ctx_mode, is_eval=True, mode=opt.eval_split_name,
+        neg_video_num=0, data_ratio=opt.data_ratio, inference_top_k=opt.max_vcmr_video,
+        read_ranklists=read_ranklists)
+
+
+def query_inputs(features, max_desc_len):
+    """Token features (n, Dq) with n <= max_desc_len -> model query inputs {feat (Lq, Dq), feat_mask, feat_pos_id,
+    feat_token_id (Lq,)} padded to Lq = max_desc_len."""
+    feat = np.zeros((max_desc_len, features.shape[1]), dtype=np.float32)
+    feat[:len(features)] = features
+    mask = np.zeros(max_desc_len, dtype=np.int64)
+    mask[:len(features)] = 1
+    return dict(feat=torch.from_numpy(feat), feat_mask=torch.from_numpy(mask),
+                feat_pos_id=torch.arange(max_desc_len, dtype=torch.int64),
+                feat_token_id=torch.full((max_desc_len,), TEXT_TOKEN_ID, dtype=torch.int64))
 
 
 def start_end_collate(batch):

@@ -1,0 +1,415 @@
+"""The search index of a corpus split: everything about its videos that does not depend on the query.
+
+For a pair of trained run directories (a first stage and CONQUER) and one split of a corpus, the index holds
+CONQUER's video encodings V̂, Ŝ (V, L, H) and visual masks (V, L), and for a learned first stage its video
+embeddings ("clips" (V, M, L', D), "clip_mask" (V, L')). Arrays are stored in chunks of at most
+`chunk_videos` videos, one `.npy` file per array and chunk, opened memory-mapped, so the index may be larger
+than RAM: a query reads only the rows it re-ranks (and, for a learned first stage, streams the embeddings).
+
+Layout of INDEX/:
+
+    CURRENT                 name of the live version folder (written atomically, last)
+    v000001/manifest.json   run dirs and checkpoint sha256, corpus data config and split, array shapes,
+                            chunk sizes, package versions
+    v000001/videos.json     video names in row order
+    v000001/<array>.<chunk>.npy
+
+A build writes a new version folder under a temporary name, renames it, then points CURRENT at it and removes
+the old version; an interrupted build leaves the previous index untouched. An update (`--update`) hard-links
+the previous version's chunks and encodes only the videos the corpus gained.
+"""
+import datetime
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+from torch.utils.data import default_collate
+from tqdm import tqdm
+
+from config.options import TestOptions
+from method.checkpoint import load_checkpoint, load_model_weights, load_trained_model
+from method.dataset import build_eval_dataset, prepare_batch_inputs
+from utils import run_dir as run_dirs
+from utils.errors import ConquerError
+from utils.io_utils import atomic_write, load_json, save_json
+
+logger = logging.getLogger(__name__)
+
+INDEX_FORMAT = "conquer-search-index"
+FORMAT_VERSION = 1
+CURRENT_FILENAME = "CURRENT"
+MANIFEST_FILENAME = "manifest.json"
+VIDEOS_FILENAME = "videos.json"
+VERSION_PREFIX = "v"
+PARTIAL_PREFIX = ".partial-"
+# `--first_stage ranklist`: no learned first stage; candidates come from the corpus's stored ranklists.
+RANKLIST_FIRST_STAGE = "ranklist"
+
+
+class SearchIndexError(ConquerError):
+    """A search index is missing, partial, corrupt or was built from other run dirs; the message names it."""
+
+
+def sha256_file(path, block_size=2 ** 22):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(block_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def conquer_options(run_dir, dataset_config, split, device=-1, max_vcmr_video=None):
+    """The options inference would use for CONQUER run `run_dir` on `split` of `dataset_config`."""
+    argv = ["--model_dir", os.fspath(run_dir), "--dataset_config", os.fspath(dataset_config),
+            "--eval_split_name", split, "--device", str(device), "--num_workers", "0"]
+    if max_vcmr_video is not None:
+        argv += ["--max_vcmr_video", str(max_vcmr_video)]
+    return TestOptions().parse(argv)
+
+
+def run_identity(run_dir, checkpoint_path):
+    """What the manifest records of a run: absolute run dir and checkpoint, and the checkpoint's sha256."""
+    if not os.path.isfile(checkpoint_path):
+        raise SearchIndexError(f"run dir {run_dir}: checkpoint {checkpoint_path} not found")
+    return dict(run_dir=os.path.realpath(run_dir), checkpoint=os.path.realpath(checkpoint_path),
+                sha256=sha256_file(checkpoint_path))
+
+
+def first_stage_checkpoint(run_dir):
+    return os.path.join(run_dirs.locate_model_dir(run_dir), run_dirs.CKPT_FILENAME)
+
+
+def load_first_stage_model(run_dir, device):
+    """The trained first-stage retriever of run dir `run_dir` (opt.json with model "first_stage", model.ckpt
+    with model_cfg), in eval mode on `device`. Its interface: encode_queries(query_feat (Q, Lq, Dq),
+    query_mask (Q, Lq)) -> {"query" (Q, M, D), "modality_weights" (Q, M)}; encode_videos(video inputs of the
+    dataset) -> {"clips" (V, M, L, D), "clip_mask" (V, L)}; score(query embeddings, video embeddings) -> (Q, V).
+    """
+    try:
+        from method.first_stage import FirstStageRetriever
+    except ImportError:
+        raise SearchIndexError(f"--first_stage {run_dir}: this checkout has no first-stage retriever "
+                               f"(method/first_stage.py); use --first_stage {RANKLIST_FIRST_STAGE}") from None
+    model_dir = run_dirs.locate_model_dir(run_dir)
+    opt = load_json(os.path.join(model_dir, run_dirs.OPT_FILENAME))
+    if opt.get("model") != "first_stage":
+        raise SearchIndexError(f"--first_stage {run_dir}: opt.json has model {opt.get('model')!r}, expected "
+                               "'first_stage' (a run of train.py --model first_stage)")
+    path = first_stage_checkpoint(run_dir)
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    model = FirstStageRetriever(checkpoint["model_cfg"])
+    load_model_weights(model, checkpoint["model"], source=path)
+    return model.to(device).eval()
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class ChunkedArray:
+    """One index array stored as memory-mapped `.npy` chunks of consecutive rows."""
+
+    def __init__(self, name, chunks):
+        self.name = name
+        self.chunks = chunks
+        self.offsets = np.cumsum([0] + [len(chunk) for chunk in chunks])
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def gather(self, rows):
+        """rows (n,) int -> (n, *row shape) numpy array, in the order of `rows`."""
+        rows = np.asarray(rows, dtype=np.int64)
+        first = self.chunks[0]
+        out = np.empty((len(rows),) + first.shape[1:], dtype=first.dtype)
+        chunk_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        for chunk_id in np.unique(chunk_of):
+            where = np.flatnonzero(chunk_of == chunk_id)
+            out[where] = self.chunks[chunk_id][rows[where] - self.offsets[chunk_id]]
+        return out
+
+
+def chunk_filename(array_name, chunk_id):
+    return f"{array_name}.{chunk_id:05d}.npy"
+
+
+class SearchIndex:
+    """An opened index (read-only): `manifest`, `video_names` (row order), `row_of` {name: row}, `arrays`
+    {name: ChunkedArray}."""
+
+    def __init__(self, path, version_dir, manifest, video_names, arrays):
+        self.path = path
+        self.version_dir = version_dir
+        self.manifest = manifest
+        self.video_names = video_names
+        self.row_of = {name: row for row, name in enumerate(video_names)}
+        self.arrays = arrays
+
+    @property
+    def nbytes(self):
+        return sum(chunk.nbytes for array in self.arrays.values() for chunk in array.chunks)
+
+    @classmethod
+    def open(cls, path):
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise SearchIndexError(f"search index {path}: no such folder")
+        current = os.path.join(path, CURRENT_FILENAME)
+        if not os.path.isfile(current):
+            raise SearchIndexError(f"search index {path}: no {CURRENT_FILENAME} file: not an index, or its first "
+                                   "build did not finish; build it with `python -m method.search build`")
+        with open(current) as f:
+            version = f.read().strip()
+        version_dir = os.path.join(path, version)
+        manifest_path = os.path.join(version_dir, MANIFEST_FILENAME)
+        if not version or os.sep in version or not os.path.isfile(manifest_path):
+            raise SearchIndexError(f"search index {path}: {CURRENT_FILENAME} names version {version!r}, which has no "
+                                   f"{MANIFEST_FILENAME}: the index is partial or corrupt; rebuild it")
+        manifest = _load_json(manifest_path, dict)
+        if manifest.get("format") != INDEX_FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise SearchIndexError(f"search index {manifest_path}: format {manifest.get('format')!r} version "
+                                   f"{manifest.get('format_version')!r}, expected {INDEX_FORMAT!r} version "
+                                   f"{FORMAT_VERSION}")
+        video_names = _load_json(os.path.join(version_dir, VIDEOS_FILENAME), list)
+        chunk_sizes = manifest["chunks"]
+        if len(video_names) != sum(chunk_sizes) or len(set(video_names)) != len(video_names):
+            raise SearchIndexError(f"search index {version_dir}: {VIDEOS_FILENAME} lists {len(video_names)} names "
+                                   f"(distinct: {len(set(video_names))}) but the chunks hold {sum(chunk_sizes)} "
+                                   "videos: corrupt index; rebuild it")
+        arrays = {name: ChunkedArray(name, [_open_chunk(version_dir, name, chunk_id, n, spec)
+                                            for chunk_id, n in enumerate(chunk_sizes)])
+                  for name, spec in manifest["arrays"].items()}
+        return cls(path, version_dir, manifest, video_names, arrays)
+
+
+def _load_json(path, expected_type):
+    if not os.path.isfile(path):
+        raise SearchIndexError(f"search index file {path} is missing: the index is partial; rebuild it")
+    try:
+        value = load_json(path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SearchIndexError(f"search index file {path}: invalid JSON ({e}); rebuild the index") from None
+    if not isinstance(value, expected_type):
+        raise SearchIndexError(f"search index file {path}: expected a JSON {expected_type.__name__}")
+    return value
+
+
+def _open_chunk(version_dir, name, chunk_id, n_rows, spec):
+    path = os.path.join(version_dir, chunk_filename(name, chunk_id))
+    expected = (n_rows,) + tuple(spec["shape"])
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise SearchIndexError(f"search index array {path} is missing: the index is partial; rebuild it") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise SearchIndexError(f"search index array {path}: unreadable ({e}); rebuild the index") from None
+    if array.shape != expected or array.dtype != np.dtype(spec["dtype"]):
+        raise SearchIndexError(f"search index array {path}: {array.dtype} {array.shape}, expected {spec['dtype']} "
+                               f"{expected}; rebuild the index")
+    return array
+
+
+def _environment():
+    return dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__)
+
+
+def encode_video_batch(model, first_stage_model, video_inputs):
+    """Index rows of one batch of dataset video inputs {"visual": {...} (n, L, ·), "sub": ...}
+    -> {array name: (n, ...) numpy}."""
+    encoded = model.encode_videos(video_inputs)
+    arrays = {f"conquer.{modality}": encoded[modality] for modality in model.video_modality}
+    arrays["conquer.video_mask"] = video_inputs["visual"]["feat_mask"]
+    if first_stage_model is not None:
+        embedded = first_stage_model.encode_videos(video_inputs)
+        arrays["first_stage.clips"] = embedded["clips"]
+        arrays["first_stage.clip_mask"] = embedded["clip_mask"]
+    return {name: value.detach().cpu().numpy() for name, value in arrays.items()}
+
+
+def index_identity(conquer_opt, conquer_run_dir, first_stage, split):
+    """The manifest entries an update must agree with: runs, corpus and the settings of the encodings."""
+    if first_stage == RANKLIST_FIRST_STAGE:
+        first = dict(kind=RANKLIST_FIRST_STAGE)
+    else:
+        first = dict(kind="model", **run_identity(first_stage, first_stage_checkpoint(first_stage)))
+    return dict(conquer=run_identity(conquer_run_dir, conquer_opt.ckpt_filepath), first_stage=first,
+                corpus=dict(data_config=os.path.realpath(conquer_opt.dataset_config), split=split,
+                            dset_name=conquer_opt.dset_name, ctx_mode=conquer_opt.ctx_mode,
+                            max_ctx_len=conquer_opt.max_ctx_len))
+
+
+def _identity_difference(old, new):
+    """First manifest entry in which two identities differ, as 'key: old -> new', or None."""
+    for section in new:
+        for key in sorted(set(old.get(section, {})) | set(new[section])):
+            if old.get(section, {}).get(key) != new[section].get(key):
+                return f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {new[section].get(key)!r}"
+    return None
+
+
+def build_index(out_dir, conquer, first_stage, dataset_config, split="val", update=False, overwrite=False,
+                batch_size=32, chunk_videos=1024, device=-1):
+    """Build (or with `update`, extend) the index of `split` at `out_dir` -> summary dict.
+
+    first_stage: a first-stage run dir, or RANKLIST_FIRST_STAGE. An existing `out_dir` is an error unless
+    `update` (encode only videos the index lacks; the runs and corpus must be the ones it was built from)
+    or `overwrite` (rebuild everything).
+    """
+    out_dir = os.fspath(out_dir)
+    opt = conquer_options(conquer, dataset_config, split, device)
+    identity = index_identity(opt, conquer, first_stage, split)
+    previous = _previous_index(out_dir, identity, update, overwrite)
+    dataset = build_eval_dataset(opt, read_ranklists=False)
+    names = list(dataset.video2idx)
+    reused = previous.video_names if previous is not None else []
+    if previous is not None and not set(reused) <= set(names):
+        logger.warning("%d indexed videos are no longer in split %s: re-encoding every video",
+                       len(set(reused) - set(names)), split)
+        previous, reused = None, []
+    known = set(reused)
+    new_names = [name for name in names if name not in known]
+    if previous is not None and not new_names:
+        logger.info("search index %s is up to date (%d videos)", out_dir, len(reused))
+        return dict(out_dir=out_dir, n_videos=len(reused), n_encoded=0, nbytes=previous.nbytes)
+
+    model = load_trained_model(opt).eval()
+    first_stage_model = (None if first_stage == RANKLIST_FIRST_STAGE
+                         else load_first_stage_model(first_stage, opt.device))
+    staging = _staging_dir(out_dir, previous is not None or overwrite)
+    try:
+        chunk_sizes = list(previous.manifest["chunks"]) if previous is not None else []
+        arrays = dict(previous.manifest["arrays"]) if previous is not None else {}
+        if previous is not None:
+            for name in arrays:
+                for chunk_id in range(len(chunk_sizes)):
+                    _link_or_copy(os.path.join(previous.version_dir, chunk_filename(name, chunk_id)),
+                                  os.path.join(staging, chunk_filename(name, chunk_id)))
+        with torch.inference_mode(), tqdm(total=len(new_names), desc="Indexing videos") as bar:
+            for start in range(0, len(new_names), chunk_videos):
+                chunk_names = new_names[start:start + chunk_videos]
+                specs = _write_chunk(staging, len(chunk_sizes), chunk_names, dataset, model, first_stage_model,
+                                     opt.device, batch_size, bar)
+                if arrays and specs != arrays:
+                    raise SearchIndexError(f"search index {out_dir}: new videos encode to arrays {specs}, the index "
+                                           f"holds {arrays}; rebuild it with --overwrite")
+                arrays = specs
+                chunk_sizes.append(len(chunk_names))
+        save_json(reused + new_names, os.path.join(staging, VIDEOS_FILENAME))
+        manifest = dict(format=INDEX_FORMAT, format_version=FORMAT_VERSION, created=_now(), **identity,
+                        n_videos=len(reused) + len(new_names), chunks=chunk_sizes, arrays=arrays,
+                        environment=_environment())
+        save_json(manifest, os.path.join(staging, MANIFEST_FILENAME), save_pretty=True)
+        _publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    index = SearchIndex.open(out_dir)
+    return dict(out_dir=out_dir, n_videos=len(index.video_names), n_encoded=len(new_names), nbytes=index.nbytes)
+
+
+def _previous_index(out_dir, identity, update, overwrite):
+    """The index an update extends (None for a fresh build); refuses what the flags do not allow."""
+    if update and overwrite:
+        raise SearchIndexError("--update and --overwrite exclude each other")
+    if not os.path.exists(out_dir):
+        return None
+    if not os.path.isfile(os.path.join(out_dir, CURRENT_FILENAME)):
+        if os.path.isdir(out_dir) and not os.listdir(out_dir):
+            return None
+        raise SearchIndexError(f"--out_dir {out_dir} exists and is not a search index (no {CURRENT_FILENAME}); "
+                               "choose another folder")
+    if not (update or overwrite):
+        raise SearchIndexError(f"--out_dir {out_dir} already holds a search index; pass --update to add the "
+                               "corpus's new videos, or --overwrite to rebuild it")
+    if overwrite:
+        return None
+    previous = SearchIndex.open(out_dir)
+    difference = _identity_difference(previous.manifest, identity)
+    if difference:
+        raise SearchIndexError(f"--update {out_dir}: the index was built from other inputs ({difference}); "
+                               "pass --overwrite to rebuild it, or another --out_dir")
+    return previous
+
+
+def _staging_dir(out_dir, inside):
+    """A temporary folder on the index's file system: inside the index (a new version) or beside it."""
+    if inside:
+        for stale in os.listdir(out_dir):
+            if stale.startswith(PARTIAL_PREFIX):  # left by an interrupted build
+                shutil.rmtree(os.path.join(out_dir, stale), ignore_errors=True)
+        return tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=out_dir)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}{PARTIAL_PREFIX}", dir=parent)
+
+
+def _link_or_copy(source, target):
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _write_chunk(staging, chunk_id, names, dataset, model, first_stage_model, device, batch_size, bar):
+    """Encode `names` into the chunk files `chunk_id` in `staging` -> {array name: {"shape", "dtype"}}."""
+    files = None
+    for start in range(0, len(names), batch_size):
+        batch = default_collate([dataset.get_video_inputs(name) for name in names[start:start + batch_size]])
+        rows = encode_video_batch(model, first_stage_model, prepare_batch_inputs(batch, device))
+        if files is None:
+            files = {name: np.lib.format.open_memmap(os.path.join(staging, chunk_filename(name, chunk_id)), mode="w+",
+                                                     dtype=value.dtype, shape=(len(names),) + value.shape[1:])
+                     for name, value in rows.items()}
+        for name, value in rows.items():
+            files[name][start:start + len(value)] = value
+        bar.update(len(value))
+    for array in files.values():
+        array.flush()
+    return {name: dict(shape=list(array.shape[1:]), dtype=str(array.dtype)) for name, array in files.items()}
+
+
+def _publish(staging, out_dir):
+    """Make the staged version live: a first build renames the whole staged index into place; an update
+    renames the staged version into the index, then switches CURRENT to it and removes the old version."""
+    if os.path.dirname(os.path.abspath(staging)) != os.path.abspath(out_dir):
+        version = f"{VERSION_PREFIX}000001"
+        os.rename(_as_first_version(staging, version), out_dir)
+        return
+    with open(os.path.join(out_dir, CURRENT_FILENAME)) as f:
+        old_version = f.read().strip()
+    existing = [int(name[len(VERSION_PREFIX):]) for name in os.listdir(out_dir)
+                if name.startswith(VERSION_PREFIX) and name[len(VERSION_PREFIX):].isdigit()]
+    version = f"{VERSION_PREFIX}{max(existing, default=0) + 1:06d}"
+    os.rename(staging, os.path.join(out_dir, version))
+    _write_current(out_dir, version)
+    if old_version and old_version != version:
+        shutil.rmtree(os.path.join(out_dir, old_version), ignore_errors=True)
+
+
+def _as_first_version(staging, version):
+    """Move the staged files into `staging/version` and point CURRENT at it -> staging."""
+    inner = tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=staging)
+    for name in os.listdir(staging):
+        if os.path.join(staging, name) != inner:
+            os.rename(os.path.join(staging, name), os.path.join(inner, name))
+    os.rename(inner, os.path.join(staging, version))
+    _write_current(staging, version)
+    return staging
+
+
+def _write_current(index_dir, version):
+    with atomic_write(os.path.join(index_dir, CURRENT_FILENAME), mode="w") as f:
+        f.write(version + "\n")
+
+
+def describe(index):
+    """A short JSON-able summary of an opened index."""
+    manifest = index.manifest
+    return dict(path=index.path, n_videos=len(index.video_names), nbytes=index.nbytes,
+                conquer=manifest["conquer"]["run_dir"], first_stage=manifest["first_stage"],
+                corpus=manifest["corpus"], created=manifest["created"])

@@ -1,0 +1,354 @@
+"""method/search.py end to end on the tiny synthetic corpus: the moments equal inference's, the index
+(build, update, bad folders), the learned first stage (a stand-in that follows the first-stage contract),
+queries by text / features / desc_id, the CLI, the HTTP endpoint under concurrent clients, and the search
+page in a headless browser."""
+import json
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import torch
+from torch import nn
+
+import inference
+import train
+from method import search, search_index
+from method.checkpoint import save_checkpoint
+from method.dataset import query_inputs
+from method.search import QueryError, Searcher
+from method.search_index import SearchIndex, SearchIndexError, build_index
+from tests.text_model_fixtures import save_tiny_text_model
+from utils.feature_stores import write_ranklist_store
+from utils.io_utils import load_json, load_jsonl, save_json
+from utils.run_dir import CKPT_FILENAME, OPT_FILENAME
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MEASURE_FLAGS = {"exclusive": ["--similarity_measure", "exclusive"], "general": ["--use_interal_vr_scores"]}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_train_flags, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return {measure: train.main(tiny_train_flags + flags + [
+        "--results_root", str(root), "--exp_id", measure, "--n_epoch", "1", "--disable_eval", "--no_eval_untrained"])
+        for measure, flags in MEASURE_FLAGS.items()}
+
+
+@pytest.fixture(scope="module")
+def ranklist_indexes(runs, tiny_corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("indexes")
+    return {measure: build_index(root / measure, run, "ranklist", tiny_corpus, "val", batch_size=7,
+                                 chunk_videos=8)["out_dir"] for measure, run in runs.items()}
+
+
+def inference_vcmr(run_dir, data_config, out_dir, nms_thd):
+    argv = ["--model_dir", run_dir, "--dataset_config", data_config, "--device", "-1", "--num_workers", "0",
+            "--tasks", "VCMR", "--output_dir", str(out_dir), "--nms_thd", str(-1 if nms_thd is None else nms_thd)]
+    _, _, paths = inference.run_inference(inference.TestOptions().parse(argv))
+    submission = load_json([path for path in paths if not path.endswith("_metrics.json")][-1])
+    idx2video = {idx: name for name, idx in submission["video2idx"].items()}
+    return {query["desc_id"]: [(idx2video[v], st, ed, score) for v, st, ed, score in query["predictions"]]
+            for query in submission["VCMR"]}
+
+
+@pytest.mark.parametrize("measure", list(MEASURE_FLAGS))
+def test_moments_equal_inference_predictions(runs, ranklist_indexes, tiny_corpus, tmp_path, measure):
+    searcher = Searcher(ranklist_indexes[measure], conquer=runs[measure], first_stage="ranklist")
+    desc_ids = [row["desc_id"] for row in searcher.dataset.query_data]
+    for nms_thd in (None, 0.5):
+        expected = inference_vcmr(runs[measure], tiny_corpus, tmp_path / str(nms_thd), nms_thd)
+        found = searcher.search_many(desc_ids, top_k=100, nms_thd=nms_thd, batch_size=5)
+        for desc_id, moments in zip(desc_ids, found):
+            rows = expected[desc_id]
+            assert [(m.video_name, m.start, m.end) for m in moments] == [row[:3] for row in rows]
+            np.testing.assert_allclose([m.score for m in moments], [row[3] for row in rows], rtol=1e-5, atol=1e-9)
+        assert any(len(expected[d]) < 100 for d in desc_ids) == (nms_thd is not None)
+    ranklist = searcher.dataset.eval_candidates[0][0][1:]
+    first = searcher.search(desc_ids[0], top_k=7)
+    assert len(first) == 7 and all(ranklist[m.first_stage_rank - 1] == m.video_name for m in first)
+
+
+class StandInFirstStage(nn.Module):
+    """Follows the first-stage contract with random linear projections (until method/first_stage.py lands)."""
+
+    def __init__(self, query_dim, visual_dim, text_dim, dim=6):
+        super().__init__()
+        self.query = nn.Linear(query_dim, 2 * dim)
+        self.gate = nn.Linear(query_dim, 2)
+        self.visual = nn.Linear(visual_dim, dim)
+        self.sub = nn.Linear(text_dim, dim)
+
+    def encode_queries(self, query_feat, query_mask):
+        mask = query_mask.unsqueeze(-1).float()
+        pooled = (query_feat * mask).sum(1) / mask.sum(1)
+        query = nn.functional.normalize(self.query(pooled).view(len(pooled), 2, -1), dim=-1)
+        return {"query": query, "modality_weights": torch.softmax(self.gate(pooled), dim=-1)}
+
+    def encode_videos(self, video_inputs):
+        clips = torch.stack([self.visual(video_inputs["visual"]["feat"]), self.sub(video_inputs["sub"]["feat"])], 1)
+        return {"clips": nn.functional.normalize(clips, dim=-1), "clip_mask": video_inputs["visual"]["feat_mask"]}
+
+    def score(self, query_emb, video_emb):
+        similarity = torch.einsum("qmd,vmld->qvml", query_emb["query"], video_emb["clips"])
+        similarity = similarity.masked_fill(video_emb["clip_mask"][None, :, None, :] == 0, -torch.inf)
+        return (query_emb["modality_weights"][:, None, :] * similarity.max(dim=-1).values).sum(-1)
+
+
+@pytest.fixture(scope="module")
+def learned(runs, tiny_corpus, tiny_corpus_kwargs, tmp_path_factory):
+    """A corpus copy with a text encoder and a video folder, a stand-in first-stage run dir, and its index."""
+    root = tmp_path_factory.mktemp("learned")
+    corpus = root / "corpus"
+    shutil.copytree(os.path.dirname(tiny_corpus), corpus)
+    config = load_json(tiny_corpus)
+    config.update(root_path=str(corpus), video_dir="videos",
+                  text_encoder=dict(name_or_path=save_tiny_text_model(root / "text_model", hidden_size=8),
+                                    dtype="float32", max_length=38))
+    save_json(config, corpus / "tvr_data_config.json")
+    first_run = root / "first_stage_run"
+    first_run.mkdir()
+    k = tiny_corpus_kwargs
+    torch.manual_seed(0)
+    model = StandInFirstStage(k["query_dim"], k["visual_dim"], k["text_dim"])
+    save_json({"model": "first_stage"}, first_run / OPT_FILENAME)
+    save_checkpoint(str(first_run / CKPT_FILENAME), model.state_dict(), {"dims": [8, 12, 8]}, epoch=0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(search_index, "load_first_stage_model", lambda run_dir, device: model.eval())
+        out = build_index(root / "index", runs["exclusive"], str(first_run), str(corpus / "tvr_data_config.json"),
+                          "val", chunk_videos=6)["out_dir"]
+        searcher = Searcher(out)
+    return dict(searcher=searcher, model=model, corpus=corpus, run=str(first_run), index=out)
+
+
+def test_learned_first_stage_ranks_every_video_and_reranks_like_a_ranklist(learned, runs, tmp_path):
+    searcher, model = learned["searcher"], learned["model"]
+    dataset = searcher.dataset
+    names = list(dataset.video2idx)
+    videos = torch.utils.data.default_collate([dataset.get_video_inputs(name) for name in names])
+    desc_ids = [row["desc_id"] for row in dataset.query_data]
+    queries = torch.utils.data.default_collate([query_inputs(dataset.query_store.get(d), dataset.max_desc_len)
+                                                for d in desc_ids])
+    with torch.no_grad():
+        scores = model.score(model.encode_queries(queries["feat"], queries["feat_mask"]), model.encode_videos(videos))
+    best_scores, best = torch.sort(scores, dim=1, descending=True, stable=True)
+    # A corpus whose stored ranklists are the plain brute-force ranking: the ranklist first stage must agree.
+    ranklist_corpus = tmp_path / "corpus"
+    shutil.copytree(learned["corpus"], ranklist_corpus)
+    config = load_json(ranklist_corpus / "tvr_data_config.json")
+    config.update(root_path=str(ranklist_corpus), text_encoder=None)
+    save_json(config, ranklist_corpus / "tvr_data_config.json")
+    ranklist_path = ranklist_corpus / config["eval_first_VR_ranklist_path_hero"]
+    shutil.rmtree(ranklist_path)
+    write_ranklist_store(str(ranklist_path), {
+        desc_id: [(dataset.video2idx[names[v]], float(s)) for v, s in zip(row.tolist(), row_scores.tolist())]
+        for desc_id, row, row_scores in zip(desc_ids, best, best_scores)})
+    reference = Searcher(build_index(tmp_path / "index", runs["exclusive"], "ranklist",
+                                     str(ranklist_corpus / "tvr_data_config.json"), "val")["out_dir"])
+    for got, want in zip(searcher.search_many(desc_ids, top_k=20), reference.search_many(desc_ids, top_k=20)):
+        assert [m[:3] + m[4:] for m in got] == [m[:3] + m[4:] for m in want]
+        np.testing.assert_allclose([m.score for m in got], [m.score for m in want], rtol=1e-5)
+
+
+def test_text_and_feature_queries(learned):
+    searcher = learned["searcher"]
+    text = "a man opens the door"
+    features = searcher.text_encoder.encode_tokens([text])[0]
+    by_text = searcher.search(text, top_k=5)
+    assert by_text == searcher.search(features, top_k=5) and len(by_text) == 5
+    long = np.tile(features, (6, 1))  # 42 tokens > max_desc_len 30
+    with pytest.raises(QueryError, match="has 42 tokens but the model takes at most 30"):
+        searcher.search(long)
+    assert searcher.search(long, truncate=True) == searcher.search(long[:30])
+    for bad, message in (("  ", "empty query text"), (np.zeros((3, 5)), r"shape \(n_tokens >= 1, 8\)"),
+                         (10 ** 9, "desc_id 1000000000 is not a query of split 'val'")):
+        with pytest.raises(QueryError, match=message):
+            searcher.search(bad)
+    for top_k in (0, 101, 2.5):
+        with pytest.raises(QueryError, match=r"top_k must be an integer in \[1, 100\]"):
+            searcher.search(features, top_k=top_k)
+
+
+def test_text_query_needs_a_text_encoder_and_ranklists_need_desc_ids(ranklist_indexes):
+    searcher = Searcher(ranklist_indexes["general"])
+    with pytest.raises(QueryError, match="has no text encoder"):
+        searcher.search("a man")
+    with pytest.raises(QueryError, match="answers desc_id queries only"):
+        searcher.search(np.ones((4, 8)))
+
+
+def test_index_build_update_and_interruption(runs, tiny_corpus, tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(os.path.dirname(tiny_corpus), corpus)
+    config_path = str(corpus / "tvr_data_config.json")
+    config = load_json(config_path)
+    config["root_path"] = str(corpus)
+    save_json(config, config_path)
+    video_table = corpus / config["video_duration_idx_path"]
+    val_file = corpus / config["eval_data_path"]
+    full_table, full_val = load_json(video_table), load_jsonl(val_file)
+    kept = dict(list(full_table["val"].items())[:12])
+    save_json(dict(full_table, val=kept), video_table)
+    with open(val_file, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in full_val if row["vid_name"] in kept)
+    out = tmp_path / "index"
+    assert build_index(out, runs["general"], "ranklist", config_path, chunk_videos=5)["n_encoded"] == 12
+    shutil.copy(os.path.dirname(tiny_corpus) + "/" + config["video_duration_idx_path"], video_table)
+    shutil.copy(os.path.dirname(tiny_corpus) + "/" + config["eval_data_path"], val_file)
+    with pytest.raises(SearchIndexError, match="already holds a search index; pass --update"):
+        build_index(out, runs["general"], "ranklist", config_path)
+    with pytest.raises(SearchIndexError, match=r"built from other inputs \(conquer\.checkpoint"):
+        build_index(out, runs["exclusive"], "ranklist", config_path, update=True)
+    old_version = SearchIndex.open(out).version_dir
+    summary = build_index(out, runs["general"], "ranklist", config_path, update=True, chunk_videos=5)
+    assert (summary["n_videos"], summary["n_encoded"]) == (20, 8)
+    updated = SearchIndex.open(out)
+    assert not os.path.exists(old_version) and updated.video_names[:12] == list(kept)
+    fresh = SearchIndex.open(build_index(tmp_path / "fresh", runs["general"], "ranklist", config_path)["out_dir"])
+    rows = [updated.row_of[name] for name in fresh.video_names]
+    for name, array in fresh.arrays.items():
+        np.testing.assert_allclose(updated.arrays[name].gather(rows), array.gather(np.arange(20)), rtol=1e-5,
+                                   atol=1e-6)
+    # An interrupted rebuild leaves the index as it was, and no partial folder.
+    monkeypatch.setattr(search_index, "_write_chunk", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        build_index(out, runs["general"], "ranklist", config_path, overwrite=True)
+    assert SearchIndex.open(out).version_dir == updated.version_dir
+    assert sorted(os.listdir(out)) == ["CURRENT", os.path.basename(updated.version_dir)]
+
+
+def test_bad_index_folders_give_one_line_errors(runs, ranklist_indexes, tmp_path):
+    index = tmp_path / "index"
+    shutil.copytree(ranklist_indexes["general"], index)
+    with pytest.raises(SearchIndexError, match="the index was built from .*, not from this run"):
+        Searcher(index, conquer=runs["exclusive"])
+    with pytest.raises(SearchIndexError, match="the index was built with --first_stage ranklist"):
+        Searcher(index, first_stage=runs["general"])
+    version_dir = SearchIndex.open(index).version_dir
+    chunk = os.path.join(version_dir, "conquer.visual.00001.npy")
+    with open(chunk, "r+b") as f:
+        f.truncate(os.path.getsize(chunk) - 100)
+    with pytest.raises(SearchIndexError, match=r"conquer\.visual\.00001\.npy: unreadable"):
+        SearchIndex.open(index)
+    os.remove(chunk)
+    with pytest.raises(SearchIndexError, match=r"conquer\.visual\.00001\.npy is missing: the index is partial"):
+        SearchIndex.open(index)
+    with open(os.path.join(version_dir, "manifest.json"), "w") as f:
+        f.write("{")
+    with pytest.raises(SearchIndexError, match="manifest.json: invalid JSON"):
+        SearchIndex.open(index)
+    os.remove(index / "CURRENT")
+    with pytest.raises(SearchIndexError, match="no CURRENT file"):
+        SearchIndex.open(index)
+    with pytest.raises(SearchIndexError, match="no such folder"):
+        SearchIndex.open(tmp_path / "nothing")
+
+
+def test_cli_build_and_query(runs, tiny_corpus, tmp_path, capsys):
+    out = str(tmp_path / "index")
+    search.main(["build", "--first_stage", "ranklist", "--conquer", runs["general"], "--dataset_config", tiny_corpus,
+                 "--split", "val", "--out_dir", out])
+    desc_id = load_jsonl(os.path.join(os.path.dirname(tiny_corpus), "data", "tvr_val_release.jsonl"))[0]["desc_id"]
+    capsys.readouterr()
+    search.main(["query", "--index", out, "--desc_id", str(desc_id), "--top_k", "3", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    expected = Searcher(out).search(desc_id, top_k=3)
+    assert rows == [m._asdict() for m in expected]
+    assert list(rows[0]) == ["video_name", "start", "end", "score", "first_stage_rank"]
+    search.main(["query", "--index", out, "--desc_id", str(desc_id), "--top_k", "3"])
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 4 and table[1].split()[1] == expected[0].video_name
+
+
+@pytest.fixture(scope="module")
+def server(learned):
+    from waitress.server import create_server
+
+    from method.search_server import create_app
+    searcher = learned["searcher"]
+    videos = learned["corpus"] / "videos"
+    videos.mkdir()
+    for name in searcher.index.video_names:
+        write_webm(videos / f"{name}.webm", seconds=40)
+    httpd = create_server(create_app(searcher), host="127.0.0.1", port=0, threads=4)
+    thread = threading.Thread(target=httpd.run, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.effective_port}"
+    httpd.close()
+
+
+def write_webm(path, seconds, fps=2):
+    import av
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
+        for i in range(seconds * fps):
+            frame = av.VideoFrame.from_ndarray(np.full((24, 32, 3), i % 255, dtype=np.uint8), format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def test_http_endpoint_concurrent_and_validated(server, learned):
+    searcher = learned["searcher"]
+    desc_ids = [row["desc_id"] for row in searcher.dataset.query_data][:8]
+    texts = ["a man opens the door", "the dog runs into the room", "a woman walks with a cat"]
+    requests_ = [{"desc_id": d, "top_k": 5} for d in desc_ids] + [{"text": t, "nms_thd": 0.5} for t in texts]
+    expected = [searcher.search(r.get("desc_id", r.get("text")), top_k=r.get("top_k", 10), nms_thd=r.get("nms_thd"))
+                for r in requests_]
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda body: requests.post(server + "/search", json=body, timeout=60), requests_ * 2))
+    for answer, moments in zip(answers, expected * 2):
+        assert answer.status_code == 200
+        assert answer.json()["results"] == [m._asdict() for m in moments]
+    bad = [({"text": ""}, "empty query text"), ({"text": "a", "top_k": 10 ** 6}, "'top_k' must be an integer"),
+           ({"features": [[0.0] * 5] * 3}, r"shape (n_tokens >= 1, 8), got (3, 5)"),
+           ({"features": [[0.0] * 8, [1.0]]}, "rectangular"), ({}, "give exactly one of"),
+           ({"text": "a", "desc_id": 1}, "give exactly one of"), ({"query": "a"}, "unknown field"),
+           ({"desc_id": 10 ** 9}, "is not a query of split")]
+    for body, message in bad:
+        answer = requests.post(server + "/search", json=body, timeout=60)
+        assert answer.status_code == 400 and message in answer.json()["error"], (body, answer.text)
+    assert requests.post(server + "/search", data="not json", timeout=60).status_code == 400
+    assert requests.get(server + "/search", timeout=60).status_code == 405
+    assert requests.get(server + "/video/not_a_video", timeout=60).status_code == 404
+
+
+def test_search_page_in_a_headless_browser(server, learned):
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--autoplay-policy=no-user-gesture-required"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")),
+                              options=options)
+    try:
+        driver.get(server + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: "20 videos" in d.find_element(By.ID, "about").text)
+        driver.find_element(By.ID, "query").send_keys("a man opens the door")
+        driver.find_element(By.ID, "go").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.moment")) == 10)
+        expected = learned["searcher"].search("a man opens the door")
+        cells = driver.find_elements(By.CSS_SELECTOR, "tr.moment")[1].find_elements(By.TAG_NAME, "td")
+        assert [c.text for c in cells[1:4]] == [expected[1].video_name, f"{expected[1].start:.2f}",
+                                                f"{expected[1].end:.2f}"]
+        driver.find_elements(By.CSS_SELECTOR, "tr.moment")[1].click()
+        player = driver.find_element(By.ID, "player")
+        wait.until(lambda d: d.execute_script("return arguments[0].readyState >= 1 && "
+                                              "arguments[0].currentTime >= arguments[1] - 0.01", player,
+                                              expected[1].start))
+        assert expected[1].video_name in player.get_attribute("src")
+        assert abs(driver.execute_script("return arguments[0].currentTime", player) - expected[1].start) < 1.0
+        driver.find_element(By.ID, "query").clear()
+        driver.find_element(By.ID, "go").click()
+        wait.until(lambda d: d.find_element(By.ID, "error").text == "empty query text")
+    finally:
+        driver.quit()
