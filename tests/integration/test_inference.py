@@ -74,7 +74,7 @@ def test_each_measure_with_and_without_nms(run_dirs, tiny_train_flags, measure):
 
 
 def test_vcmr_alone_and_output_names(run_dirs, tiny_train_flags):
-    # SPEC Q5: the original needed VR for VCMR; here VCMR alone works.
+    # [Q5]: the original needed VR for VCMR; here VCMR alone works.
     _, (metrics, metrics_nms, paths) = infer(run_dirs["exclusive"], tiny_train_flags, "--tasks", "VCMR",
                                              "--eval_id", "only_vcmr")
     assert list(metrics) == ["VCMR", "VCMR_by_type"] and metrics_nms is None
@@ -146,7 +146,7 @@ def test_general_without_internal_scores_is_rejected(run_dirs, tiny_train_flags,
 
 
 def test_moved_run_dir_and_read_only_run_dir(run_dirs, tiny_train_flags, tmp_path, monkeypatch):
-    # SPEC Q8: a renamed copy (like the published run dir) reads its own checkpoint and writes beside it.
+    # [Q8]: a renamed copy (like the published run dir) reads its own checkpoint and writes beside it.
     moved = shutil.copytree(run_dirs["disjoint"], tmp_path / "tvr-conquer_moved")
     opt, _ = infer(str(moved), tiny_train_flags, "--tasks", "SVMR")
     assert opt.results_dir == run_dirs["disjoint"], "the saved results_dir holds a checkpoint: it is used"

@@ -170,7 +170,7 @@ def test_early_stop_and_resume_of_a_stopped_run(base_args, tmp_path):
                                       "--n_epoch", "5", "--stop_task", "VR", "--max_es_cnt", "0"])
     eval_lines = [EVAL_LINE.match(line) for line in read_lines(os.path.join(run_dir, "eval.log.txt"))[:-1]]
     best, count, stop_epoch = 0.0, 0, None
-    for m in eval_lines:  # the rule of SPEC 8.4 / Q35
+    for m in eval_lines:  # early stopping: after max_es_cnt + 1 evaluations without improvement
         score = json.loads(m.group(3))["VR"]["r1"]
         best, count = (score, 0) if score > best else (best, count + 1)
         if count > 0:

@@ -1,5 +1,5 @@
 """Checkpoints: round trip, compatibility with the original loader, safe unpickling, strict loading with
-readable errors, and the encoder pre-training loader (SPEC §6.1, §6.5)."""
+readable errors, and the encoder pre-training loader."""
 import os
 
 import pytest

@@ -1,5 +1,5 @@
 """CONQUER forward pass: shapes of every variant, an independent plain re-implementation, padding semantics
-(SPEC §4.10), the encode-once evaluation path, losses and training behaviour."""
+(padded clips are scored but never read), the encode-once evaluation path, losses and training behaviour."""
 import itertools
 import math
 
@@ -274,7 +274,7 @@ def test_forward_and_loss_match_independent_reimplementation(measure, ctx_mode, 
 
 
 # ---------------------------------------------------------------------------------------------------
-# Padding semantics (SPEC §4.10): what is read and what is provably not
+# Padding semantics: what is read and what is provably not
 
 def perturbed(batch, modality, index, positions):
     """Copy of `batch` with large random values written into feat[index][positions] (padding stays masked)."""

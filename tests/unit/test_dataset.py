@@ -1,4 +1,4 @@
-"""Data config loading and StartEndDataset items, sampling, collate and errors (SPEC §2.1, §3)."""
+"""Data config loading and StartEndDataset items, sampling, collate and errors."""
 import json
 import os
 import random
@@ -147,7 +147,7 @@ def test_training_item_matches_spec(corpus):
 
 
 def test_st_ed_label_rule():
-    assert st_ed_label([3.2, 7.6], 100, 1.5) == (2, 5)  # SPEC example
+    assert st_ed_label([3.2, 7.6], 100, 1.5) == (2, 5)  # the documented example
     assert st_ed_label([0, 1.5], 100, 1.5) == (0, 0)
     assert st_ed_label([10.0, 14.0], 8, 1.5) == (6, 7)  # clamped to the truncated video
     assert st_ed_label([13.0, 14.0], 8, 1.5) == (7, 7)

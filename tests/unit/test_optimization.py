@@ -15,7 +15,7 @@ CONFIG_DIR = os.path.join(REPO_ROOT, "config")
 
 
 def reference_adamw_step(params, grads, states, lr, wd, betas=(0.9, 0.999), eps=1e-6):
-    """SPEC 8.2 written out per parameter, one tensor at a time, exactly as the original's loop."""
+    """The original's BERT AdamW update written out per parameter, one tensor at a time, exactly as the original's loop."""
     beta1, beta2 = betas
     for p, g in zip(params, grads):
         if g is None:

@@ -7,7 +7,7 @@ import pytest
 
 from config.options import BaseOptions, OptionError, TestOptions
 
-# SPEC §6.4: the key order of opt.json as the original writes it.
+# The key order of opt.json as the original writes it.
 ORIGINAL_OPT_JSON_ORDER = [
     "dset_name", "eval_split_name", "data_ratio", "debug", "disable_eval", "results_root", "exp_id", "seed",
     "device", "device_ids", "num_workers", "lr", "lr_warmup_proportion", "wd", "n_epoch", "max_es_cnt",
@@ -200,7 +200,7 @@ def test_test_options_restore_rules(in_tmp):
 
 
 def test_test_options_moved_run_dir_falls_back_to_model_dir(in_tmp):
-    # SPEC Q8: the saved results_dir no longer exists (downloaded/renamed run): read the run dir itself.
+    # [Q8]: the saved results_dir no longer exists (downloaded/renamed run): read the run dir itself.
     _make_run("downloads/paper_run", "/somewhere/else/tvr-run")
     opt = TestOptions().parse(["--model_dir", "downloads/paper_run", "--device", "-1"])
     assert opt.results_dir == "downloads/paper_run"

@@ -39,7 +39,7 @@ def plain_pair_scores(measure, begin, end, valid, weight=None):
 
 
 def plain_score_batch(measure, begin, end, video_scores, first_stage, use_internal, tasks, n, min_l, max_l):
-    """Per query loops: the whole of SPEC §9.2/9.3 with full Python sorts."""
+    """Per query loops: candidate ranking and moment selection with full Python sorts."""
     b, n_videos, length = begin.shape
     k = n_videos - 1
     valid = np.array([[min_l <= ed - st < max_l for ed in range(length)] for st in range(length)])
