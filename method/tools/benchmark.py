@@ -15,10 +15,9 @@ Sections (`--sections`, default all):
 * eval: queries/s of `method.evaluation.compute_predictions` on a generated corpus whose video reuse matches
   TVR val (~55 candidate slots per video), video cache on vs off (identical predictions), and the AMP modes
   with the cache on (their metrics next to fp32's, with the binomial standard error as the noise).
-* post: scores -> top-N -> temporal NMS -> metrics on the val split of a corpus generated from the real TVR
-  annotations (`--real_annotations`: 10,895 queries, 2,179 videos; random logits): the production path of
-  `eval_epoch` vs the original's formulations kept in method/oracle.py.
-* any module method/tools/benchmark_<name>.py is section <name>; see "Section modules" below.
+* every module method/tools/benchmark_<name>.py is section <name> ("Section modules" below): post
+  (post-processing, production vs the original's formulations), corpus (the corpus builder), extract (video
+  feature extraction), and those added later.
 
 The machine's matmul peak (fp32 and each AMP dtype) is measured in the same run; FLOPs are counted with torch's
 FlopCounterMode during a warm-up pass, giving the achieved fraction of the peak. An AMP mode whose matmuls are
@@ -63,23 +62,24 @@ from utils.errors import ConquerError, run_cli
 from utils.io_utils import load_json, save_json
 from utils.run_dir import REPO_ROOT
 from utils.synthetic_tvr import generate_corpus
-from utils.tvr_format import IOU_THRESHOLDS, MAX_PREDICTIONS_PER_QUERY, TASKS
+from utils.tvr_format import MAX_PREDICTIONS_PER_QUERY, TASKS
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_REAL_ANNOTATIONS = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "tvr")
-CORE_SECTIONS = ("train", "eval", "post")
+CORE_SECTIONS = ("train", "eval")
+SECTION_ORDER = ("train", "eval", "post")  # then the other section modules, by name
 WORKER_RESULT_PREFIX = "BENCHMARK_WORKER_RESULT "
-TVR_VAL_QUERIES, TVR_VAL_VIDEOS = 10895, 2179
+TVR_VAL_VIDEOS = 2179
 CANDIDATES = 10  # first-stage videos re-ranked per query (--max_vcmr_video)
 
 # Settings that differ from train.py's defaults; everything else is config/options.py's default.
 SIZES = {
     "paper": dict(model_config="model_config.json", bsz=16, train_warmup=1, train_steps=3, eval_videos=12,
-                  eval_queries=60, eval_query_bsz=5, post_queries=None, matmul_n=2048),
+                  eval_queries=60, eval_query_bsz=5, matmul_n=2048),
     "quick": dict(model_config="model_config_tiny.json", visual_dim=24, text_dim=16, query_dim=16, max_ctx_len=20,
                   max_desc_len=10, bsz=2, train_warmup=1, train_steps=2, eval_videos=10, eval_queries=20,
-                  eval_query_bsz=5, post_queries=60, matmul_n=256),
+                  eval_query_bsz=5, matmul_n=256),
 }
 TRAIN_CONFIGS = {"plain": dict(qal_impl="plain", memory_light=False),
                  "memory_light": dict(qal_impl="decomposed", memory_light=True)}
@@ -316,113 +316,6 @@ def run_eval(args, sizes, data_config):
 
 
 # ----------------------------------------------------------------------------------------------------
-# post section
-
-def val_batches(args, sizes, opt):
-    """The val split of a corpus generated with tiny features (from the real annotations at full size) as
-    query batches: (metas, first-stage scores (B, k)) from the evaluation dataset, random begin/end logits
-    (B, 1+k, L) with -1e4 on each video's padded clips as the model gives them; and the dataset."""
-    real = None if args.quick else args.real_annotations
-    n_val = (sizes["post_queries"], 20) if args.quick else (TVR_VAL_QUERIES, TVR_VAL_VIDEOS)
-    data_config = generate_corpus(os.path.join(args.work_dir, "post_corpus"), n_train_videos=10, n_train_queries=10,
-                                  n_val_videos=n_val[1], n_val_queries=n_val[0], n_test_videos=10, n_test_queries=5,
-                                  visual_dim=4, text_dim=4, query_dim=4, real_annotations=real)
-    dataset = dataset_for(opt, data_config, is_eval=True, mode="val")
-    n_clips = {name: len(dataset.video_store.get(name)) for name in dataset.video2idx}
-    rng = np.random.default_rng(0)
-    batches = []
-    for start in range(0, len(dataset), opt.eval_query_bsz):
-        metas, inputs = start_end_collate([dataset.get_query_item(i) for i in
-                                           range(start, min(start + opt.eval_query_bsz, len(dataset)))])
-        valid = np.array([[n_clips[name] for name in [m["vid_name"]] + m["sample_vid_name_list"]] for m in metas])
-        padded = np.arange(opt.max_ctx_len) >= valid[:, :, None]
-        begin, end = (torch.from_numpy(np.where(padded, -1e4, rng.normal(0, 3, padded.shape)).astype(np.float32))
-                      for _ in range(2))
-        batches.append(dict(metas=metas, begin=begin.to(args.device), end=end.to(args.device),
-                            first_stage=inputs["inference_vr_scores"].to(args.device)))
-    return batches, dataset
-
-
-def postprocess(batches, dataset, opt, fast):
-    """Scores -> ranked rows -> top-100 submission -> NMS -> metrics, timed per stage (score_and_select, rows,
-    nms, metrics). fast: what `eval_epoch` runs (`rank_batch`, rows built once for all queries, vectorised NMS,
-    the evaluator's bulk conversion, the garbage collector paused); plain: the original's formulations (full
-    scores and a full sort of max_before_nms rows, rows zipped per batch, list NMS query by query, the
-    evaluator converting query by query)."""
-    from method.evaluation import nms_submission, ranked_rows_needed, top_n_submission
-    from method.oracle import apply_nms_reference, moment_rows_reference, select_top_n_reference
-    from method.scoring import prediction_results, rank_batch, score_batch
-    from utils.io_utils import gc_paused
-    from utils.standalone_eval import eval_retrieval
-
-    times, clock = {}, [time.perf_counter()]
-
-    def lap(stage):
-        now = time.perf_counter()
-        times[stage] = times.get(stage, 0.0) + now - clock[0]
-        clock[0] = now
-
-    def ranked(batch, rank, n_ranked, **select):
-        return rank(opt.similarity_measure, batch["begin"], batch["end"], tasks=TASKS, max_before_nms=n_ranked,
-                    min_pred_l=opt.min_pred_l, max_pred_l=opt.max_pred_l, first_stage_scores=batch["first_stage"],
-                    use_internal_vr_scores=opt.use_interal_vr_scores, **select)
-
-    def metrics(submission, **bulk):
-        return eval_retrieval(submission, dataset.query_data, iou_thds=IOU_THRESHOLDS, use_desc_type=True, **bulk)
-
-    top_n = MAX_PREDICTIONS_PER_QUERY
-    if fast:
-        ranked_batches = [ranked(batch, rank_batch, ranked_rows_needed(opt, top_n)) for batch in batches]
-        lap("score_and_select")
-        results = prediction_results(ranked_batches, [m for batch in batches for m in batch["metas"]],
-                                     dataset.video2idx, opt.clip_length)
-        lap("rows")
-        with gc_paused():
-            submission = top_n_submission(results, top_n)
-            nms = nms_submission(submission, submission, opt.nms_thd, opt.max_before_nms, top_n)
-            lap("nms")
-            outputs = (submission, nms, metrics(submission), metrics(nms))
-            lap("metrics")
-    else:
-        results = {task: [] for task in TASKS}
-        for batch in batches:
-            batch_ranked = ranked(batch, score_batch, opt.max_before_nms, select=select_top_n_reference)
-            lap("score_and_select")
-            batch_results = prediction_results([batch_ranked], batch["metas"], dataset.video2idx, opt.clip_length,
-                                               build_moment_rows=moment_rows_reference)
-            for task in TASKS:
-                results[task] += batch_results[task]
-            lap("rows")
-        results["video2idx"] = dataset.video2idx
-        submission = top_n_submission(results, top_n)
-        nms = {"video2idx": dataset.video2idx, "VR": submission["VR"]}
-        for task in ("SVMR", "VCMR"):
-            nms[task] = apply_nms_reference(submission[task], opt.nms_thd, opt.max_before_nms, top_n)
-        lap("nms")
-        outputs = (submission, nms, metrics(submission, bulk_conversion=False), metrics(nms, bulk_conversion=False))
-        lap("metrics")
-    times["total"] = sum(times.values())
-    return times, json.dumps(outputs)  # through JSON: NaN metrics compare equal
-
-
-def run_post(args, sizes):
-    opt = production_options(sizes, args.device, nms_thd=0.7)[0]  # the paper's NMS
-    batches, dataset = val_batches(args, sizes, opt)
-    runs, outputs = {}, {}
-    for key in ("plain", "fast"):
-        logger.info("post: %s", key)
-        runs[key], outputs[key] = postprocess(batches, dataset, opt, fast=key == "fast")
-    identical = outputs["plain"] == outputs["fast"]
-    ratios = {f"{stage}_speedup": runs["plain"][stage] / runs["fast"][stage]
-              for stage in ("score_and_select", "nms", "total")}
-    return dict(runs=runs, n_queries=len(dataset), n_videos=len(dataset.video2idx),
-                annotations=(args.real_annotations if args.real_annotations and not args.quick else "synthetic"),
-                identical_outputs=identical, ratios=ratios,
-                targets={"total time >= 5x faster than plain": ratios["total_speedup"] >= 5.0,
-                         "identical outputs fast/plain": identical})
-
-
-# ----------------------------------------------------------------------------------------------------
 # the core sections' table rows
 
 ROW = "{:<44}{:>16}{:>16}{:>10}"
@@ -476,16 +369,7 @@ def eval_rows(e):
     return lines
 
 
-def post_rows(p):
-    lines = [f"post-processing ({p['n_queries']} queries, {p['n_videos']} videos, {p['annotations']})",
-             ROW.format("", "plain", "fast", "speedup")]
-    for stage in ("score_and_select", "rows", "nms", "metrics", "total"):
-        plain_s, fast_s = p["runs"]["plain"][stage], p["runs"]["fast"][stage]
-        lines.append(ROW.format(stage, f"{plain_s:.2f} s", f"{fast_s:.2f} s", f"{plain_s / fast_s:.2f}"))
-    return lines + [ROW.format("identical outputs", "", "", "yes" if p["identical_outputs"] else "NO")]
-
-
-CORE_TABLE_ROWS = {"train": train_rows, "eval": eval_rows, "post": post_rows}
+CORE_TABLE_ROWS = {"train": train_rows, "eval": eval_rows}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -588,7 +472,8 @@ def format_table(results, modules):
 def parse_args(argv, modules):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sections = list(CORE_SECTIONS) + sorted(modules)
+    sections = sorted(list(CORE_SECTIONS) + list(modules),
+                      key=lambda name: (SECTION_ORDER + (name,)).index(name))
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every code path")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default="benchmark_results/benchmark.json", help="JSON results file")
@@ -637,8 +522,6 @@ def run(args, modules):
                 results[section] = run_train(args, sizes, data_config)
             elif section == "eval":
                 results[section] = run_eval(args, sizes, data_config)
-            elif section == "post":
-                results[section] = run_post(args, sizes)
             else:
                 results[section] = modules[section].run(args)
             results[section].update(seconds=time.perf_counter() - start, load_average_start=load,
