@@ -5,8 +5,8 @@
 Writes corpus_videos feature files (corpus_clips MIN..MAX clips of corpus_dim float32 values each), TVR-format
 annotations (one query per video, 90% train / 10% val) and an .h5 of query features, then runs
 `python -m utils.build_corpus` on them in a child process and reports its wall time and peak resident
-memory (the child's own ru_maxrss). The inputs and the corpus live in the benchmark's temporary folder, or
-in --corpus_work_dir (kept; it must not exist yet).
+memory (the child's own high-water mark, VmHWM). The inputs and the corpus live in the benchmark's temporary
+folder, or in --corpus_work_dir (kept; it must not exist yet).
 """
 import json
 import os
@@ -66,15 +66,28 @@ def write_inputs(work_dir, n_videos, dim, min_clips, max_clips, query_dim, seed=
     return paths, feats, os.path.join(work_dir, "queries.h5"), n_bytes
 
 
-def build_with_peak_memory(command):
-    """Run `command` in a child process -> (seconds, the child's peak resident memory in bytes)."""
+# Runs a module as `python -m` would, then writes the process's peak resident memory (VmHWM, KiB) to a file.
+# VmHWM belongs to the process image started by exec; ru_maxrss would also count the benchmark process's
+# memory, which a forked child inherits.
+PEAK_PROBE = """import runpy, sys
+peak_file, sys.argv = sys.argv[1], sys.argv[2:]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+finally:
+    with open("/proc/self/status") as status, open(peak_file, "w") as f:
+        f.write(next(line for line in status if line.startswith("VmHWM:")).split()[1])
+"""
+
+
+def run_with_peak_memory(module, module_args, peak_file):
+    """Run `python -m module *module_args` in a child process -> (seconds, its peak resident memory in bytes)."""
     start = time.perf_counter()
-    child = subprocess.Popen(command, cwd=REPO_ROOT)
-    _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not that of every child so far
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        raise ConquerError(f"section corpus: {' '.join(command[1:4])} failed with exit status {child.returncode}")
-    return time.perf_counter() - start, usage.ru_maxrss * 1024  # KiB on Linux
+    completed = subprocess.run([sys.executable, "-c", PEAK_PROBE, peak_file, module, *module_args], cwd=REPO_ROOT)
+    seconds = time.perf_counter() - start
+    if completed.returncode != 0:
+        raise ConquerError(f"section corpus: python -m {module} failed with exit status {completed.returncode}")
+    with open(peak_file) as f:
+        return seconds, int(f.read()) * 1024
 
 
 def run(args):
@@ -88,10 +101,11 @@ def run(args):
     start = time.perf_counter()
     paths, feats, queries, n_bytes = write_inputs(work_dir, n_videos, dim, *args.corpus_clips, query_dim)
     input_seconds = time.perf_counter() - start
-    command = [sys.executable, "-m", "utils.build_corpus", "--out_dir", os.path.join(work_dir, "corpus"),
-               "--annotation_format", "tvr", "--annotations", f"train={paths['train']}", f"val={paths['val']}",
-               "--video_features", feats, "--clip_length", "1.5", "--query_features", queries]
-    build_seconds, peak_bytes = build_with_peak_memory(command)
+    build_args = ["--out_dir", os.path.join(work_dir, "corpus"), "--annotation_format", "tvr", "--annotations",
+                  f"train={paths['train']}", f"val={paths['val']}", "--video_features", feats, "--clip_length", "1.5",
+                  "--query_features", queries]
+    build_seconds, peak_bytes = run_with_peak_memory("utils.build_corpus", build_args,
+                                                     os.path.join(work_dir, "build_peak_kib"))
     return dict(n_videos=n_videos, dim=dim, clips=list(args.corpus_clips), video_feature_bytes=n_bytes,
                 input_generation_s=input_seconds, build_s=build_seconds, videos_per_s=n_videos / build_seconds,
                 build_peak_rss_bytes=peak_bytes)
