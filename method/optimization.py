@@ -1,4 +1,4 @@
-"""Optimizer, parameter groups, learning-rate warmup and gradient clipping used by train.py.
+"""Optimizer, parameter groups, learning-rate warmup, gradient clipping and the training step used by train.py.
 
 The original trains with the AdamW of BERT/UNITER, which differs from `torch.optim.AdamW` in two ways:
 eps is added to the uncorrected sqrt(v) (the bias correction is folded into the step size), and the
@@ -11,6 +11,8 @@ import math
 from collections import defaultdict
 
 import torch
+
+from method.amp import autocast_context
 
 logger = logging.getLogger(__name__)
 
@@ -162,3 +164,20 @@ def clip_gradients(parameters, max_norm):
     if total_norm > max_norm:
         logger.info("clipping gradient: %s with coef %s", float(total_norm), max_norm / float(total_norm))
     return total_norm
+
+
+def training_step(model, model_inputs, optimizer, scaler, amp, grad_clip):
+    """One optimizer step on a batch: forward and loss under autocast (`amp`), gradients zeroed (not set to
+    None, as the original's torch did: a parameter that once had a gradient keeps being updated and decayed),
+    scaled backward, clipping of the global norm to `grad_clip` (-1: none), optimizer step, scaler update.
+    Returns the model's loss dict."""
+    with autocast_context(amp, next(model.parameters()).device):
+        loss, loss_dict = model(model_inputs)
+    optimizer.zero_grad(set_to_none=False)
+    scaler.scale(loss).backward()
+    if grad_clip != -1:
+        scaler.unscale_(optimizer)
+        clip_gradients(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss_dict

@@ -410,13 +410,14 @@ def _numpy(tensor):
     return tensor.detach().cpu().numpy()
 
 
-def prediction_results(ranked_batches, metas, video2idx, clip_length):
+def prediction_results(ranked_batches, metas, video2idx, clip_length, build_moment_rows=moment_rows):
     """`rank_batch` outputs of consecutive batches and the metas of their queries -> {task: [{"desc_id", "desc",
     "predictions"}, ...]} for the non-empty tasks in TASKS order, then "video2idx". The rows of all queries are
-    built in one conversion (much cheaper than per batch: see `moment_rows`)."""
+    built in one conversion (much cheaper than per batch: see `moment_rows`); `build_moment_rows` has its
+    arguments (the benchmark passes method/oracle.py's row-by-row formulation)."""
     ranked = concatenate_ranked(ranked_batches)
     with gc_paused():  # millions of new acyclic lists: collections would find nothing to free
-        rows = _prediction_rows(ranked, metas, video2idx, clip_length)
+        rows = _prediction_rows(ranked, metas, video2idx, clip_length, build_moment_rows)
         results = {task: [dict(desc_id=meta["desc_id"], desc=meta["desc"], predictions=query_rows)
                           for meta, query_rows in zip(metas, rows[task])]
                    for task in TASKS if rows.get(task)}
@@ -424,14 +425,14 @@ def prediction_results(ranked_batches, metas, video2idx, clip_length):
     return results
 
 
-def _prediction_rows(ranked, metas, video2idx, clip_length):
+def _prediction_rows(ranked, metas, video2idx, clip_length, build_moment_rows):
     """`rank_batch` output of B queries -> {task: B lists of submission rows}."""
     rows = {}
     if "SVMR" in ranked:
         r = ranked["SVMR"]
         gt_video = np.array([[video2idx[meta["vid_name"]]] for meta in metas], dtype=np.int64)
-        rows["SVMR"] = moment_rows(np.broadcast_to(gt_video, r["st"].shape), r["st"], r["ed"], r["score"],
-                                   clip_length, seconds_dtype=np.float64)
+        rows["SVMR"] = build_moment_rows(np.broadcast_to(gt_video, r["st"].shape), r["st"], r["ed"], r["score"],
+                                         clip_length, seconds_dtype=np.float64)
     candidate_video = np.array([[video2idx[name] for name in meta["sample_vid_name_list"]] for meta in metas],
                                dtype=np.int64).reshape(len(metas), -1)
     if "VR" in ranked:
@@ -439,6 +440,6 @@ def _prediction_rows(ranked, metas, video2idx, clip_length):
         rows["VR"] = video_rows(np.take_along_axis(candidate_video, r["candidate"], axis=1), r["score"])
     if "VCMR" in ranked:
         r = ranked["VCMR"]
-        rows["VCMR"] = moment_rows(np.take_along_axis(candidate_video, r["candidate"], axis=1), r["st"], r["ed"],
-                                   r["score"], clip_length, seconds_dtype=np.float32)
+        rows["VCMR"] = build_moment_rows(np.take_along_axis(candidate_video, r["candidate"], axis=1), r["st"],
+                                         r["ed"], r["score"], clip_length, seconds_dtype=np.float32)
     return rows

@@ -7,8 +7,9 @@ import pytest
 import torch
 from easydict import EasyDict
 
+from method.amp import make_grad_scaler
 from method.optimization import (BertAdamW, apply_warmup, build_optimizer, clip_gradients,
-                                 split_parameter_groups, warmup_lr_multiplier, warmup_steps_for)
+                                 split_parameter_groups, training_step, warmup_lr_multiplier, warmup_steps_for)
 from utils.run_dir import REPO_ROOT
 
 CONFIG_DIR = os.path.join(REPO_ROOT, "config")
@@ -214,3 +215,28 @@ def test_clip_gradients(caplog):
     assert float(norm) == pytest.approx(6.0)
     assert float(p.grad.norm()) == pytest.approx(2.0, rel=1e-5)
     assert "clipping gradient" in caplog.text
+
+
+class SquaredNorm(torch.nn.Module):
+    """loss = 0.5 * |w|^2, so the gradient is w; forward returns (loss, loss dict) as CONQUER's does."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(values))
+
+    def forward(self, batch):
+        loss = 0.5 * (self.w ** 2).sum() * batch["scale"]
+        return loss, {"loss_overall": loss.item()}
+
+
+@pytest.mark.parametrize("grad_clip", [-1, 1.0])
+def test_training_step_zeroes_clips_and_steps(grad_clip):
+    model = SquaredNorm([3.0, 4.0])  # gradient w, norm 5
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_dict = training_step(model, {"scale": 1.0}, optimizer, make_grad_scaler("off", "cpu"), "off", grad_clip)
+    assert loss_dict == {"loss_overall": 12.5}
+    step = torch.tensor([3.0, 4.0]) * (1.0 if grad_clip == -1 else grad_clip / 5.0)
+    assert torch.allclose(model.w.detach(), torch.tensor([3.0, 4.0]) - 0.1 * step)
+    before = model.w.detach().clone()
+    training_step(model, {"scale": 1.0}, optimizer, make_grad_scaler("off", "cpu"), "off", -1)
+    assert torch.allclose(model.w.grad, before)  # this step's gradient only: zeroed, not accumulated
