@@ -22,5 +22,6 @@ setup(
         "test": ["pytest"],
         "corpus": ["transformers>=4.56", "h5py"],
         "extract": ["av>=14", "transformers>=4.56"],
+        "faiss": ["faiss-cpu"],
     },
 )

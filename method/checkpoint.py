@@ -17,6 +17,7 @@ import re
 import torch
 
 from method.conquer import CONQUER, to_easydict
+from method.first_stage import build_first_stage
 from method.layers import ModelConfigError
 from utils.errors import ConquerError
 from utils.io_utils import atomic_torch_save
@@ -173,8 +174,11 @@ def _option(opt, key, default=_REQUIRED):
 def build_model(model_cfg, opt, source=None):
     """CONQUER from a model config (e.g. checkpoint["model_cfg"]) and the options (SPEC §7; dict or EasyDict).
 
-    `source`, the file the model config was read from, is named in a ModelConfigError.
+    `source`, the file the model config was read from, is named in a ModelConfigError. With the option
+    model = first_stage, the first-stage retriever (method/first_stage.py) instead.
     """
+    if _option(opt, "model", "conquer") == "first_stage":
+        return build_first_stage(model_cfg, lambda key: _option(opt, key))
     try:
         return CONQUER(
             model_cfg,

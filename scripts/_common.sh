@@ -31,7 +31,8 @@ install_project() {
   # Skip pip when everything is already importable from this checkout (a second run starts at once).
   if ! (cd "$REPO_ROOT" && "$PYTHON" - "${1:-}" >/dev/null 2>&1 <<'PY'
 import importlib, os, sys
-extras = {"test": ["pytest"], "corpus": ["transformers", "h5py"], "extract": ["av", "transformers"]}
+extras = {"test": ["pytest"], "corpus": ["transformers", "h5py"], "extract": ["av", "transformers"],
+          "faiss": ["faiss"]}
 names = ["numpy", "lmdb", "msgpack", "msgpack_numpy", "easydict", "tqdm", "tensorboard"]
 for extra in filter(None, sys.argv[1].split(",")):
     names += extras[extra]

@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_common.sh
-install_project test,corpus,extract
+install_project test,corpus,extract,faiss
 exec "$PYTHON" -m pytest -q "$@" tests
