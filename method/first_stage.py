@@ -10,8 +10,8 @@ is encoded once and every query is scored against every video with matrix produc
 
 Training is contrastive (InfoNCE) over the in-batch negatives in both directions (query -> videos and
 video -> queries), optionally with hard negatives drawn from an existing ranklist. Under torchrun the
-embeddings of all ranks are gathered (with gradients), so every rank computes the loss of the global batch
-and a 2-process step equals the 1-process step.
+embeddings of all ranks are gathered, so every rank computes the loss of the global batch and a 2-process
+step equals the 1-process step.
 
 Also here: the datasets (training items; the queries and the videos of a split), the encoding of a split's
 videos (`encode_video_bank`), exact ranking (`rank_queries`), the VR metrics of a ranking, and the recipe that
@@ -168,24 +168,36 @@ class FirstStageRetriever(nn.Module):
         flat = {m: {key: value.flatten(0, 1) for key, value in model_inputs[m].items()} for m in self.modalities}
         video_emb = self.encode_videos(flat)
         video_idx = model_inputs["video_idx"].reshape(-1)
-        if distributed.is_distributed():  # the global batch, in rank order, with gradients to every rank
-            query_emb = {key: gather_with_grad(value) for key, value in query_emb.items()}
-            video_emb = {key: gather_with_grad(value) for key, value in video_emb.items()}
-            video_idx = gather_with_grad(video_idx)
+        temperature = self.temperature()
+        world_size = distributed.get_world_size() if distributed.is_distributed() else 1
+        if world_size > 1:
+            # Every rank computes the loss of the global batch, each with gradients through its own rows only;
+            # DistributedDataParallel averages the ranks' gradients, so the loss is scaled by the world size
+            # (and the temperature's gradient, which every rank computes in full, is not).
+            query_emb = {key: gather_around_local(value) for key, value in query_emb.items()}
+            video_emb = {key: gather_around_local(value) for key, value in video_emb.items()}
+            video_idx = gather_around_local(video_idx)
+            temperature = scale_gradient(temperature, 1.0 / world_size)
         scores = self.score(query_emb, video_emb)  # (B, B * N)
-        query_to_video, video_to_query = contrastive_losses(scores, video_idx, n_videos, self.temperature())
+        query_to_video, video_to_query = contrastive_losses(scores, video_idx, n_videos, temperature)
         loss = (query_to_video + video_to_query) / 2
         values = (query_to_video, video_to_query, loss)
-        return loss, {name: float(value.detach()) for name, value in zip(LOSS_NAMES, values)}
+        loss_dict = {name: float(value.detach()) for name, value in zip(LOSS_NAMES, values)}
+        return loss * world_size, loss_dict
 
 
-def gather_with_grad(tensor):
-    """(n, ...) on every rank -> (world_size * n, ...) in rank order; gradients flow back to every rank."""
-    if not tensor.is_floating_point():
-        parts = [torch.empty_like(tensor) for _ in range(distributed.get_world_size())]
-        torch.distributed.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
-    return torch.cat(torch.distributed.nn.functional.all_gather(tensor.contiguous()))
+def gather_around_local(tensor):
+    """(n, ...) on every rank -> (world_size * n, ...) in rank order, where only this rank's own rows carry
+    gradients (the others are copies)."""
+    parts = [torch.empty_like(tensor) for _ in range(distributed.get_world_size())]
+    torch.distributed.all_gather(parts, tensor.detach().contiguous())
+    parts[distributed.get_rank()] = tensor
+    return torch.cat(parts)
+
+
+def scale_gradient(tensor, factor):
+    """`tensor` in the forward pass, `factor` times its gradient in the backward pass."""
+    return tensor * factor + (tensor * (1 - factor)).detach()
 
 
 def contrastive_losses(scores, video_idx, n_videos, temperature):

@@ -69,7 +69,9 @@ class ClipIndex:
         self.indexes = []
         for m in range(clips.shape[1]):
             vectors = np.ascontiguousarray(clips[video_pos, m, clip_pos].numpy(), dtype=np.float32)
-            self.indexes.append(build_ivf_index(faiss, vectors, n_lists))
+            index = build_ivf_index(faiss, vectors, n_lists)
+            index.nprobe = n_probe
+            self.indexes.append(index)
 
     @torch.no_grad()
     def top_videos(self, query_emb, top_k, query_chunk=256):
