@@ -201,6 +201,7 @@ def faiss_section(args):
     owner = np.repeat(np.arange(n_videos), n_clips)
     picks = rng.integers(0, len(vectors), args.faiss_queries)
     queries = vectors[picks] + 0.5 * rng.standard_normal((args.faiss_queries, dim)).astype(np.float32) / np.sqrt(dim)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
     faiss.normalize_L2(queries)
 
     start = time.time()
