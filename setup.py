@@ -24,5 +24,6 @@ setup(
         "extract": ["av>=14", "transformers>=4.56"],
         "search": ["flask>=3", "waitress>=3", "transformers>=4.56"],
         "search-test": ["requests", "selenium>=4.20"],
+        "faiss": ["faiss-cpu"],
     },
 )

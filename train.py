@@ -36,6 +36,7 @@ from config.options import BaseOptions
 from method.amp import autocast_context, make_grad_scaler
 from method.checkpoint import build_model, load_checkpoint, load_encoder_pretrain, load_model_weights, save_checkpoint
 from method.dataset import StartEndDataset, prepare_batch_inputs, start_end_collate
+from method import first_stage
 from method.evaluation import eval_epoch
 from method.optimization import apply_warmup, build_optimizer, clip_gradients, warmup_steps_for
 from utils import distributed, random_streams, run_dir
@@ -140,6 +141,27 @@ def build_datasets(opt):
     return train_dataset, eval_loss_dataset, eval_dataset
 
 
+# ----------------------------------------------------------------------------------------------------
+# the models this loop trains (--model): each brings its datasets, its evaluation and its loss names
+
+class ConquerRecipe:
+    """CONQUER: `build_datasets` above, `eval_epoch` (VCMR / SVMR / VR over the first-stage candidates)."""
+    loss_names = LOSS_NAMES
+
+    @staticmethod
+    def build_datasets(opt, model_cfg):
+        return build_datasets(opt)
+
+    evaluate = staticmethod(eval_epoch)
+
+
+def model_recipe(opt):
+    """The recipe of --model: build_datasets(opt, model_cfg) -> (train, eval-loss, evaluation datasets);
+    evaluate(model, eval_dataset, opt, submission_filename, tasks, max_after_nms) -> (metrics holding
+    opt.stop_task, metrics with NMS or None, written paths); loss_names (the keys of the model's loss dict)."""
+    return first_stage.TRAINING_RECIPE if opt.get("model", "conquer") == "first_stage" else ConquerRecipe
+
+
 def make_loader(dataset, batch_size, opt, shuffle, drop_last, generator):
     """Batches of `batch_size`; under torchrun, this rank's slice of each such global batch (drop_last)."""
     seed_worker = functools.partial(random_streams.seed_worker, rank=distributed.get_rank())
@@ -171,6 +193,7 @@ class Trainer:
 
     def __init__(self, model, model_cfg, train_dataset, eval_loss_dataset, eval_dataset, opt):
         self.model, self.model_cfg, self.opt = model, model_cfg, opt
+        self.recipe = model_recipe(opt)
         # What training steps run through: DDP around `model` under torchrun, else `model` itself.
         self.train_model = distributed.wrap_model(model, opt.device)
         self.eval_dataset = eval_dataset
@@ -239,7 +262,7 @@ class Trainer:
         self.train_generator.manual_seed(random_streams.stream_seed(opt.seed, epoch, random_streams.SAMPLER_STREAM))
         random.seed(distributed.rank_seed(random_streams.stream_seed(opt.seed, epoch, random_streams.NEGATIVES_STREAM)))
         model.train()
-        meters = {name: AverageMeter() for name in LOSS_NAMES}
+        meters = {name: AverageMeter() for name in self.recipe.loss_names}
         batches = itertools.islice(self.train_loader, self.batches_per_epoch)
         for batch_idx, (_, model_inputs) in enumerate(tqdm(batches, total=self.batches_per_epoch,
                                                            desc=f"Training epoch {epoch}", leave=False,
@@ -277,7 +300,7 @@ class Trainer:
     def eval_loss_pass(self, epoch):
         """Training losses on the val set (with sampled negatives [Q30]) in eval mode; tensorboard only."""
         self.model.eval()
-        meters = {name: AverageMeter() for name in LOSS_NAMES}
+        meters = {name: AverageMeter() for name in self.recipe.loss_names}
         n_batches = len(self.eval_loss_loader)
         if self.opt.debug:
             n_batches = min(n_batches, DEBUG_BATCHES_PER_EPOCH)
@@ -310,7 +333,7 @@ class Trainer:
         self.eval_loss_generator.manual_seed(evaluation_seed)
         with random_streams.isolated_rng(distributed.rank_seed(evaluation_seed)):
             self.eval_loss_pass(epoch)
-            metrics_no_nms, metrics_nms, latest_file_paths = eval_epoch(
+            metrics_no_nms, metrics_nms, latest_file_paths = self.recipe.evaluate(
                 self.model, self.eval_dataset, opt, self.submission_filename,
                 tasks=opt.eval_tasks_at_training, max_after_nms=100)
         stop = None
@@ -461,7 +484,7 @@ def train(opt):
         model_cfg = load_json_config(opt.model_config)
     logger.info("model_config %s", pprint.pformat(model_cfg, indent=4))
 
-    train_dataset, eval_loss_dataset, eval_dataset = build_datasets(opt)
+    train_dataset, eval_loss_dataset, eval_dataset = model_recipe(opt).build_datasets(opt, model_cfg)
     for dataset in (train_dataset, eval_dataset):
         if dataset is not None:
             dataset.check_feature_dims(opt.query_dim, opt.visual_dim, opt.text_dim)

@@ -155,6 +155,10 @@ class BaseOptions:
         p.add_argument("--gate_per_query", action="store_true",
                        help="fusion gate computed once per query in training (original: per query-video copy)")
 
+        p.add_argument("--model", type=str, default="conquer", choices=["conquer", "first_stage"],
+                       help="conquer (the second stage) or first_stage (the video retriever that writes the "
+                            "ranklists CONQUER re-ranks; its --model_config is config/first_stage_config.json)")
+
         p.add_argument("--config", help="JSON file whose keys set options not given on the command line")
 
     def parse(self, argv=None):
@@ -224,7 +228,9 @@ class BaseOptions:
 
     @staticmethod
     def _validate(opt):
-        if opt.stop_task not in opt.eval_tasks_at_training:
+        if opt.get("model", "conquer") == "first_stage":
+            BaseOptions._validate_first_stage(opt)
+        elif opt.stop_task not in opt.eval_tasks_at_training:
             raise OptionError(f"--stop_task {opt.stop_task} must be one of --eval_tasks_at_training "
                               f"{' '.join(opt.eval_tasks_at_training)}")
         if "tasks" not in opt and not opt.disable_eval and opt.eval_split_name != "val":
@@ -232,7 +238,8 @@ class BaseOptions:
                               "truth to pick the best checkpoint and stop early, so it needs --eval_split_name val "
                               "(or --disable_eval)")
         tasks = opt.get("tasks", opt.eval_tasks_at_training if not opt.disable_eval else [])
-        if opt.similarity_measure == "general" and not opt.use_interal_vr_scores and {"VR", "VCMR"} & set(tasks):
+        uses_first_stage_scores = opt.get("model", "conquer") == "conquer" and opt.similarity_measure == "general"
+        if uses_first_stage_scores and not opt.use_interal_vr_scores and {"VR", "VCMR"} & set(tasks):
             raise OptionError("--similarity_measure general ranks videos by the first-stage scores, so it needs "
                               "--use_interal_vr_scores when VR or VCMR is evaluated (the original crashes here); "
                               "add the flag, or evaluate --tasks SVMR only")
@@ -250,6 +257,18 @@ class BaseOptions:
             distributed.per_rank_batch_size(opt.bsz)
         # No GPU, or a precision the device cannot run: fail before a run directory is created.
         check_amp(opt.amp, resolve_device(opt.device, opt.device_ids))
+
+
+    @staticmethod
+    def _validate_first_stage(opt):
+        """The first stage ranks videos: it is evaluated and stopped on VR, and ranked by its own module."""
+        if "tasks" in opt:
+            raise OptionError(f"--model_dir {opt.model_dir} holds a first-stage run (--model first_stage): rank with "
+                              "`python -m method.rank_first_stage --model_dir RUN_DIR` (scripts/rank_first_stage.sh)")
+        if not opt.disable_eval and (opt.stop_task != "VR" or list(opt.eval_tasks_at_training) != ["VR"]):
+            raise OptionError(f"--model first_stage retrieves videos only: pass --stop_task VR and "
+                              f"--eval_tasks_at_training VR (got --stop_task {opt.stop_task} and "
+                              f"--eval_tasks_at_training {' '.join(opt.eval_tasks_at_training)})")
 
 
 class TestOptions(BaseOptions):

@@ -17,6 +17,7 @@ import re
 import torch
 
 from method.conquer import CONQUER, to_easydict
+from method.first_stage import build_first_stage
 from method.layers import ModelConfigError
 from utils.errors import ConquerError
 from utils.io_utils import atomic_torch_save
@@ -178,9 +179,12 @@ MODEL_OPTIONS = {
 def build_model(model_cfg, opt, source=None):
     """CONQUER from a model config (e.g. checkpoint["model_cfg"]) and the options (dict or EasyDict).
 
-    `source`, the file the model config was read from, is named in a ModelConfigError.
+    `source`, the file the model config was read from, is named in a ModelConfigError. With the option
+    model = first_stage, the first-stage retriever (method/first_stage.py) instead.
     """
     options = opt if isinstance(opt, dict) else vars(opt)
+    if options.get("model", "conquer") == "first_stage":
+        return build_first_stage(model_cfg, options)
     kwargs = {argument: options[name] for argument, name in MODEL_OPTIONS.items() if name in options}
     try:
         return CONQUER(model_cfg, **kwargs)

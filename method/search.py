@@ -39,7 +39,8 @@ from easydict import EasyDict
 from method.checkpoint import load_trained_model
 from method.dataset import build_eval_dataset, query_inputs
 from method.evaluation import nms_submission, ranked_rows_needed, top_n_submission
-from method.scoring import prediction_results, rank_batch, select_top_n
+from method.first_stage import top_videos
+from method.scoring import prediction_results, rank_batch
 from method import search_index
 from method.search_index import (RANKLIST_FIRST_STAGE, SearchIndex, SearchIndexError, build_index,
                                  conquer_options, describe, first_stage_checkpoint, sha256_file)
@@ -117,7 +118,7 @@ class EmbeddingFirstStage:
         scores = torch.cat([self.model.score(query_embedding, {"clips": _tensor(c, self.device),
                                                                "clip_mask": _tensor(m, self.device)})
                             for c, m in zip(clips.chunks, masks.chunks)], dim=1)
-        values, rows = select_top_n(scores.float().cpu(), self.k)
+        values, rows = top_videos(scores.float().cpu(), self.k)
         return rows.numpy(), values
 
 

@@ -32,7 +32,8 @@ install_project() {
   if ! (cd "$REPO_ROOT" && "$PYTHON" - "${1:-}" >/dev/null 2>&1 <<'PY'
 import importlib, os, sys
 extras = {"test": ["pytest"], "corpus": ["transformers", "h5py"], "extract": ["av", "transformers"],
-          "search": ["flask", "waitress", "transformers"], "search-test": ["requests", "selenium"]}
+          "search": ["flask", "waitress", "transformers"], "search-test": ["requests", "selenium"],
+          "faiss": ["faiss"]}
 names = ["numpy", "lmdb", "msgpack", "msgpack_numpy", "easydict", "tqdm", "tensorboard"]
 for extra in filter(None, sys.argv[1].split(",")):
     names += extras[extra]

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_common.sh
-install_project test,corpus,extract,search,search-test
+install_project test,corpus,extract,search,search-test,faiss
 # The search page is tested in a headless Chromium (about 25 s to install once, Debian packages).
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null

@@ -6,6 +6,12 @@
 4. the VCMR / SVMR / VR metrics of the trained model next to those of the untrained one (epoch -1).
 
     bash scripts/demo.sh [extra train.py flags, e.g. --n_epoch 5]
+    bash scripts/demo.sh --own_first_stage    # the two-stage pipeline: the corpus's ranklists are not used
+
+With --own_first_stage (a corpus with a larger training split, data/demo_tvr_first_stage/): the first stage is
+trained (scripts/train_first_stage.sh) and ranks the corpus (scripts/rank_first_stage.sh); CONQUER is then
+trained and evaluated on those lists and, for comparison, on the corpus's release-style lists; the VR metrics of
+both lists are printed next to the end-to-end VCMR of both runs.
 """
 import argparse
 import glob
@@ -90,12 +96,55 @@ def run_demo(corpus_dir, results_root, corpus_kwargs=None, extra_flags=()):
     return untrained_metrics(run_dir), trained, trained_nms, run_dir
 
 
+FIRST_STAGE_CORPUS = dict(DEMO_CORPUS, n_train_videos=1000, n_train_queries=5000)
+FIRST_STAGE_FLAGS = ["--hidden_dim", "128", "--bsz", "32", "--num_workers", "0", "--n_epoch", "8", "--max_es_cnt", "2"]
+
+
+def train_first_stage(data_config, corpus_kwargs, results_root):
+    pattern = os.path.join(results_root, "tvr-demo_first_stage-*")
+    before = set(glob.glob(pattern))
+    dims = ["--visual_dim", str(corpus_kwargs["visual_dim"]), "--text_dim", str(corpus_kwargs["text_dim"]),
+            "--query_dim", str(corpus_kwargs["query_dim"])]
+    run(["bash", "scripts/train_first_stage.sh", "demo_first_stage", "cpu", "--dataset_config", data_config,
+         "--results_root", results_root] + dims + FIRST_STAGE_FLAGS)
+    (run_dir,) = set(glob.glob(pattern)) - before
+    return run_dir
+
+
+def run_two_stage_demo(corpus_dir, results_root, extra_flags=()):
+    """First stage, ranking, CONQUER on the new lists and on the release-style lists -> printed report."""
+    data_config = ensure_corpus(corpus_dir, FIRST_STAGE_CORPUS)
+    first_stage_dir = train_first_stage(data_config, FIRST_STAGE_CORPUS, results_root)
+    lists_dir = os.path.join(first_stage_dir, "first_stage_ranklists")
+    run(["bash", "scripts/rank_first_stage.sh", first_stage_dir, "cpu", "--out_dir", lists_dir])
+    list_metrics = load_json(os.path.join(lists_dir, "metrics.json"))["val"]
+    own_config = os.path.join(lists_dir, "data_config.json")
+    vcmr = {}
+    for name, config in (("own first stage", own_config), ("release-style lists", data_config)):
+        conquer_dir = train(config, FIRST_STAGE_CORPUS, results_root, extra_flags)
+        vcmr[name] = infer(conquer_dir, config)[1]["VCMR"]
+    print("\nSynthetic TVR val split, first-stage lists (VR, %):")
+    for name, key in (("own first stage", "first_stage"), ("release-style lists", "input_ranklist")):
+        m = list_metrics[key]
+        print(f"  {name:20s} R@1 {m['r1']:6.2f}  R@10 {m['r10']:6.2f}  R@100 {m['r100']:6.2f}")
+    print("End-to-end VCMR of CONQUER on each list (NMS 0.7, %):")
+    for name, m in vcmr.items():
+        print(f"  {name:20s} " + "  ".join(f"{k} {m[k]:6.2f}" for k in ("0.5-r1", "0.5-r5", "0.7-r1", "0.7-r5")))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus_dir", default=os.path.join(REPO_ROOT, "data", "demo_tvr"))
     parser.add_argument("--results_root", default=os.path.join(REPO_ROOT, "results", "demo"))
+    parser.add_argument("--own_first_stage", action="store_true",
+                        help="train and use this project's first stage instead of the corpus's ranklists")
     args, extra_flags = parser.parse_known_args(argv)
     start = time.time()
+    if args.own_first_stage:
+        corpus_dir = args.corpus_dir.rstrip(os.sep) + "_first_stage"
+        run_two_stage_demo(corpus_dir, args.results_root, extra_flags)
+        print(f"\ntotal time: {time.time() - start:.0f} s")
+        return
     untrained, trained, trained_nms, run_dir = run_demo(args.corpus_dir, args.results_root, extra_flags=extra_flags)
     columns = {"untrained (epoch -1)": untrained, "trained": trained, "trained, NMS 0.7": trained_nms}
     print("\nSynthetic TVR val split, metrics in %\n" + format_metrics_table(trained, columns))

@@ -6,26 +6,24 @@ import json
 import os
 import shutil
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import requests
 import torch
-from torch import nn
 
 import inference
 import train
 from method import search, search_index
-from method.checkpoint import save_checkpoint
+from method.checkpoint import build_model, save_checkpoint
 from method.dataset import query_inputs
 from method.search import QueryError, Searcher
 from method.search_index import SearchIndex, SearchIndexError, build_index
-from tests.text_model_fixtures import save_tiny_text_model
+from text_model_fixtures import save_tiny_text_model
 from utils.feature_stores import write_ranklist_store
 from utils.io_utils import load_json, load_jsonl, save_json
-from utils.run_dir import CKPT_FILENAME, OPT_FILENAME
+from utils.run_dir import CKPT_FILENAME, OPT_FILENAME, REPO_ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,35 +72,9 @@ def test_moments_equal_inference_predictions(runs, ranklist_indexes, tiny_corpus
     assert len(first) == 7 and all(ranklist[m.first_stage_rank - 1] == m.video_name for m in first)
 
 
-class StandInFirstStage(nn.Module):
-    """Follows the first-stage contract with random linear projections (until method/first_stage.py lands)."""
-
-    def __init__(self, query_dim, visual_dim, text_dim, dim=6):
-        super().__init__()
-        self.query = nn.Linear(query_dim, 2 * dim)
-        self.gate = nn.Linear(query_dim, 2)
-        self.visual = nn.Linear(visual_dim, dim)
-        self.sub = nn.Linear(text_dim, dim)
-
-    def encode_queries(self, query_feat, query_mask):
-        mask = query_mask.unsqueeze(-1).float()
-        pooled = (query_feat * mask).sum(1) / mask.sum(1)
-        query = nn.functional.normalize(self.query(pooled).view(len(pooled), 2, -1), dim=-1)
-        return {"query": query, "modality_weights": torch.softmax(self.gate(pooled), dim=-1)}
-
-    def encode_videos(self, video_inputs):
-        clips = torch.stack([self.visual(video_inputs["visual"]["feat"]), self.sub(video_inputs["sub"]["feat"])], 1)
-        return {"clips": nn.functional.normalize(clips, dim=-1), "clip_mask": video_inputs["visual"]["feat_mask"]}
-
-    def score(self, query_emb, video_emb):
-        similarity = torch.einsum("qmd,vmld->qvml", query_emb["query"], video_emb["clips"])
-        similarity = similarity.masked_fill(video_emb["clip_mask"][None, :, None, :] == 0, -torch.inf)
-        return (query_emb["modality_weights"][:, None, :] * similarity.max(dim=-1).values).sum(-1)
-
-
 @pytest.fixture(scope="module")
 def learned(runs, tiny_corpus, tiny_corpus_kwargs, tmp_path_factory):
-    """A corpus copy with a text encoder and a video folder, a stand-in first-stage run dir, and its index."""
+    """A corpus copy with a text encoder and a video folder, a first-stage run dir (random weights), and its index."""
     root = tmp_path_factory.mktemp("learned")
     corpus = root / "corpus"
     shutil.copytree(os.path.dirname(tiny_corpus), corpus)
@@ -114,15 +86,16 @@ def learned(runs, tiny_corpus, tiny_corpus_kwargs, tmp_path_factory):
     first_run = root / "first_stage_run"
     first_run.mkdir()
     k = tiny_corpus_kwargs
+    opt = dict(model="first_stage", query_dim=k["query_dim"], visual_dim=k["visual_dim"], text_dim=k["text_dim"],
+               hidden_dim=16, max_ctx_len=30, ctx_mode="visual_sub")
+    model_cfg = load_json(os.path.join(REPO_ROOT, "config", "first_stage_config.json"))
     torch.manual_seed(0)
-    model = StandInFirstStage(k["query_dim"], k["visual_dim"], k["text_dim"])
-    save_json({"model": "first_stage"}, first_run / OPT_FILENAME)
-    save_checkpoint(str(first_run / CKPT_FILENAME), model.state_dict(), {"dims": [8, 12, 8]}, epoch=0)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(search_index, "load_first_stage_model", lambda run_dir, device: model.eval())
-        out = build_index(root / "index", runs["exclusive"], str(first_run), str(corpus / "tvr_data_config.json"),
-                          "val", chunk_videos=6)["out_dir"]
-        searcher = Searcher(out)
+    model = build_model(model_cfg, opt).eval()
+    save_json(opt, first_run / OPT_FILENAME)
+    save_checkpoint(str(first_run / CKPT_FILENAME), model.state_dict(), model_cfg, epoch=0)
+    out = build_index(root / "index", runs["exclusive"], str(first_run), str(corpus / "tvr_data_config.json"),
+                      "val", chunk_videos=6)["out_dir"]
+    searcher = Searcher(out)
     return dict(searcher=searcher, model=model, corpus=corpus, run=str(first_run), index=out)
 
 

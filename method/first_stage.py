@@ -1,0 +1,568 @@
+"""The first stage: a video retriever that writes the ranklists CONQUER re-ranks.
+
+A dual encoder in the XML / ReLoCLNet style. The video side never sees the query, so every video of a split
+is encoded once and every query is scored against every video with matrix products:
+
+    query tokens -> input projection -> (Transformer) -> one learned attention pooling per modality
+                 -> q_m (L2-normalised), and modality weights w (softmax over the modalities)
+    video clips  -> per modality: input projection + positions -> Transformer -> c_{m,l} (L2-normalised)
+    score(q, v)  = sum_m w_m * max over the video's clips l of <q_m, c_{m,l}>      (cosine, in [-1, 1])
+
+Training is contrastive (InfoNCE) over the in-batch negatives in both directions (query -> videos and
+video -> queries), optionally with hard negatives drawn from an existing ranklist. Under torchrun the
+embeddings of all ranks are gathered, so every rank computes the loss of the global batch and a 2-process
+step equals the 1-process step.
+
+Also here: the datasets (training items; the queries and the videos of a split), the encoding of a split's
+videos (`encode_video_bank`), exact ranking (`rank_queries`), the VR metrics of a ranking, and the recipe that
+lets train.py train this model (`TRAINING_RECIPE`).
+"""
+import copy
+import logging
+import math
+import os
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+from tqdm import tqdm
+
+from method.scoring import select_top_n
+from utils import distributed
+from utils.feature_stores import (FeatureStoreError, QueryFeatureStore, RanklistStore, SubtitleFeatureStore,
+                                  VideoFeatureStore)
+from utils.io_utils import load_json, load_jsonl, save_json
+from utils.tvr_format import RECALL_TOPK, SPLIT_FILE_KEYS, SPLITS, DatasetError, annotation_problems
+
+logger = logging.getLogger(__name__)
+
+LOSS_NAMES = ("query_to_video_nce", "video_to_query_nce", "loss_overall")
+MODALITIES = {"visual_sub": ("visual", "sub"), "visual": ("visual",)}
+DEFAULT_CONFIG = dict(n_video_layers=1, n_query_layers=1, n_heads=4, dropout=0.1, temperature="learned",
+                      init_temperature=0.05, n_hard_negatives=0, hard_negative_pool=100)
+MAX_LOGIT_SCALE = 100.0
+# --debug evaluates the first queries of the split only.
+DEBUG_EVAL_QUERIES = 10
+_MAX_REPORTED_PROBLEMS = 5
+
+
+class FirstStageError(DatasetError):
+    """Bad first-stage input (a split, a query, a video, a feature); the message names it."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# model
+
+class InputProjection(nn.Module):
+    """Linear -> LayerNorm -> dropout: (..., in_dim) -> (..., hidden_dim)."""
+
+    def __init__(self, in_dim, hidden_dim, dropout):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, hidden_dim)
+        self.LayerNorm = nn.LayerNorm(hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.LayerNorm(self.linear(x)))
+
+
+def transformer(hidden_dim, n_heads, n_layers, dropout):
+    """A pre-norm Transformer encoder (batch first), or None for 0 layers."""
+    if n_layers == 0:
+        return None
+    layer = nn.TransformerEncoderLayer(hidden_dim, n_heads, dim_feedforward=2 * hidden_dim, dropout=dropout,
+                                       activation="gelu", batch_first=True, norm_first=True)
+    # No nested-tensor fast path: padded positions stay computed, so results do not depend on the batch.
+    return nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+
+
+def masked_softmax(logits, mask, dim):
+    return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=dim)
+
+
+class FirstStageRetriever(nn.Module):
+    """Dual encoder: queries and videos are embedded apart and compared by `score`."""
+
+    def __init__(self, model_cfg, query_dim, visual_dim, text_dim, hidden_dim, max_ctx_len, ctx_mode):
+        super().__init__()
+        cfg = dict(DEFAULT_CONFIG, **model_cfg)
+        unknown = set(cfg) - set(DEFAULT_CONFIG)
+        if unknown:
+            raise FirstStageError(f"first-stage model config: unknown key(s) {sorted(unknown)}; "
+                                  f"expected {sorted(DEFAULT_CONFIG)}")
+        if hidden_dim % cfg["n_heads"]:
+            raise FirstStageError(f"--hidden_dim {hidden_dim} is not divisible by n_heads {cfg['n_heads']}")
+        self.modalities = MODALITIES[ctx_mode]
+        self.hidden_dim = hidden_dim
+        n_modalities = len(self.modalities)
+        dropout = cfg["dropout"]
+
+        self.query_input = InputProjection(query_dim, hidden_dim, dropout)
+        self.query_encoder = transformer(hidden_dim, cfg["n_heads"], cfg["n_query_layers"], dropout)
+        self.query_pooling = nn.Linear(hidden_dim, n_modalities)
+        self.query_output = nn.ModuleList(nn.Linear(hidden_dim, hidden_dim) for _ in self.modalities)
+        self.modality_gate = nn.Linear(hidden_dim, n_modalities)
+
+        input_dims = {"visual": visual_dim, "sub": text_dim}
+        self.video_input = nn.ModuleDict({m: InputProjection(input_dims[m], hidden_dim, dropout)
+                                          for m in self.modalities})
+        self.clip_position = nn.Embedding(max_ctx_len, hidden_dim)
+        self.video_encoder = nn.ModuleDict({m: transformer(hidden_dim, cfg["n_heads"], cfg["n_video_layers"], dropout)
+                                            or nn.Identity() for m in self.modalities})
+        self.video_output = nn.ModuleDict({m: nn.Linear(hidden_dim, hidden_dim) for m in self.modalities})
+
+        initial = math.log(1.0 / cfg["init_temperature"])
+        if cfg["temperature"] == "learned":
+            self.logit_scale = nn.Parameter(torch.tensor(initial))
+        else:
+            self.register_buffer("logit_scale", torch.tensor(math.log(1.0 / float(cfg["temperature"]))))
+
+    def encode_queries(self, query_feat, query_mask):
+        """query_feat (Q, Lq, Dq), query_mask (Q, Lq) -> {"query": (Q, M, D) L2-normalised per modality,
+        "modality_weights": (Q, M) softmax}."""
+        mask = query_mask.bool()
+        tokens = self.query_input(query_feat)
+        if self.query_encoder is not None:
+            tokens = self.query_encoder(tokens, src_key_padding_mask=~mask)
+        attention = masked_softmax(self.query_pooling(tokens), mask[:, :, None], dim=1)  # (Q, Lq, M)
+        pooled = torch.einsum("qlm,qld->qmd", attention, tokens)
+        query = torch.stack([layer(pooled[:, m]) for m, layer in enumerate(self.query_output)], dim=1)
+        mean_token = (tokens * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        weights = torch.softmax(self.modality_gate(mean_token), dim=-1)
+        return {"query": F.normalize(query.float(), dim=-1), "modality_weights": weights.float()}
+
+    def encode_videos(self, video_inputs):
+        """video_inputs {"visual": {"feat" (V, L, Dv), "feat_mask" (V, L)}, "sub": {"feat" (V, L, Dt), ...}}
+        -> {"clips": (V, M, L, D) L2-normalised, "clip_mask": (V, L) bool (the visual mask)}."""
+        mask = video_inputs["visual"]["feat_mask"].bool()
+        positions = self.clip_position.weight[:mask.shape[1]]
+        clips = []
+        for m in self.modalities:
+            x = self.video_input[m](video_inputs[m]["feat"]) + positions
+            encoder = self.video_encoder[m]
+            x = encoder(x) if isinstance(encoder, nn.Identity) else encoder(x, src_key_padding_mask=~mask)
+            clips.append(self.video_output[m](x))
+        return {"clips": F.normalize(torch.stack(clips, dim=1).float(), dim=-1), "clip_mask": mask}
+
+    @staticmethod
+    def score(query_emb, video_emb):
+        """-> (Q, V): sum over modalities m of w_qm * max over the valid clips l of <q_m, c_{v,m,l}>."""
+        similarity = torch.einsum("qmd,vmld->qvml", query_emb["query"], video_emb["clips"])
+        similarity = similarity.masked_fill(~video_emb["clip_mask"][None, :, None, :], float("-inf"))
+        return (similarity.amax(dim=-1) * query_emb["modality_weights"][:, None, :]).sum(dim=-1)
+
+    def temperature(self):
+        return 1.0 / self.logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
+
+    def forward(self, model_inputs):
+        """Training batch -> (loss, {name: float} for LOSS_NAMES).
+
+        model_inputs: "query" {"feat" (B, Lq, Dq), "feat_mask"}, "visual"/"sub" {"feat" (B, N, L, D),
+        "feat_mask" (B, N, L)} with the GT video first and N - 1 hard negatives, "video_idx" (B, N) global
+        video indices (videos of equal index are never each other's negatives).
+        """
+        batch_size, n_videos = model_inputs["video_idx"].shape
+        query_emb = self.encode_queries(model_inputs["query"]["feat"], model_inputs["query"]["feat_mask"])
+        flat = {m: {key: value.flatten(0, 1) for key, value in model_inputs[m].items()} for m in self.modalities}
+        video_emb = self.encode_videos(flat)
+        video_idx = model_inputs["video_idx"].reshape(-1)
+        temperature = self.temperature()
+        world_size = distributed.get_world_size() if distributed.is_distributed() else 1
+        if world_size > 1:
+            # Every rank computes the loss of the global batch, each with gradients through its own rows only;
+            # DistributedDataParallel averages the ranks' gradients, so the loss is scaled by the world size
+            # (and the temperature's gradient, which every rank computes in full, is not).
+            query_emb = {key: gather_around_local(value) for key, value in query_emb.items()}
+            video_emb = {key: gather_around_local(value) for key, value in video_emb.items()}
+            video_idx = gather_around_local(video_idx)
+            temperature = scale_gradient(temperature, 1.0 / world_size)
+        scores = self.score(query_emb, video_emb)  # (B, B * N)
+        query_to_video, video_to_query = contrastive_losses(scores, video_idx, n_videos, temperature)
+        loss = (query_to_video + video_to_query) / 2
+        values = (query_to_video, video_to_query, loss)
+        loss_dict = {name: float(value.detach()) for name, value in zip(LOSS_NAMES, values)}
+        return loss * world_size, loss_dict
+
+
+def gather_around_local(tensor):
+    """(n, ...) on every rank -> (world_size * n, ...) in rank order, where only this rank's own rows carry
+    gradients (the others are copies)."""
+    parts = [torch.empty_like(tensor) for _ in range(distributed.get_world_size())]
+    torch.distributed.all_gather(parts, tensor.detach().contiguous())
+    parts[distributed.get_rank()] = tensor
+    return torch.cat(parts)
+
+
+def scale_gradient(tensor, factor):
+    """`tensor` in the forward pass, `factor` times its gradient in the backward pass."""
+    return tensor * factor + (tensor * (1 - factor)).detach()
+
+
+def contrastive_losses(scores, video_idx, n_videos, temperature):
+    """InfoNCE both ways -> (query-to-video loss, video-to-query loss), means over the B queries / videos.
+
+    scores (B, B * N): query i against the N videos of every item (item j's GT video is column j * N);
+    video_idx (B * N,). A column showing the query's own GT video is no negative (the same video can be
+    the GT of two queries of a batch, or a hard negative of another); neither is, for a GT video, a query
+    whose GT it also is.
+    """
+    batch_size = scores.shape[0]
+    gt_columns = torch.arange(batch_size, device=scores.device) * n_videos
+    gt_idx = video_idx[gt_columns]
+    logits = scores / temperature
+    target = torch.arange(batch_size, device=scores.device)
+
+    same_video = gt_idx[:, None] == video_idx[None, :]  # (B, B * N)
+    not_target = torch.ones_like(same_video)
+    not_target[target, gt_columns] = False
+    query_to_video = F.cross_entropy(logits.masked_fill(same_video & not_target, float("-inf")), gt_columns)
+
+    gt_logits = logits[:, gt_columns].t()  # (B videos, B queries)
+    same_gt = gt_idx[:, None] == gt_idx[None, :]
+    video_to_query = F.cross_entropy(gt_logits.masked_fill(same_gt & (target[:, None] != target[None, :]),
+                                                           float("-inf")), target)
+    return query_to_video, video_to_query
+
+
+def build_first_stage(model_cfg, options):
+    """The retriever from a model config and the options (a mapping)."""
+    return FirstStageRetriever(model_cfg, query_dim=options["query_dim"], visual_dim=options["visual_dim"],
+                               text_dim=options["text_dim"], hidden_dim=options["hidden_dim"],
+                               max_ctx_len=options["max_ctx_len"], ctx_mode=options["ctx_mode"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# datasets
+
+def pad_features(rows, max_len):
+    """Feature arrays [(n_i, D)] -> feat (N, max_len, D) float32 tensor, feat_mask (N, max_len) int64."""
+    dim = rows[0].shape[1]
+    feat = np.zeros((len(rows), max_len, dim), dtype=np.float32)
+    mask = np.zeros((len(rows), max_len), dtype=np.int64)
+    for i, r in enumerate(rows):
+        feat[i, :len(r)] = r[:max_len]
+        mask[i, :len(r)] = 1
+    return torch.from_numpy(feat), torch.from_numpy(mask)
+
+
+def split_videos(config, split):
+    """{vid_name: global_idx} of `split` in the data config's video table."""
+    table = load_json(config.video_duration_idx_path)
+    if not isinstance(table, dict) or split not in table:
+        raise FirstStageError(f"{config.video_duration_idx_path}: no split {split!r} "
+                              f"(expected {{split: {{vid_name: [duration, global_idx]}}}})")
+    return {name: int(dur_idx[1]) for name, dur_idx in table[split].items()}
+
+
+def split_queries(config, split, data_path=None, data_ratio=1.0):
+    """The annotation rows of `split` (checked), from the data config or `data_path`."""
+    if split not in SPLITS:
+        raise FirstStageError(f"split must be one of {SPLITS}, found {split!r}")
+    data_path = data_path or config[SPLIT_FILE_KEYS[split][0]]
+    rows = load_jsonl(data_path)
+    if data_ratio != 1:
+        rows = rows[:int(len(rows) * data_ratio)]
+    if not rows:
+        raise FirstStageError(f"{data_path}: split {split!r} has no queries")
+    problems = annotation_problems(rows, data_path, split, split_videos(config, split), config.dset_name,
+                                   single_moment=False)
+    if problems:
+        more = len(problems) - _MAX_REPORTED_PROBLEMS
+        raise FirstStageError("invalid annotations:\n  " + "\n  ".join(problems[:_MAX_REPORTED_PROBLEMS])
+                              + (f"\n  ... and {more} more" if more > 0 else ""))
+    return rows
+
+
+class QueryItems(Dataset):
+    """The queries `rows`: item i = {"feat" (Lq, Dq), "feat_mask" (Lq,)} of rows[i]."""
+
+    def __init__(self, config, rows, max_desc_len, query_dim=None):
+        self.rows = rows
+        self.max_desc_len = max_desc_len
+        self.store = QueryFeatureStore(config.desc_bert_path, max_len=max_desc_len, dim=query_dim)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        desc_id = self.rows[index]["desc_id"]
+        try:
+            feat, mask = pad_features([self.store.get(desc_id)], self.max_desc_len)
+        except FeatureStoreError as e:
+            raise FirstStageError(f"query desc_id {desc_id}: {e}") from None
+        return {"feat": feat[0], "feat_mask": mask[0]}
+
+
+class VideoItems(Dataset):
+    """The videos `names`: item i = {"visual": {"feat" (L, Dv), "feat_mask" (L,)}, ("sub": ...)}."""
+
+    def __init__(self, config, names, max_ctx_len, ctx_mode, visual_dim=None, text_dim=None):
+        self.names = list(names)
+        self.max_ctx_len = max_ctx_len
+        self.stores = {"visual": VideoFeatureStore(config.vid_feat_path, max_len=max_ctx_len, dim=visual_dim)}
+        if "sub" in MODALITIES[ctx_mode]:
+            self.stores["sub"] = SubtitleFeatureStore(config.sub_bert_path, max_len=max_ctx_len, dim=text_dim)
+
+    def __len__(self):
+        return len(self.names)
+
+    def get_many(self, names):
+        """{modality: {"feat" (N, L, D), "feat_mask" (N, L)}} of `names`; the mask of every modality is the
+        visual one (a subtitle store may hold another clip count: it is padded or cut to the visual's)."""
+        try:
+            visual = [self.stores["visual"].get(name) for name in names]
+            inputs = {"visual": pad_features(visual, self.max_ctx_len)}
+            if "sub" in self.stores:
+                sub = [self._match_length(self.stores["sub"].get(name), len(v)) for name, v in zip(names, visual)]
+                inputs["sub"] = pad_features(sub, self.max_ctx_len)
+        except FeatureStoreError as e:
+            raise FirstStageError(f"video {names[0] if len(names) == 1 else names}: {e}") from None
+        mask = inputs["visual"][1]
+        return {m: {"feat": feat, "feat_mask": mask} for m, (feat, _) in inputs.items()}
+
+    @staticmethod
+    def _match_length(features, n_clips):
+        if len(features) >= n_clips:
+            return features[:n_clips]
+        return np.concatenate([features, np.zeros((n_clips - len(features), features.shape[1]), np.float32)])
+
+    def __getitem__(self, index):
+        inputs = self.get_many([self.names[index]])
+        return {m: {key: value[0] for key, value in tensors.items()} for m, tensors in inputs.items()}
+
+
+class FirstStageDataset(Dataset):
+    """Training items of one split: {"meta": {desc_id, vid_name}, "model_inputs": {"query": {feat (Lq, Dq),
+    feat_mask}, "visual"/"sub": {feat (N, L, D), feat_mask (N, L)}, "video_idx" (N,)}}: the GT video, then
+    `n_hard_negatives` videos drawn from the first `hard_negative_pool` entries of the split's ranklist (which
+    is read only then)."""
+
+    def __init__(self, config, mode="train", max_ctx_len=100, max_desc_len=30, ctx_mode="visual_sub",
+                 data_ratio=1.0, n_hard_negatives=0, hard_negative_pool=100):
+        if mode == "test_public":
+            raise FirstStageError("split 'test_public' has no ground truth to train on")
+        self.mode = mode
+        self.rows = split_queries(config, mode, data_ratio=data_ratio)
+        self.video2idx = split_videos(config, mode)
+        self.idx2video = {idx: name for name, idx in self.video2idx.items()}
+        self.queries = QueryItems(config, self.rows, max_desc_len)
+        self.videos = VideoItems(config, [], max_ctx_len, ctx_mode)
+        self.n_hard_negatives = n_hard_negatives
+        self.hard_negative_pool = hard_negative_pool
+        self.ranklist_store = RanklistStore(config[SPLIT_FILE_KEYS[mode][1]]) if n_hard_negatives else None
+
+    def check_feature_dims(self, query_dim, visual_dim, text_dim):
+        """From now on every feature read checks its dim against the model's input dims."""
+        self.queries.store.dim = query_dim
+        self.videos.stores["visual"].dim = visual_dim
+        if "sub" in self.videos.stores:
+            self.videos.stores["sub"].dim = text_dim
+        self.queries[0]
+        self.videos.get_many([self.rows[0]["vid_name"]])
+
+    def __len__(self):
+        return len(self.rows)
+
+    def _hard_negatives(self, row):
+        ranked = [self.idx2video[idx] for idx, _ in self.ranklist_store.get(row["desc_id"])[:self.hard_negative_pool]
+                  if idx in self.idx2video and self.idx2video[idx] != row["vid_name"]]
+        if len(ranked) < self.n_hard_negatives:
+            raise FirstStageError(f"ranklist {self.ranklist_store.path}: desc_id {row['desc_id']} has "
+                                  f"{len(ranked)} negatives, expected at least {self.n_hard_negatives}")
+        return random.sample(ranked, k=self.n_hard_negatives)
+
+    def __getitem__(self, index):
+        row = self.rows[index]
+        names = [row["vid_name"]] + (self._hard_negatives(row) if self.n_hard_negatives else [])
+        model_inputs = {"query": self.queries[index], **self.videos.get_many(names),
+                        "video_idx": torch.tensor([self.video2idx[name] for name in names], dtype=torch.int64)}
+        return {"meta": {"desc_id": row["desc_id"], "vid_name": row["vid_name"]}, "model_inputs": model_inputs}
+
+
+# ----------------------------------------------------------------------------------------------------
+# ranking
+
+class VideoBank:
+    """Every video of a split encoded once: `embeddings` {"clips" (V, M, L, D), "clip_mask" (V, L)} on
+    `device`, `video_idx` (V,) global indices, in the order of `names`."""
+
+    def __init__(self, names, video_idx, embeddings):
+        self.names, self.video_idx, self.embeddings = names, video_idx, embeddings
+
+    def __len__(self):
+        return len(self.names)
+
+    @property
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.embeddings.values())
+
+
+def _loader(dataset, batch_size, num_workers, collate_fn=default_collate):
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn)
+
+
+def _check_finite(tensor, what):
+    if not torch.isfinite(tensor).all():
+        raise FirstStageError(f"{what}: the model output NaN/inf (check the features and the checkpoint)")
+
+
+@torch.no_grad()
+def encode_video_bank(model, videos, device, batch_size=64, num_workers=0, progress=True):
+    """Encode every video of `videos` (VideoItems) in batches -> VideoBank on `device`.
+
+    Videos are encoded in order of clip count, so a batch's padding is cut to its longest video (the
+    Transformer sees the same valid clips either way: padded clips are masked out)."""
+    model.eval()
+    video_idx_of = getattr(videos, "video2idx", None)
+    loader = _loader(videos, batch_size, num_workers)
+    clips, masks = [], []
+    for inputs in tqdm(loader, desc="Encoding videos", disable=not progress, leave=False):
+        inputs = {m: {k: v.to(device) for k, v in t.items()} for m, t in inputs.items()}
+        encoded = model.encode_videos(inputs)
+        clips.append(encoded["clips"])
+        masks.append(encoded["clip_mask"])
+    embeddings = {"clips": torch.cat(clips), "clip_mask": torch.cat(masks)}
+    _check_finite(embeddings["clips"], "video embeddings")
+    video_idx = torch.tensor([video_idx_of[name] for name in videos.names]) if video_idx_of else None
+    return VideoBank(videos.names, video_idx, embeddings)
+
+
+@torch.no_grad()
+def encode_query_bank(model, queries, device, batch_size=512, num_workers=0, progress=True):
+    """Encode every query of `queries` (QueryItems) -> {"query" (Q, M, D), "modality_weights" (Q, M)}."""
+    model.eval()
+    parts = []
+    for inputs in tqdm(_loader(queries, batch_size, num_workers), desc="Encoding queries", disable=not progress,
+                       leave=False):
+        parts.append(model.encode_queries(inputs["feat"].to(device), inputs["feat_mask"].to(device)))
+    encoded = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    _check_finite(encoded["query"], "query embeddings")
+    return encoded
+
+
+def length_buckets(clip_mask, bucket_size):
+    """Video positions grouped by clip count: [(positions (n,), their max clip count)], n <= bucket_size."""
+    lengths = clip_mask.sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    return [(order[i:i + bucket_size], int(lengths[order[i:i + bucket_size]].max()))
+            for i in range(0, len(order), bucket_size)]
+
+
+@torch.no_grad()
+def score_all(query_emb, bank, query_chunk=1024, video_bucket=512, progress=True):
+    """(Q, V) scores of every query against every video of `bank` (FirstStageRetriever.score, chunked so a
+    chunk's (Qc, Vc, M, L) similarities stay small; each video bucket is cut to its longest video)."""
+    n_queries, n_videos = query_emb["query"].shape[0], len(bank)
+    scores = torch.empty(n_queries, n_videos, device=query_emb["query"].device)
+    buckets = [(positions, {"clips": bank.embeddings["clips"][positions, :, :length],
+                            "clip_mask": bank.embeddings["clip_mask"][positions, :length]})
+               for positions, length in length_buckets(bank.embeddings["clip_mask"], video_bucket)]
+    for start in tqdm(range(0, n_queries, query_chunk), desc="Scoring queries", disable=not progress, leave=False):
+        chunk = {key: value[start:start + query_chunk] for key, value in query_emb.items()}
+        for positions, videos in buckets:
+            scores[start:start + query_chunk, positions.to(scores.device)] = FirstStageRetriever.score(chunk, videos)
+    return scores
+
+
+def top_videos(scores, top_k):
+    """(Q, V) scores -> (values (Q, k), positions (Q, k)), k = min(top_k, V), best first, ties by position."""
+    return select_top_n(scores, top_k)
+
+
+def vr_metrics(ranked_video_idx, gt_video_idx, max_vcmr_video):
+    """ranked_video_idx (Q, k) global indices best first, gt_video_idx (Q,) -> {"r1", "r5", "r10", "r100",
+    "gt_in_top_max_vcmr_video", "max_vcmr_video", "n_queries"}: % of queries whose GT is in the top n."""
+    hits = ranked_video_idx == gt_video_idx[:, None]
+    n_queries = len(gt_video_idx)
+
+    def recall(n):
+        return round(100.0 * float(hits[:, :n].any(dim=1).sum()) / n_queries, 2)
+
+    metrics = {f"r{n}": recall(n) for n in RECALL_TOPK}
+    metrics.update(gt_in_top_max_vcmr_video=recall(max_vcmr_video), max_vcmr_video=max_vcmr_video,
+                   n_queries=n_queries)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# training recipe (train.py)
+
+class FirstStageRecipe:
+    """What train.py needs to train the first stage: its datasets, its evaluation, its loss names."""
+    loss_names = LOSS_NAMES
+
+    @staticmethod
+    def build_datasets(opt, model_cfg):
+        """(train, eval-loss, evaluation) datasets; the last two are None with --disable_eval. The evaluation
+        "dataset" is the data config and the split: evaluation ranks all its queries against all its videos."""
+        from utils.data_config import load_data_config
+        config = load_data_config(opt.dataset_config)
+        cfg = dict(DEFAULT_CONFIG, **model_cfg)
+        common = dict(max_ctx_len=opt.max_ctx_len, max_desc_len=opt.max_desc_len, ctx_mode=opt.ctx_mode,
+                      data_ratio=opt.data_ratio, n_hard_negatives=cfg["n_hard_negatives"],
+                      hard_negative_pool=cfg["hard_negative_pool"])
+        train_dataset = FirstStageDataset(config, mode="train", **common)
+        if opt.disable_eval:
+            return train_dataset, None, None
+        eval_loss_dataset = FirstStageDataset(config, mode="val", **dict(common, n_hard_negatives=0))
+        ranking = SplitRanking(config, opt.eval_split_name, opt)
+        if opt.debug:
+            ranking = ranking.subset(0, DEBUG_EVAL_QUERIES)
+        return train_dataset, eval_loss_dataset, ranking
+
+    @staticmethod
+    def evaluate(model, eval_dataset, opt, save_submission_filename, tasks, max_after_nms):
+        """VR metrics of the split's exact ranking (rank 0 ranks; the other ranks return (None, None, [])):
+        ({"VR": metrics}, None, [metrics file]), the file `<submission name>_metrics.json` in the run dir."""
+        if not distributed.is_main_process():
+            return None, None, []
+        metrics = {"VR": eval_dataset.metrics(model, opt)}
+        stem = save_submission_filename[:-len(".json")] if save_submission_filename.endswith(".json") \
+            else save_submission_filename
+        path = os.path.join(opt.results_dir, stem + "_metrics.json")
+        save_json(metrics, path, save_pretty=True)
+        return metrics, None, [path]
+
+
+class SplitRanking:
+    """A split to rank during training: its queries and videos (the evaluation 'dataset' of the recipe)."""
+
+    def __init__(self, config, split, opt):
+        self.rows = split_queries(config, split, data_ratio=opt.data_ratio)
+        video2idx = split_videos(config, split)
+        self.queries = QueryItems(config, self.rows, opt.max_desc_len)
+        self.videos = VideoItems(config, sorted(video2idx, key=video2idx.get), opt.max_ctx_len, opt.ctx_mode)
+        self.videos.video2idx = video2idx
+        self.gt_video_idx = torch.tensor([video2idx[row["vid_name"]] for row in self.rows])
+
+    def __len__(self):
+        return len(self.rows)
+
+    def subset(self, start, stop):
+        """This split restricted to its queries [start, stop) (--debug); the videos are all kept."""
+        view = copy.copy(self)
+        view.rows = self.rows[start:stop]
+        view.queries = copy.copy(self.queries)
+        view.queries.rows = view.rows
+        view.gt_video_idx = self.gt_video_idx[start:stop]
+        return view
+
+    def check_feature_dims(self, query_dim, visual_dim, text_dim):
+        self.queries.store.dim = query_dim
+        self.videos.stores["visual"].dim = visual_dim
+        if "sub" in self.videos.stores:
+            self.videos.stores["sub"].dim = text_dim
+
+    def metrics(self, model, opt):
+        device = next(model.parameters()).device
+        bank = encode_video_bank(model, self.videos, device, batch_size=opt.eval_query_bsz * 8)
+        query_emb = encode_query_bank(model, self.queries, device)
+        _, positions = top_videos(score_all(query_emb, bank), max(RECALL_TOPK))
+        return vr_metrics(bank.video_idx.to(positions.device)[positions], self.gt_video_idx.to(positions.device),
+                          opt.max_vcmr_video)
+
+
+TRAINING_RECIPE = FirstStageRecipe

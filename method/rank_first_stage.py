@@ -1,0 +1,308 @@
+"""Rank every query of a corpus with a trained first stage and write the ranklists CONQUER re-ranks.
+
+    python -m method.rank_first_stage --model_dir RUN_DIR [--splits train val test_public] [--out_dir DIR]
+        [--dataset_config CONFIG] [--device -1] [--faiss]        # or scripts/rank_first_stage.sh RUN_DIR GPU
+
+RUN_DIR is a first-stage run of train.py (--model first_stage); its model.ckpt is read. Per split, every video is
+encoded once, every query is scored against every video (exact, chunked matrix products; `--faiss`: an
+approximate clip index, see `ClipIndex`), and the ranklist is written in the release layout (LMDB keyed by
+str(desc_id), msgpack [[global_video_idx, score], ...] best first): train keeps the top --train_top (2000)
+videos, val and test_public the top --eval_top (100). OUT_DIR (default RUN_DIR/first_stage_ranklists) receives
+
+    train_top2000/, val_top100/, test_public_top100/   the ranklist stores of the splits ranked
+    train_select100.jsonl    the training queries whose GT video is in the top 100 (what CONQUER trains on)
+    data_config.json         the input data config with only the ranklist and training-annotation paths changed
+    metrics.json             VR metrics (R@1, 5, 10, 100; share of queries with the GT in the top
+                             --max_vcmr_video) of every written list, beside those of the input config's lists
+
+Everything is written into a temporary folder renamed to OUT_DIR at the end; an existing OUT_DIR is an error.
+"""
+import argparse
+import logging
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from method.checkpoint import build_model, load_checkpoint, load_model_weights
+from method.first_stage import (FirstStageError, FirstStageRetriever, QueryItems, VideoItems,
+                                encode_query_bank, encode_video_bank, score_all, split_queries, split_videos,
+                                top_videos, vr_metrics)
+from utils.data_config import load_data_config
+from utils.errors import OptionError, run_cli
+from utils.feature_stores import FeatureStoreError, RanklistStore, write_ranklist_store
+from utils.io_utils import load_json, save_json, save_jsonl
+from utils.run_dir import CKPT_FILENAME, OPT_FILENAME
+from utils.tvr_format import FIRST_STAGE_TOP, SPLIT_FILE_KEYS, SPLITS
+
+logger = logging.getLogger(__name__)
+
+TRAIN_TOP, EVAL_TOP = 2000, 100
+
+
+def ranklist_name(split, top):
+    return f"{split}_top{top}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# approximate search
+
+class ClipIndex:
+    """FAISS inverted-file index (IVF, inner product) over the clip vectors of every modality of a VideoBank.
+
+    A query searches the `n_clip_hits` best clips of each modality; the videos owning them are the
+    candidates, which are then scored exactly (FirstStageRetriever.score) and cut to the top k. The score is a
+    weighted max over clips, so a video that ranks high has a clip that ranks high in some modality: the
+    candidates hold the exact top k unless the IVF probe misses such clips or more than n_clip_hits clips of
+    other videos outrank them.
+    """
+
+    def __init__(self, bank, n_lists=None, n_probe=16, n_clip_hits=256):
+        import faiss  # optional dependency (extra `faiss`)
+        self.faiss, self.bank, self.n_probe, self.n_clip_hits = faiss, bank, n_probe, n_clip_hits
+        clips, mask = bank.embeddings["clips"].cpu(), bank.embeddings["clip_mask"].cpu()
+        video_pos, clip_pos = torch.nonzero(mask, as_tuple=True)
+        self.owner = video_pos.numpy()
+        self.indexes = []
+        for m in range(clips.shape[1]):
+            vectors = np.ascontiguousarray(clips[video_pos, m, clip_pos].numpy(), dtype=np.float32)
+            index = build_ivf_index(faiss, vectors, n_lists)
+            index.nprobe = n_probe
+            self.indexes.append(index)
+
+    @torch.no_grad()
+    def top_videos(self, query_emb, top_k, query_chunk=256):
+        """As `top_videos(score_all(...))`: (values (Q, k), bank positions (Q, k)), over the candidates only."""
+        queries, weights = query_emb["query"].cpu(), query_emb["modality_weights"].cpu()
+        k = min(top_k, len(self.bank))
+        all_values, all_positions = [], []
+        for start in tqdm(range(0, len(queries), query_chunk), desc="FAISS search", leave=False):
+            q = queries[start:start + query_chunk]
+            hits = [index.search(np.ascontiguousarray(q[:, m].numpy()), self.n_clip_hits)[1]
+                    for m, index in enumerate(self.indexes)]
+            hits = np.concatenate(hits, axis=1)
+            for i in range(len(q)):
+                found = hits[i][hits[i] >= 0]
+                candidates = torch.from_numpy(np.unique(self.owner[found]))
+                if len(candidates) < k:  # too few: fill with other videos (scored exactly as well)
+                    rest = torch.from_numpy(np.setdiff1d(np.arange(len(self.bank)), candidates.numpy()))
+                    candidates = torch.cat([candidates, rest[:k - len(candidates)]]).sort().values
+                videos = {key: value[candidates.to(value.device)] for key, value in self.bank.embeddings.items()}
+                scores = FirstStageRetriever.score({"query": q[i:i + 1].to(videos["clips"].device),
+                                                    "modality_weights": weights[start + i:start + i + 1]
+                                                    .to(videos["clips"].device)}, videos).cpu()
+                values, order = top_videos(scores, k)
+                all_values.append(values[0])
+                all_positions.append(candidates[order[0]])
+        return torch.stack(all_values), torch.stack(all_positions)
+
+
+def build_ivf_index(faiss, vectors, n_lists=None):
+    """IndexIVFFlat (inner product) over `vectors` (N, D) float32, n_lists ~ 4 sqrt(N) by default."""
+    n, dim = vectors.shape
+    n_lists = n_lists or max(1, min(int(4 * np.sqrt(n)), n // 39))
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, n_lists, faiss.METRIC_INNER_PRODUCT)
+    sample = vectors[np.random.default_rng(0).permutation(n)[:max(n_lists * 64, 10000)]]
+    index.train(sample)
+    index.add(vectors)
+    return index
+
+
+def recall_against(exact_positions, approximate_positions):
+    """Mean share of each query's exact top-k found in its approximate top-k (same k)."""
+    found = [len(set(a.tolist()) & set(e.tolist())) / len(e) for a, e in zip(approximate_positions, exact_positions)]
+    return float(np.mean(found))
+
+
+# ----------------------------------------------------------------------------------------------------
+# one split
+
+def rank_split(model, config, split, opt, args, device):
+    """-> {"rows", "video_idx" (Q, k) global indices best first, "scores" (Q, k), "faiss_recall" or None}."""
+    rows = split_queries(config, split)
+    video2idx = split_videos(config, split)
+    if not video2idx:
+        raise FirstStageError(f"{config.video_duration_idx_path}: split {split!r} has no videos")
+    videos = VideoItems(config, sorted(video2idx, key=video2idx.get), opt.max_ctx_len, opt.ctx_mode,
+                        visual_dim=opt.visual_dim, text_dim=opt.text_dim)
+    videos.video2idx = video2idx
+    queries = QueryItems(config, rows, opt.max_desc_len, query_dim=opt.query_dim)
+    top = args.train_top if split == "train" else args.eval_top
+    start = time.time()
+    bank = encode_video_bank(model, videos, device, batch_size=args.video_bsz, num_workers=args.num_workers)
+    query_emb = encode_query_bank(model, queries, device, num_workers=args.num_workers)
+    exact_values, exact_positions = top_videos(score_all(query_emb, bank, query_chunk=args.query_chunk), top)
+    result = {"rows": rows, "faiss_recall": None}
+    values, positions = exact_values, exact_positions
+    if args.faiss:
+        index = ClipIndex(bank, n_probe=args.faiss_n_probe, n_clip_hits=args.faiss_clip_hits)
+        values, positions = index.top_videos(query_emb, top)
+        n = min(FIRST_STAGE_TOP, positions.shape[1])
+        result["faiss_recall"] = recall_against(exact_positions[:, :n].cpu(), positions[:, :n].cpu())
+        logger.info("%s: FAISS recall@%d against exact %.4f", split, n, result["faiss_recall"])
+    result["video_idx"] = bank.video_idx[positions.cpu()]
+    result["scores"] = values.cpu()
+    logger.info("%s: %d queries x %d videos ranked in %.1f s", split, len(rows), len(bank), time.time() - start)
+    return result
+
+
+def gt_indices(rows, config, split):
+    video2idx = split_videos(config, split)
+    return torch.tensor([video2idx[row["vid_name"]] for row in rows])
+
+
+def input_ranklist_metrics(config, split, rows, max_vcmr_video):
+    """VR metrics of the input config's ranklist of `split` (e.g. HERO's), or None when it has none."""
+    path = config[SPLIT_FILE_KEYS[split][1]]
+    if not os.path.isfile(os.path.join(path, "data.mdb")):
+        return None
+    store = RanklistStore(path)
+    try:
+        lists = [[idx for idx, _ in store.get(row["desc_id"])[:max(FIRST_STAGE_TOP, max_vcmr_video)]] for row in rows]
+    except FeatureStoreError as e:
+        logger.info("input ranklist of %s not compared: %s", split, e)
+        return None
+    width = max(len(ranked) for ranked in lists)
+    padded = torch.full((len(lists), width), -1, dtype=torch.long)
+    for i, ranked in enumerate(lists):
+        padded[i, :len(ranked)] = torch.tensor(ranked, dtype=torch.long)
+    return vr_metrics(padded, gt_indices(rows, config, split), max_vcmr_video)
+
+
+def select100(rows, ranked_video_idx, gt_video_idx):
+    """The rows whose GT video is in the first FIRST_STAGE_TOP entries of their ranklist."""
+    hits = (ranked_video_idx[:, :FIRST_STAGE_TOP] == gt_video_idx[:, None]).any(dim=1)
+    return [row for row, hit in zip(rows, hits.tolist()) if hit]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the whole output folder
+
+def load_first_stage(model_dir, device):
+    """(model in eval mode on device, the run's options) from a first-stage run directory."""
+    opt_path = os.path.join(model_dir, OPT_FILENAME)
+    if not os.path.isfile(opt_path):
+        raise OptionError(f"--model_dir {model_dir}: not a run directory (no {OPT_FILENAME})")
+    opt = load_json(opt_path)
+    if opt.get("model", "conquer") != "first_stage":
+        raise OptionError(f"--model_dir {model_dir}: a CONQUER run, not a first-stage run (--model first_stage)")
+    ckpt_path = os.path.join(model_dir, CKPT_FILENAME)
+    checkpoint = load_checkpoint(ckpt_path)
+    model = build_model(checkpoint["model_cfg"], opt, source=ckpt_path)
+    load_model_weights(model, checkpoint["model"], source=ckpt_path)
+    return model.to(device).eval(), opt
+
+
+def rank_corpus(args):
+    """Rank the splits and write OUT_DIR -> the metrics written (also in OUT_DIR/metrics.json)."""
+    out_dir = os.path.abspath(args.out_dir or os.path.join(args.model_dir, "first_stage_ranklists"))
+    if os.path.exists(out_dir):
+        raise OptionError(f"--out_dir {out_dir} exists; remove it or pass another --out_dir")
+    device = torch.device("cpu") if args.device < 0 else torch.device(f"cuda:{args.device}")
+    model, opt = load_first_stage(args.model_dir, device)
+    config_path = args.dataset_config or opt["dataset_config"]
+    config = load_data_config(config_path)
+    raw_config = load_json(config_path)
+    for split in args.splits:  # bad input stops the run before any ranking
+        split_queries(config, split)
+
+    partial = f"{out_dir}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    try:
+        metrics = {}
+        for split in args.splits:
+            top = args.train_top if split == "train" else args.eval_top
+            ranked = rank_split(model, config, split, _Options(opt), args, device)
+            store_name = ranklist_name(split, top)
+            write_ranklist_store(os.path.join(partial, store_name),
+                                 ((row["desc_id"], list(zip(idx.tolist(), score.tolist())))
+                                  for row, idx, score in zip(ranked["rows"], ranked["video_idx"], ranked["scores"])))
+            raw_config[SPLIT_FILE_KEYS[split][1]] = os.path.join(out_dir, store_name)
+            split_metrics = {"n_queries": len(ranked["rows"]), "ranklist": os.path.join(out_dir, store_name)}
+            if ranked["faiss_recall"] is not None:
+                split_metrics["faiss_recall_at_100_vs_exact"] = round(ranked["faiss_recall"], 4)
+            if split != "test_public":
+                gt = gt_indices(ranked["rows"], config, split)
+                split_metrics["first_stage"] = vr_metrics(ranked["video_idx"], gt, args.max_vcmr_video)
+                split_metrics["input_ranklist"] = input_ranklist_metrics(config, split, ranked["rows"],
+                                                                         args.max_vcmr_video)
+            if split == "train":
+                kept = select100(ranked["rows"], ranked["video_idx"], gt)
+                save_jsonl(kept, os.path.join(partial, "train_select100.jsonl"))
+                raw_config["train_data_path"] = os.path.join(out_dir, "train_select100.jsonl")
+                split_metrics["select100"] = {"kept": len(kept), "dropped": len(ranked["rows"]) - len(kept)}
+                logger.info("train_select100: %d of %d queries kept (%d dropped: GT not in the top %d)", len(kept),
+                            len(ranked["rows"]), len(ranked["rows"]) - len(kept), FIRST_STAGE_TOP)
+            metrics[split] = split_metrics
+        save_json(raw_config, os.path.join(partial, "data_config.json"), save_pretty=True)
+        save_json(metrics, os.path.join(partial, "metrics.json"), save_pretty=True)
+        os.rename(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out_dir, metrics
+
+
+class _Options(dict):
+    """A run's opt.json with attribute access."""
+    __getattr__ = dict.__getitem__
+
+
+def format_metrics(metrics):
+    """Lines: split, list, R@1/5/10/100, GT in the top max_vcmr_video."""
+    lines = [f"{'split':12s} {'ranklist':14s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'R@100':>6s} {'in top k':>8s}"]
+    for split, split_metrics in metrics.items():
+        for name in ("first_stage", "input_ranklist"):
+            m = split_metrics.get(name)
+            if m:
+                lines.append(f"{split:12s} {name:14s} {m['r1']:6.2f} {m['r5']:6.2f} {m['r10']:6.2f} {m['r100']:6.2f} "
+                             f"{m['gt_in_top_max_vcmr_video']:8.2f}")
+        if "select100" in split_metrics:
+            s = split_metrics["select100"]
+            lines.append(f"{split:12s} select100: {s['kept']} queries kept, {s['dropped']} dropped")
+        if "faiss_recall_at_100_vs_exact" in split_metrics:
+            lines.append(f"{split:12s} FAISS recall@100 vs exact: {split_metrics['faiss_recall_at_100_vs_exact']}")
+    return lines
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_dir", required=True, help="first-stage run directory (opt.json, model.ckpt)")
+    parser.add_argument("--dataset_config", default=None, help="data config (default: the run's)")
+    parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
+    parser.add_argument("--out_dir", default=None, help="output folder (default RUN_DIR/first_stage_ranklists)")
+    parser.add_argument("--device", type=int, default=-1, help="CUDA device; -1 = CPU")
+    parser.add_argument("--train_top", type=int, default=TRAIN_TOP, help="videos per training query")
+    parser.add_argument("--eval_top", type=int, default=EVAL_TOP, help="videos per val / test_public query")
+    parser.add_argument("--max_vcmr_video", type=int, default=10,
+                        help="CONQUER's candidate count: the metrics report the share of GT videos in this top")
+    parser.add_argument("--video_bsz", type=int, default=64, help="videos encoded per batch")
+    parser.add_argument("--query_chunk", type=int, default=1024, help="queries scored per matrix product")
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers reading features")
+    parser.add_argument("--faiss", action="store_true", help="approximate search with a FAISS clip index")
+    parser.add_argument("--faiss_n_probe", type=int, default=16, help="IVF lists probed per query")
+    parser.add_argument("--faiss_clip_hits", type=int, default=256, help="clips retrieved per query and modality")
+    args = parser.parse_args(argv)
+    for name in ("train_top", "eval_top", "max_vcmr_video", "video_bsz", "query_chunk"):
+        if getattr(args, name) <= 0:
+            raise OptionError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.eval_top < args.max_vcmr_video:
+        raise OptionError(f"--eval_top {args.eval_top} must be >= --max_vcmr_video {args.max_vcmr_video}")
+    return args
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s - %(message)s")
+    args = parse_args(argv)
+    out_dir, metrics = rank_corpus(args)
+    print("\n".join(format_metrics(metrics)))
+    print(f"written: {out_dir}\nCONQUER on these lists: --dataset_config {os.path.join(out_dir, 'data_config.json')}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,294 @@
+"""First-stage benchmark: ranking quality on a synthetic corpus, exact ranking speed, FAISS at scale.
+
+    python -m method.tools.benchmark_first_stage [--quick] [--device -1] [--real_scale_config CONFIG]
+
+Sections (`run(args) -> dict`, `table_rows(results) -> list[str]`):
+- quality: on a synthetic corpus with planted signal (utils/synthetic_tvr.py), val VR recall of the trained
+  first stage (train.py --model first_stage), of the same model untrained, of the generator's release-style
+  ranklists, and of a plain floor (query tokens attention-pooled, clips through a 2-layer MLP, max-over-clips
+  cosine, in-batch InfoNCE, a few epochs);
+- exact ranking: seconds to rank a split's queries against its videos (`--real_scale_config`: a corpus built
+  by `python -m utils.synthetic_tvr --real_annotations ...` with the paper's dims);
+- faiss: a synthetic index of --faiss_videos videos (--faiss_clips clip vectors each): build time, memory,
+  per-query latency (one query at a time) and recall@100 of the approximate list against the exact one.
+"""
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from method.first_stage import (QueryItems, VideoBank, VideoItems, score_all, split_queries, split_videos,
+                                top_videos, vr_metrics)
+from utils.data_config import load_data_config
+from utils.synthetic_tvr import generate_corpus
+
+CORPUS = dict(n_train_videos=1000, n_train_queries=5000, n_val_videos=150, n_val_queries=200, visual_dim=48,
+              text_dim=32, query_dim=32, seed=0)
+QUICK_CORPUS = dict(CORPUS, n_train_videos=300, n_train_queries=1500)
+TRAIN_FLAGS = ["--hidden_dim", "128", "--bsz", "32", "--lr", "1e-3", "--num_workers", "0", "--max_es_cnt", "2"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# quality
+
+def load_split(config, split, ctx_mode="visual_sub"):
+    """All queries and videos of a split as tensors: (query inputs, video inputs, GT positions, video_idx)."""
+    rows, video2idx = split_queries(config, split), split_videos(config, split)
+    names = sorted(video2idx, key=video2idx.get)
+    queries = QueryItems(config, rows, 30)
+    query_inputs = torch.utils.data.default_collate([queries[i] for i in range(len(queries))])
+    video_inputs = VideoItems(config, names, 100, ctx_mode).get_many(names)
+    gt = torch.tensor([names.index(row["vid_name"]) for row in rows])
+    return query_inputs, video_inputs, gt, torch.tensor([video2idx[name] for name in names])
+
+
+class Floor(nn.Module):
+    """The plain floor: attention-pooled query tokens, clips through a 2-layer MLP, max-over-clips cosine."""
+
+    def __init__(self, query_dim, clip_dims, hidden_dim=128):
+        super().__init__()
+        self.modalities = list(clip_dims)
+        self.attention = nn.Linear(query_dim, len(clip_dims))
+        self.query_output = nn.ModuleList(nn.Linear(query_dim, hidden_dim) for _ in clip_dims)
+        self.mlp = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim))
+                                  for m, d in clip_dims.items()})
+
+    def embed(self, query_inputs, video_inputs):
+        mask = query_inputs["feat_mask"].bool()
+        attention = self.attention(query_inputs["feat"]).masked_fill(~mask[..., None], float("-inf")).softmax(1)
+        pooled = torch.einsum("qlm,qld->qmd", attention, query_inputs["feat"])
+        query = torch.stack([F.normalize(layer(pooled[:, i]), dim=-1) for i, layer in enumerate(self.query_output)], 1)
+        clips = torch.stack([F.normalize(self.mlp[m](video_inputs[m]["feat"]), dim=-1) for m in self.modalities], 1)
+        return ({"query": query, "modality_weights": torch.full(query.shape[:2], 1.0 / len(self.modalities))},
+                {"clips": clips, "clip_mask": video_inputs["visual"]["feat_mask"].bool()})
+
+
+def train_floor(train_split, n_epochs=5, batch_size=32, temperature=0.05, seed=0):
+    """The floor trained with in-batch InfoNCE (both directions) -> (model, seconds)."""
+    torch.manual_seed(seed)
+    query_inputs, video_inputs, gt, _ = train_split
+    model = Floor(query_inputs["feat"].shape[-1], {m: t["feat"].shape[-1] for m, t in video_inputs.items()})
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    start = time.time()
+    for _ in range(n_epochs):
+        order = torch.randperm(len(gt))
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            batch = order[i:i + batch_size]
+            videos = gt[batch]
+            query_emb, video_emb = model.embed({k: v[batch] for k, v in query_inputs.items()},
+                                               {m: {k: v[videos] for k, v in t.items()} for m, t in video_inputs.items()})
+            logits = model_score(query_emb, video_emb) / temperature
+            same = (videos[:, None] == videos[None, :]) & ~torch.eye(batch_size, dtype=torch.bool)
+            logits = logits.masked_fill(same, float("-inf"))
+            target = torch.arange(batch_size)
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model, time.time() - start
+
+
+def model_score(query_emb, video_emb):
+    from method.first_stage import FirstStageRetriever
+    return FirstStageRetriever.score(query_emb, video_emb)
+
+
+@torch.no_grad()
+def embedding_metrics(query_emb, video_emb, val_split, max_vcmr_video=10):
+    _, _, gt, video_idx = val_split
+    bank = VideoBank(list(range(len(video_idx))), video_idx, video_emb)
+    _, positions = top_videos(score_all(query_emb, bank, progress=False), 100)
+    return vr_metrics(video_idx[positions], video_idx[gt], max_vcmr_video)
+
+
+def trained_first_stage(data_config, corpus_kwargs, results_root, device, n_epoch):
+    """Train through train.py; -> (run dir, epoch -1 metrics (untrained), best metrics, seconds)."""
+    import json
+
+    import train
+    from utils.run_dir import REPO_ROOT
+    flags = ["--model", "first_stage", "--model_config", os.path.join(REPO_ROOT, "config", "first_stage_config.json"),
+             "--dataset_config", data_config, "--visual_dim", str(corpus_kwargs["visual_dim"]),
+             "--text_dim", str(corpus_kwargs["text_dim"]), "--query_dim", str(corpus_kwargs["query_dim"]),
+             "--stop_task", "VR", "--eval_tasks_at_training", "VR", "--device", str(device), "--exp_id", "bench",
+             "--results_root", results_root, "--n_epoch", str(n_epoch)] + TRAIN_FLAGS
+    start = time.time()
+    run_dir = train.main(flags)
+    seconds = time.time() - start
+    with open(os.path.join(run_dir, "eval.log.txt")) as f:
+        logged = [json.loads(line.split(" [Metrics] ")[1])["VR"] for line in f]
+    return run_dir, logged[0], max(logged[1:], key=lambda m: m["r1"]), seconds
+
+
+def release_style_metrics(config, rows, max_vcmr_video=10):
+    from method.rank_first_stage import input_ranklist_metrics
+    return input_ranklist_metrics(config, "val", rows, max_vcmr_video)
+
+
+def quality_section(args, work_dir):
+    corpus_kwargs = QUICK_CORPUS if args.quick else CORPUS
+    data_config = generate_corpus(os.path.join(work_dir, "corpus"), **corpus_kwargs)
+    config = load_data_config(data_config)
+    train_split, val_split = load_split(config, "train"), load_split(config, "val")
+    floor, floor_seconds = train_floor(train_split, n_epochs=3 if args.quick else 5)
+    with torch.no_grad():
+        floor_metrics = embedding_metrics(*floor.embed(val_split[0], val_split[1]), val_split)
+    run_dir, untrained, trained, seconds = trained_first_stage(data_config, corpus_kwargs,
+                                                               os.path.join(work_dir, "runs"), args.device,
+                                                               n_epoch=3 if args.quick else 10)
+    return {"corpus": {k: v for k, v in corpus_kwargs.items()},
+            "val_vr": {"trained first stage": trained, "untrained first stage": untrained,
+                       "release-style synthetic lists": release_style_metrics(config, split_queries(config, "val")),
+                       "floor (MLP clips, attention-pooled query)": floor_metrics},
+            "train_seconds": {"first stage (train.py)": round(seconds, 1), "floor": round(floor_seconds, 1)},
+            "run_dir": run_dir}
+
+
+# ----------------------------------------------------------------------------------------------------
+# exact ranking speed
+
+def ranking_section(args, run_dir):
+    """Seconds to rank the val split of `args.real_scale_config` with an untrained model of the paper dims."""
+    from method.checkpoint import build_model
+    from method.first_stage import encode_query_bank, encode_video_bank
+    config = load_data_config(args.real_scale_config)
+    rows, video2idx = split_queries(config, "val"), split_videos(config, "val")
+    opt = dict(model="first_stage", query_dim=768, visual_dim=4352, text_dim=768, hidden_dim=256, max_ctx_len=100,
+               ctx_mode="visual_sub", max_desc_len=30)
+    from utils.io_utils import load_json
+    from utils.run_dir import REPO_ROOT
+    model = build_model(load_json(os.path.join(REPO_ROOT, "config", "first_stage_config.json")), opt).eval()
+    videos = VideoItems(config, sorted(video2idx, key=video2idx.get), 100, "visual_sub")
+    videos.video2idx = video2idx
+    timings = {}
+    start = time.time()
+    bank = encode_video_bank(model, videos, torch.device("cpu"), batch_size=64, num_workers=args.num_workers)
+    timings["encode videos"] = time.time() - start
+    start = time.time()
+    query_emb = encode_query_bank(model, QueryItems(config, rows, 30), torch.device("cpu"))
+    timings["encode queries"] = time.time() - start
+    start = time.time()
+    top_videos(score_all(query_emb, bank), 100)
+    timings["score and sort"] = time.time() - start
+    timings["total"] = sum(timings.values())
+    return {"n_queries": len(rows), "n_videos": len(video2idx), "threads": torch.get_num_threads(),
+            "seconds": {k: round(v, 1) for k, v in timings.items()}}
+
+
+# ----------------------------------------------------------------------------------------------------
+# FAISS at scale
+
+def faiss_section(args):
+    """A synthetic clip index: videos are topics + noise, queries are noisy clips of random videos."""
+    import faiss
+    from method.rank_first_stage import build_ivf_index
+    rng = np.random.default_rng(0)
+    n_videos, n_clips, dim = args.faiss_videos, args.faiss_clips, args.faiss_dim
+    topics = rng.standard_normal((4096, dim)).astype(np.float32)
+    vectors = np.empty((n_videos * n_clips, dim), dtype=np.float32)
+    chunk = 100000
+    for start in range(0, n_videos, chunk):
+        n = min(chunk, n_videos - start)
+        centres = topics[rng.integers(0, len(topics), n)] + rng.standard_normal((n, dim)).astype(np.float32)
+        clips = centres[:, None, :] + 0.7 * rng.standard_normal((n, n_clips, dim)).astype(np.float32)
+        vectors[start * n_clips:(start + n) * n_clips] = clips.reshape(-1, dim)
+    faiss.normalize_L2(vectors)
+    owner = np.repeat(np.arange(n_videos), n_clips)
+    picks = rng.integers(0, len(vectors), args.faiss_queries)
+    queries = vectors[picks] + 0.5 * rng.standard_normal((args.faiss_queries, dim)).astype(np.float32) / np.sqrt(dim)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    faiss.normalize_L2(queries)
+
+    start = time.time()
+    index = build_ivf_index(faiss, vectors)
+    build_seconds = time.time() - start
+    index.nprobe = args.faiss_n_probe
+    index_bytes = vectors.nbytes + owner.nbytes + index.nlist * dim * 4
+
+    def exact(q):
+        sims = (vectors @ q).reshape(n_videos, n_clips).max(axis=1)
+        return np.argsort(-sims, kind="stable")[:100]
+
+    def approximate(q):
+        _, hits = index.search(q[None], args.faiss_clip_hits)
+        candidates = np.unique(owner[hits[0][hits[0] >= 0]])
+        sims = (vectors.reshape(n_videos, n_clips, dim)[candidates] @ q).max(axis=1)
+        return candidates[np.argsort(-sims, kind="stable")[:100]]
+
+    faiss.omp_set_num_threads(1)
+    latencies, recalls = [], []
+    for q in queries:
+        start = time.perf_counter()
+        found = approximate(q)
+        latencies.append(time.perf_counter() - start)
+        recalls.append(len(set(found.tolist()) & set(exact(q).tolist())) / 100)
+    return {"index": f"IndexIVFFlat (inner product), {index.nlist} lists, nprobe {args.faiss_n_probe}, "
+                     f"{args.faiss_clip_hits} clip hits, exact re-score of their videos",
+            "n_videos": n_videos, "clips_per_video": n_clips, "dim": dim, "build_seconds": round(build_seconds, 1),
+            "index_gib": round(index_bytes / 2 ** 30, 2), "ms_per_query": round(1000 * float(np.mean(latencies)), 2),
+            "ms_per_query_p95": round(1000 * float(np.percentile(latencies, 95)), 2),
+            "recall_at_100_vs_exact": round(float(np.mean(recalls)), 4), "n_queries": len(queries)}
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def run(args):
+    """-> {"quality", "ranking" (when a real-scale config is given), "faiss"}."""
+    defaults = vars(parse_args([]))
+    args = argparse.Namespace(**dict(defaults, **vars(args)))
+    if args.quick:
+        args.faiss_videos = min(args.faiss_videos, 20000)
+        args.faiss_queries = min(args.faiss_queries, 50)
+    results = {}
+    with tempfile.TemporaryDirectory() as work_dir:
+        results["quality"] = quality_section(args, work_dir)
+        results["quality"].pop("run_dir")
+    if args.real_scale_config:
+        results["ranking"] = ranking_section(args, None)
+    results["faiss"] = faiss_section(args)
+    return results
+
+
+def table_rows(results):
+    rows = ["First stage, synthetic val split (VR, %):", f"  {'ranklist':44s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'R@100':>6s}"]
+    for name, m in results["quality"]["val_vr"].items():
+        rows.append(f"  {name:44s} {m['r1']:6.2f} {m['r5']:6.2f} {m['r10']:6.2f} {m['r100']:6.2f}")
+    rows.append("  training seconds: " + ", ".join(f"{k} {v}" for k, v in results["quality"]["train_seconds"].items()))
+    if "ranking" in results:
+        r = results["ranking"]
+        rows.append(f"Exact ranking, {r['n_queries']} queries x {r['n_videos']} videos, {r['threads']} threads: "
+                    + ", ".join(f"{k} {v} s" for k, v in r["seconds"].items()))
+    f = results["faiss"]
+    rows.append(f"FAISS, {f['n_videos']:,d} videos x {f['clips_per_video']} clips (dim {f['dim']}): {f['index']}; "
+                f"build {f['build_seconds']} s, {f['index_gib']} GiB, {f['ms_per_query']} ms/query "
+                f"(p95 {f['ms_per_query_p95']}), recall@100 vs exact {f['recall_at_100_vs_exact']}")
+    return rows
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller corpus, fewer epochs, a 20k-video index")
+    parser.add_argument("--device", type=int, default=-1)
+    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--real_scale_config", default=None, help="data config of a real-scale synthetic corpus")
+    parser.add_argument("--faiss_videos", type=int, default=1_000_000)
+    parser.add_argument("--faiss_clips", type=int, default=8)
+    parser.add_argument("--faiss_dim", type=int, default=64)
+    parser.add_argument("--faiss_queries", type=int, default=200)
+    parser.add_argument("--faiss_n_probe", type=int, default=32)
+    parser.add_argument("--faiss_clip_hits", type=int, default=1000)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    results = run(parse_args(argv))
+    print("\n".join(table_rows(results)))
+
+
+if __name__ == "__main__":
+    main()
