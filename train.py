@@ -29,18 +29,16 @@ import time
 import torch
 from easydict import EasyDict
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from config.options import BaseOptions
 from method.amp import autocast_context, make_grad_scaler
 from method.checkpoint import build_model, load_checkpoint, load_encoder_pretrain, load_model_weights, save_checkpoint
-from method.dataset import StartEndDataset, prepare_batch_inputs, start_end_collate
+from method.dataset import build_training_datasets, prepare_batch_inputs, start_end_collate
 from method import first_stage
 from method.evaluation import eval_epoch
-from method.optimization import apply_warmup, build_optimizer, clip_gradients, warmup_steps_for
+from method.optimization import apply_warmup, build_optimizer, training_step, warmup_steps_for
 from utils import distributed, random_streams, run_dir
-from utils.data_config import load_data_config
 from utils.errors import ConquerError, OptionError, run_cli
 from utils.io_utils import load_json, remove_stale_temp_files
 from utils.tvr_format import IOU_THRESHOLDS
@@ -73,84 +71,15 @@ class AverageMeter:
 
 
 # ----------------------------------------------------------------------------------------------------
-# setup
-
-class NullWriter:
-    """The SummaryWriter of the ranks other than 0, which write nothing."""
-
-    def add_scalar(self, *args, **kwargs):
-        pass
-
-    def add_scalars(self, *args, **kwargs):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
-# The original builds its training set with the dataset's own defaults, whatever the options say.
-ORIGINAL_TRAIN_SET_OPTIONS = dict(max_ctx_len=100, max_desc_len=30, clip_length=1.5, ctx_mode="visual_sub")
-
-
-def train_set_options(opt, data_config):
-    """max_ctx_len, max_desc_len, clip_length and ctx_mode of the training set.
-
-    As the original: the dataset defaults (100, 30, 1.5, visual_sub), whatever the options say, so that
-    non-default options train exactly as it did; with --train_set_honours_options, the options. The options
-    are also used, with a log line, where the original crashes: ctx_mode visual_sub with max_ctx_len other
-    than 100 (the model splits its two-modality sequence at max_ctx_len clips), and a corpus without subtitle
-    features (the original's training set reads them).
-    """
-    honoured = {name: opt[name] for name in ORIGINAL_TRAIN_SET_OPTIONS}
-    if opt.train_set_honours_options or honoured == ORIGINAL_TRAIN_SET_OPTIONS:
-        return honoured
-    crash = None
-    if opt.ctx_mode == "visual_sub" and opt.max_ctx_len != ORIGINAL_TRAIN_SET_OPTIONS["max_ctx_len"]:
-        crash = f"--ctx_mode visual_sub and --max_ctx_len {opt.max_ctx_len}"
-    elif not os.path.isdir(data_config.sub_bert_path):
-        crash = f"no subtitle store at {data_config.sub_bert_path}"
-    if crash:
-        logger.info("training set built with the options %s (the original's fixed %s crash with %s)",
-                    honoured, ORIGINAL_TRAIN_SET_OPTIONS, crash)
-        return honoured
-    logger.info("training set built with %s, as the original, not with the options %s; pass "
-                "--train_set_honours_options to use the options", ORIGINAL_TRAIN_SET_OPTIONS, honoured)
-    return dict(ORIGINAL_TRAIN_SET_OPTIONS)
-
-
-def build_datasets(opt):
-    """(train, eval-loss, evaluation) datasets; the last two are None with --disable_eval. The training set's
-    lengths, clip length and ctx_mode follow `train_set_options`; the other two use the options."""
-    data_config = load_data_config(opt.dataset_config)
-    common = dict(max_ctx_len=opt.max_ctx_len, max_desc_len=opt.max_desc_len, clip_length=opt.clip_length,
-                  ctx_mode=opt.ctx_mode, data_ratio=opt.data_ratio)
-    train_dataset = StartEndDataset(data_config, mode="train", is_eval=False, neg_video_num=opt.neg_video_num,
-                                    use_extend_pool=opt.use_extend_pool, data_ratio=opt.data_ratio,
-                                    **train_set_options(opt, data_config))
-    if opt.disable_eval:
-        return train_dataset, None, None
-    eval_loss_dataset = StartEndDataset(data_config, mode="val", is_eval=False, neg_video_num=opt.neg_video_num,
-                                        use_extend_pool=opt.use_extend_pool, **common)
-    eval_dataset = StartEndDataset(data_config, mode=opt.eval_split_name, is_eval=True,
-                                   inference_top_k=opt.max_vcmr_video, **common)
-    if opt.debug:
-        eval_dataset = eval_dataset.subset(0, DEBUG_EVAL_QUERIES)
-    return train_dataset, eval_loss_dataset, eval_dataset
-
-
-# ----------------------------------------------------------------------------------------------------
 # the models this loop trains (--model): each brings its datasets, its evaluation and its loss names
 
 class ConquerRecipe:
-    """CONQUER: `build_datasets` above, `eval_epoch` (VCMR / SVMR / VR over the first-stage candidates)."""
+    """CONQUER: `build_training_datasets`, `eval_epoch` (VCMR / SVMR / VR over the first-stage candidates)."""
     loss_names = LOSS_NAMES
 
     @staticmethod
     def build_datasets(opt, model_cfg):
-        return build_datasets(opt)
+        return build_training_datasets(opt)
 
     evaluate = staticmethod(eval_epoch)
 
@@ -179,10 +108,6 @@ def count_parameters(model):
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
-
-
-def autocast(opt):
-    return autocast_context(opt.amp, opt.device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,19 +195,9 @@ class Trainer:
             global_step = epoch * self.batches_per_epoch + batch_idx
             apply_warmup(optimizer, global_step, self.warmup_steps)
             model_inputs = prepare_batch_inputs(model_inputs, opt.device, non_blocking=opt.device.type == "cuda")
-            with autocast(opt):
-                loss, loss_dict = model(model_inputs)
+            loss_dict = training_step(model, model_inputs, optimizer, self.scaler, opt.amp, opt.grad_clip)
             # The losses are means over queries: their mean over the ranks is the global batch's.
             loss_dict = dict(zip(loss_dict, distributed.mean_over_ranks(loss_dict.values())))
-            # Zeroed rather than set to None, as the original's torch did: a parameter that once had a
-            # gradient keeps being updated (and decayed) by the optimizer.
-            optimizer.zero_grad(set_to_none=False)
-            self.scaler.scale(loss).backward()
-            if opt.grad_clip != -1:
-                self.scaler.unscale_(optimizer)
-                clip_gradients(model.parameters(), opt.grad_clip)
-            self.scaler.step(optimizer)
-            self.scaler.update()
 
             self.writer.add_scalar("Train/LR_top", float(optimizer.param_groups[0]["lr"]), global_step)
             self.writer.add_scalar("Train/LR_pretrain", float(optimizer.param_groups[-1]["lr"]), global_step)
@@ -308,7 +223,7 @@ class Trainer:
         for _, model_inputs in tqdm(batches, total=n_batches, desc="Eval loss", leave=False,
                                     disable=not distributed.is_main_process()):
             model_inputs = prepare_batch_inputs(model_inputs, self.opt.device)
-            with autocast(self.opt):
+            with autocast_context(self.opt.amp, self.opt.device):
                 _, loss_dict = self.model(model_inputs)
             for name, value in loss_dict.items():
                 meters[name].update(float(value))
@@ -393,11 +308,8 @@ class Trainer:
         if first_epoch >= self.n_epoch:
             logger.info("all %d epochs are done; pass a larger --n_epoch to train further", self.n_epoch)
             return
-        if opt.resume and distributed.is_main_process():
-            # The unfinished epoch runs again: its points, flushed before the kill, are written again.
-            run_dir.drop_tensorboard_scalars(opt.tensorboard_log_dir,
-                                             unfinished_epoch_points(first_epoch, self.batches_per_epoch))
-        self.writer = SummaryWriter(opt.tensorboard_log_dir) if distributed.is_main_process() else NullWriter()
+        self.writer = run_dir.open_tensorboard(opt.tensorboard_log_dir, first_epoch if opt.resume else None,
+                                               self.batches_per_epoch)
         try:
             for epoch in tqdm(range(first_epoch, self.n_epoch), desc="Epoch", initial=first_epoch - self.start_epoch,
                               total=self.n_epoch - self.start_epoch, disable=not distributed.is_main_process()):
@@ -415,19 +327,6 @@ class Trainer:
                     break
         finally:
             self.writer.close()
-
-
-def unfinished_epoch_points(epoch, batches_per_epoch):
-    """(tag, step) -> whether that TensorBoard point belongs to `epoch` or later: its training steps
-    (Train/*, step epoch * batches_per_epoch + batch), its eval-loss point (Eval_Loss/*, step epoch) and
-    its evaluation (Eval/*, step (epoch + 1) * batches_per_epoch)."""
-    def belongs(tag, step):
-        if tag.startswith("Eval_Loss/"):
-            return step >= epoch
-        if tag.startswith("Eval/"):
-            return step >= (epoch + 1) * batches_per_epoch
-        return step >= epoch * batches_per_epoch
-    return belongs
 
 
 def main(argv=None):
@@ -485,6 +384,8 @@ def train(opt):
     logger.info("model_config %s", pprint.pformat(model_cfg, indent=4))
 
     train_dataset, eval_loss_dataset, eval_dataset = model_recipe(opt).build_datasets(opt, model_cfg)
+    if opt.debug and eval_dataset is not None:
+        eval_dataset = eval_dataset.subset(0, DEBUG_EVAL_QUERIES)
     for dataset in (train_dataset, eval_dataset):
         if dataset is not None:
             dataset.check_feature_dims(opt.query_dim, opt.visual_dim, opt.text_dim)

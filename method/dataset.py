@@ -13,6 +13,7 @@ DataLoader workers need no special setup.
 import copy
 import functools
 import logging
+import os
 import random
 
 import numpy as np
@@ -309,6 +310,54 @@ def query_inputs(features, max_desc_len):
     return dict(feat=torch.from_numpy(feat), feat_mask=torch.from_numpy(mask),
                 feat_pos_id=torch.arange(max_desc_len, dtype=torch.int64),
                 feat_token_id=torch.full((max_desc_len,), TEXT_TOKEN_ID, dtype=torch.int64))
+
+
+# The original builds its training set with the dataset's own defaults, whatever the options say.
+ORIGINAL_TRAIN_SET_OPTIONS = dict(max_ctx_len=100, max_desc_len=30, clip_length=1.5, ctx_mode="visual_sub")
+
+
+def train_set_options(opt, data_config):
+    """max_ctx_len, max_desc_len, clip_length and ctx_mode of the training set.
+
+    As the original: the dataset defaults (100, 30, 1.5, visual_sub), whatever the options say, so that
+    non-default options train exactly as it did; with --train_set_honours_options, the options. The options
+    are also used, with a log line, where the original crashes: ctx_mode visual_sub with max_ctx_len other
+    than 100 (the model splits its two-modality sequence at max_ctx_len clips), and a corpus without subtitle
+    features (the original's training set reads them).
+    """
+    honoured = {name: opt[name] for name in ORIGINAL_TRAIN_SET_OPTIONS}
+    if opt.train_set_honours_options or honoured == ORIGINAL_TRAIN_SET_OPTIONS:
+        return honoured
+    crash = None
+    if opt.ctx_mode == "visual_sub" and opt.max_ctx_len != ORIGINAL_TRAIN_SET_OPTIONS["max_ctx_len"]:
+        crash = f"--ctx_mode visual_sub and --max_ctx_len {opt.max_ctx_len}"
+    elif not os.path.isdir(data_config.sub_bert_path):
+        crash = f"no subtitle store at {data_config.sub_bert_path}"
+    if crash:
+        logger.info("training set built with the options %s (the original's fixed %s crash with %s)",
+                    honoured, ORIGINAL_TRAIN_SET_OPTIONS, crash)
+        return honoured
+    logger.info("training set built with %s, as the original, not with the options %s; pass "
+                "--train_set_honours_options to use the options", ORIGINAL_TRAIN_SET_OPTIONS, honoured)
+    return dict(ORIGINAL_TRAIN_SET_OPTIONS)
+
+
+def build_training_datasets(opt):
+    """CONQUER's (train, eval-loss, evaluation) datasets for train.py; the last two are None with --disable_eval. The training set's
+    lengths, clip length and ctx_mode follow `train_set_options`; the other two use the options."""
+    data_config = load_data_config(opt.dataset_config)
+    common = dict(max_ctx_len=opt.max_ctx_len, max_desc_len=opt.max_desc_len, clip_length=opt.clip_length,
+                  ctx_mode=opt.ctx_mode, data_ratio=opt.data_ratio)
+    train_dataset = StartEndDataset(data_config, mode="train", is_eval=False, neg_video_num=opt.neg_video_num,
+                                    use_extend_pool=opt.use_extend_pool, data_ratio=opt.data_ratio,
+                                    **train_set_options(opt, data_config))
+    if opt.disable_eval:
+        return train_dataset, None, None
+    eval_loss_dataset = StartEndDataset(data_config, mode="val", is_eval=False, neg_video_num=opt.neg_video_num,
+                                        use_extend_pool=opt.use_extend_pool, **common)
+    eval_dataset = StartEndDataset(data_config, mode=opt.eval_split_name, is_eval=True,
+                                   inference_top_k=opt.max_vcmr_video, **common)
+    return train_dataset, eval_loss_dataset, eval_dataset
 
 
 def start_end_collate(batch):

@@ -45,7 +45,6 @@ DEFAULT_CONFIG = dict(n_video_layers=1, n_query_layers=1, n_heads=4, dropout=0.1
                       init_temperature=0.05, n_hard_negatives=0, hard_negative_pool=100)
 MAX_LOGIT_SCALE = 100.0
 # --debug evaluates the first queries of the split only.
-DEBUG_EVAL_QUERIES = 10
 _MAX_REPORTED_PROBLEMS = 5
 
 
@@ -508,10 +507,7 @@ class FirstStageRecipe:
         if opt.disable_eval:
             return train_dataset, None, None
         eval_loss_dataset = FirstStageDataset(config, mode="val", **dict(common, n_hard_negatives=0))
-        ranking = SplitRanking(config, opt.eval_split_name, opt)
-        if opt.debug:
-            ranking = ranking.subset(0, DEBUG_EVAL_QUERIES)
-        return train_dataset, eval_loss_dataset, ranking
+        return train_dataset, eval_loss_dataset, SplitRanking(config, opt.eval_split_name, opt)
 
     @staticmethod
     def evaluate(model, eval_dataset, opt, save_submission_filename, tasks, max_after_nms):

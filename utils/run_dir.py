@@ -190,3 +190,43 @@ def drop_tensorboard_scalars(log_dir, drop):
                 os.fsync(f.fileno())
             os.replace(temp_path, path)
 
+
+class NullWriter:
+    """The TensorBoard writer of the ranks other than 0, which write nothing."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def add_scalars(self, *args, **kwargs):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def unfinished_epoch_points(epoch, batches_per_epoch):
+    """(tag, step) -> whether that TensorBoard point belongs to `epoch` or later: its training steps
+    (Train/*, step epoch * batches_per_epoch + batch), its eval-loss point (Eval_Loss/*, step epoch) and
+    its evaluation (Eval/*, step (epoch + 1) * batches_per_epoch)."""
+    def belongs(tag, step):
+        if tag.startswith("Eval_Loss/"):
+            return step >= epoch
+        if tag.startswith("Eval/"):
+            return step >= (epoch + 1) * batches_per_epoch
+        return step >= epoch * batches_per_epoch
+    return belongs
+
+
+def open_tensorboard(log_dir, resumed_epoch, batches_per_epoch):
+    """The run's TensorBoard writer (rank 0; the other ranks get a NullWriter). A run resumed at epoch
+    `resumed_epoch` (None: a new run) first drops that unfinished epoch's points, which it writes again."""
+    if not distributed.is_main_process():
+        return NullWriter()
+    from torch.utils.tensorboard import SummaryWriter
+
+    if resumed_epoch is not None:
+        drop_tensorboard_scalars(log_dir, unfinished_epoch_points(resumed_epoch, batches_per_epoch))
+    return SummaryWriter(log_dir)

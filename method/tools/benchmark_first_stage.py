@@ -1,15 +1,16 @@
-"""First-stage benchmark: ranking quality on a synthetic corpus, exact ranking speed, FAISS at scale.
+"""Benchmark section `first_stage`: ranking quality on a synthetic corpus, exact ranking speed, FAISS at scale.
 
-    python -m method.tools.benchmark_first_stage [--quick] [--device -1] [--real_scale_config CONFIG]
+    python -m method.tools.benchmark --sections first_stage [--first_stage_real_scale_config CONFIG] [...]
 
-Sections (`run(args) -> dict`, `table_rows(results) -> list[str]`):
+Parts:
 - quality: on a synthetic corpus with planted signal (utils/synthetic_tvr.py), val VR recall of the trained
   first stage (train.py --model first_stage), of the same model untrained, of the generator's release-style
   ranklists, and of a plain floor (query tokens attention-pooled, clips through a 2-layer MLP, max-over-clips
   cosine, in-batch InfoNCE, a few epochs);
 - exact ranking: seconds to rank a split's queries against its videos (`--real_scale_config`: a corpus built
-  by `python -m utils.synthetic_tvr --real_annotations ...` with the paper's dims);
-- faiss: a synthetic index of --faiss_videos videos (--faiss_clips clip vectors each): build time, memory,
+  by `python -m utils.synthetic_tvr --real_annotations ...` with the paper's dims; skipped without it);
+- faiss: a synthetic index of --first_stage_faiss_videos videos (--first_stage_faiss_clips clip vectors each):
+  build time, memory,
   per-query latency (one query at a time) and recall@100 of the approximate list against the exact one.
 """
 import argparse
@@ -29,8 +30,8 @@ from utils.synthetic_tvr import generate_corpus
 
 CORPUS = dict(n_train_videos=1000, n_train_queries=5000, n_val_videos=150, n_val_queries=200, visual_dim=48,
               text_dim=32, query_dim=32, seed=0)
-QUICK_CORPUS = dict(CORPUS, n_train_videos=300, n_train_queries=1500)
-TRAIN_FLAGS = ["--hidden_dim", "128", "--bsz", "32", "--lr", "1e-3", "--num_workers", "0", "--max_es_cnt", "2"]
+QUICK_CORPUS = dict(CORPUS, n_train_videos=60, n_train_queries=240, n_val_videos=30, n_val_queries=60)
+TRAIN_FLAGS = ["--bsz", "32", "--lr", "1e-3", "--num_workers", "0", "--max_es_cnt", "2"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ def embedding_metrics(query_emb, video_emb, val_split, max_vcmr_video=10):
     return vr_metrics(video_idx[positions], video_idx[gt], max_vcmr_video)
 
 
-def trained_first_stage(data_config, corpus_kwargs, results_root, device, n_epoch):
+def trained_first_stage(data_config, corpus_kwargs, results_root, device, n_epoch, hidden_dim):
     """Train through train.py; -> (run dir, epoch -1 metrics (untrained), best metrics, seconds)."""
     import json
 
@@ -115,8 +116,9 @@ def trained_first_stage(data_config, corpus_kwargs, results_root, device, n_epoc
     flags = ["--model", "first_stage", "--model_config", os.path.join(REPO_ROOT, "config", "first_stage_config.json"),
              "--dataset_config", data_config, "--visual_dim", str(corpus_kwargs["visual_dim"]),
              "--text_dim", str(corpus_kwargs["text_dim"]), "--query_dim", str(corpus_kwargs["query_dim"]),
-             "--stop_task", "VR", "--eval_tasks_at_training", "VR", "--device", str(device), "--exp_id", "bench",
-             "--results_root", results_root, "--n_epoch", str(n_epoch)] + TRAIN_FLAGS
+             "--stop_task", "VR", "--eval_tasks_at_training", "VR", "--device", "-1" if device.type == "cpu" else "0",
+             "--exp_id", "bench",
+             "--results_root", results_root, "--n_epoch", str(n_epoch), "--hidden_dim", str(hidden_dim)] + TRAIN_FLAGS
     start = time.time()
     run_dir = train.main(flags)
     seconds = time.time() - start
@@ -135,12 +137,13 @@ def quality_section(args, work_dir):
     data_config = generate_corpus(os.path.join(work_dir, "corpus"), **corpus_kwargs)
     config = load_data_config(data_config)
     train_split, val_split = load_split(config, "train"), load_split(config, "val")
-    floor, floor_seconds = train_floor(train_split, n_epochs=3 if args.quick else 5)
+    floor, floor_seconds = train_floor(train_split, n_epochs=1 if args.quick else 5)
     with torch.no_grad():
         floor_metrics = embedding_metrics(*floor.embed(val_split[0], val_split[1]), val_split)
     run_dir, untrained, trained, seconds = trained_first_stage(data_config, corpus_kwargs,
                                                                os.path.join(work_dir, "runs"), args.device,
-                                                               n_epoch=3 if args.quick else 10)
+                                                               n_epoch=1 if args.quick else 10,
+                                                               hidden_dim=32 if args.quick else 128)
     return {"corpus": {k: v for k, v in corpus_kwargs.items()},
             "val_vr": {"trained first stage": trained, "untrained first stage": untrained,
                        "release-style synthetic lists": release_style_metrics(config, split_queries(config, "val")),
@@ -237,13 +240,28 @@ def faiss_section(args):
 
 # ----------------------------------------------------------------------------------------------------
 
+REQUIRES = {"faiss": "faiss"}
+
+
+def add_arguments(parser):
+    parser.add_argument("--first_stage_real_scale_config", default=None,
+                        help="data config of a real-scale synthetic corpus (exact ranking speed; skipped without)")
+    parser.add_argument("--first_stage_faiss_videos", type=int, default=1_000_000)
+    parser.add_argument("--first_stage_faiss_clips", type=int, default=8)
+    parser.add_argument("--first_stage_faiss_dim", type=int, default=64)
+    parser.add_argument("--first_stage_faiss_queries", type=int, default=200)
+    parser.add_argument("--first_stage_faiss_n_probe", type=int, default=32)
+    parser.add_argument("--first_stage_faiss_clip_hits", type=int, default=1000)
+
+
 def run(args):
     """-> {"quality", "ranking" (when a real-scale config is given), "faiss"}."""
-    defaults = vars(parse_args([]))
-    args = argparse.Namespace(**dict(defaults, **vars(args)))
+    prefix = "first_stage_"
+    args = argparse.Namespace(quick=args.quick, device=args.device, num_workers=0,
+                              **{k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)})
     if args.quick:
-        args.faiss_videos = min(args.faiss_videos, 20000)
-        args.faiss_queries = min(args.faiss_queries, 50)
+        args.faiss_videos = min(args.faiss_videos, 2000)
+        args.faiss_queries = min(args.faiss_queries, 20)
     results = {}
     with tempfile.TemporaryDirectory() as work_dir:
         results["quality"] = quality_section(args, work_dir)
@@ -268,27 +286,3 @@ def table_rows(results):
                 f"build {f['build_seconds']} s, {f['index_gib']} GiB, {f['ms_per_query']} ms/query "
                 f"(p95 {f['ms_per_query_p95']}), recall@100 vs exact {f['recall_at_100_vs_exact']}")
     return rows
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller corpus, fewer epochs, a 20k-video index")
-    parser.add_argument("--device", type=int, default=-1)
-    parser.add_argument("--num_workers", type=int, default=0)
-    parser.add_argument("--real_scale_config", default=None, help="data config of a real-scale synthetic corpus")
-    parser.add_argument("--faiss_videos", type=int, default=1_000_000)
-    parser.add_argument("--faiss_clips", type=int, default=8)
-    parser.add_argument("--faiss_dim", type=int, default=64)
-    parser.add_argument("--faiss_queries", type=int, default=200)
-    parser.add_argument("--faiss_n_probe", type=int, default=32)
-    parser.add_argument("--faiss_clip_hits", type=int, default=1000)
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    results = run(parse_args(argv))
-    print("\n".join(table_rows(results)))
-
-
-if __name__ == "__main__":
-    main()

@@ -14,6 +14,7 @@ import torch
 import train
 from config.options import OptionError
 from method.checkpoint import load_checkpoint
+from method.dataset import build_training_datasets
 from kill_points import FREEZE_HARNESS
 
 from utils.run_dir import REPO_ROOT
@@ -250,7 +251,7 @@ NON_DEFAULT = ["--max_ctx_len", "100", "--max_desc_len", "8", "--clip_length", "
 ])
 def test_training_set_options_as_the_original(base_args, tmp_path, extra, expected):
     opt = train.BaseOptions().parse(base_args + ["--results_root", str(tmp_path), "--exp_id", "ts"] + extra)
-    train_dataset, eval_loss_dataset, eval_dataset = train.build_datasets(opt)
+    train_dataset, eval_loss_dataset, eval_dataset = build_training_datasets(opt)
     assert {name: getattr(train_dataset, name) for name in expected} == expected
     for dataset in (eval_loss_dataset, eval_dataset):
         assert (dataset.max_ctx_len, dataset.max_desc_len, dataset.ctx_mode) == (opt.max_ctx_len, opt.max_desc_len,
