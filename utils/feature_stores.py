@@ -217,9 +217,10 @@ class RanklistStore(_Store):
 class StoreWriter:
     """Write one store from scratch: `with StoreWriter(path, encode) as w: w.put(key, value)`.
 
-    Values are encoded with `encode`, committed in chunks, and the map grows as needed. The store is
-    built in `<path>.partial` and moved into place on a clean exit, replacing any previous store there,
-    so an interrupted write never leaves a half store under `path`.
+    Values are encoded with `encode` and committed in chunks; before each chunk the map is sized from the
+    pages in use and what the chunk can take (`_reserve`). The store is built in `<path>.partial` and moved
+    into place on a clean exit, replacing any previous store there, so an interrupted write never leaves a
+    half store under `path`.
     """
     _CHUNK_BYTES = 64 << 20
 
@@ -229,7 +230,7 @@ class StoreWriter:
         self._partial = self.path.rstrip(os.sep) + ".partial"
         self._pending = []
         self._pending_bytes = 0
-        self._map_size = 64 << 20
+        self._map_size = 1 << 20
         self._env = None
 
     def __enter__(self):
@@ -245,16 +246,32 @@ class StoreWriter:
         if self._pending_bytes >= self._CHUNK_BYTES:
             self._flush()
 
+    def _reserve(self, margin):
+        """Grow the map to the pages in use plus `margin` times what the pending chunk can take: an entry of
+        more than half a page gets whole overflow pages, smaller ones share leaf pages (16 bytes of header
+        each, pages half full after splits); the margin covers the B-tree's branch and copy-on-write pages."""
+        page = self._env.stat()["psize"]
+        used = (self._env.info()["last_pgno"] + 1) * page
+        chunk = 0
+        for key, value in self._pending:
+            size = len(key) + len(value) + 16
+            chunk += -(-size // page) * page if size > page // 2 else 2 * size
+        needed = used + margin * chunk + (1 << 20)
+        if needed > self._map_size:
+            self._map_size = -(-needed // (1 << 20)) << 20
+            self._env.set_mapsize(self._map_size)
+
     def _flush(self):
+        margin = 2
         while True:
+            self._reserve(margin)
             try:
                 with self._env.begin(write=True) as txn:
                     for key, value in self._pending:
                         txn.put(key, value)
                 break
-            except lmdb.MapFullError:
-                self._map_size *= 2
-                self._env.set_mapsize(self._map_size)
+            except lmdb.MapFullError:  # more B-tree overhead than the margin allowed (many tiny entries)
+                margin *= 2
         self._pending, self._pending_bytes = [], 0
 
     def __exit__(self, exc_type, exc, tb):

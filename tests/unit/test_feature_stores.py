@@ -215,3 +215,19 @@ def test_reader_pickles_without_its_environment(tmp_path):
     reader.get(1)
     clone = pickle.loads(pickle.dumps(reader))
     assert clone.max_len == 1 and clone.get(1).shape == (1, 3)
+
+
+@pytest.mark.parametrize("n_entries, rows", [(40, 300), (20000, 0)])
+def test_writer_sizes_the_map_from_the_data(tmp_path, n_entries, rows):
+    """Large values (overflow pages) and many tiny ones: every value is stored, and the map is computed from
+    the data (a few MiB over what the store uses), not a fixed guess."""
+    features = {f"v{i}": np.full((rows, 64), i, dtype=np.float32) for i in range(n_entries)}
+    write_query_store(tmp_path / "store", features)
+    env = lmdb.open(str(tmp_path / "store"), readonly=True, lock=False)
+    with env.begin() as txn:
+        assert txn.stat()["entries"] == n_entries
+        assert all(np.array_equal(feature_stores.decode_npz_features(txn.get(k.encode())), v)
+                   for k, v in features.items())
+    used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    assert used <= env.info()["map_size"] <= 4 * used + (4 << 20)
+    env.close()
