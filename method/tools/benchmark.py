@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from easydict import EasyDict
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from method.amp import AMP_DTYPES, autocast_context, check_amp, make_grad_scaler
 from method.conquer import CONQUER
@@ -151,7 +151,7 @@ def machine_info(device):
 # ----------------------------------------------------------------------------------------------------
 # machine peak and FLOP counts
 
-def _matmul_seconds(a, b, device):
+def matmul_seconds(a, b, device):
     synchronize(device)
     start = time.perf_counter()
     a @ b
@@ -169,21 +169,27 @@ def matmul_peak_flops(device, dtype, n, max_matmul_s=1.0, budget_s=5.0, repeats=
         return [torch.randn(size, size, generator=g).to(device=device, dtype=dtype) for _ in range(2)]
 
     probe = operands(min(n, 512))
-    _matmul_seconds(*probe, device)  # warm-up: kernel selection, thread pool
-    rate = 2 * probe[0].shape[0] ** 3 / max(_matmul_seconds(*probe, device), 1e-9)
+    matmul_seconds(*probe, device)  # warm-up: kernel selection, thread pool
+    rate = 2 * probe[0].shape[0] ** 3 / max(matmul_seconds(*probe, device), 1e-9)
     while n > 512 and 2 * n ** 3 / rate > max_matmul_s:
         n //= 2
     a, b = operands(n)
-    _matmul_seconds(a, b, device)
+    matmul_seconds(a, b, device)
     times = []
     while len(times) < repeats and (not times or sum(times) < budget_s):
-        times.append(_matmul_seconds(a, b, device))
+        times.append(matmul_seconds(a, b, device))
     return 2 * n ** 3 / min(times), n
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def count_flops(fn):
-    """FLOPs (matmuls, convolutions, attention) that `fn` runs, counted by FlopCounterMode."""
-    counter = FlopCounterMode(display=False)
+    """FLOPs (matmuls, convolutions, attention) that `fn` runs, counted by FlopCounterMode. FlopCounterMode has
+    no formula for the CPU's fused attention kernel, so its two matmuls are counted as for the other kernels."""
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops})
     with counter:
         fn()
     return counter.get_total_flops()
