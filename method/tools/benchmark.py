@@ -51,7 +51,7 @@ import time
 import numpy as np
 import torch
 from easydict import EasyDict
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from method.amp import AMP_DTYPES, autocast_context, check_amp, make_grad_scaler
 from method.checkpoint import build_model
@@ -142,12 +142,22 @@ def timed(fn, device):
     return result, time.perf_counter() - start
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def count_flops(fn):
-    """(result of fn(), FLOPs of its matmuls, convolutions and attention, counted by FlopCounterMode)."""
-    counter = FlopCounterMode(display=False)
+    """(result of fn(), FLOPs of its matmuls, convolutions and attention, counted by FlopCounterMode). The
+    counter has no formula for the CPU's fused attention kernel: its two matmuls are counted as for the others."""
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops})
     with counter:
         result = fn()
     return result, counter.get_total_flops()
+
+
+def matmul_seconds(a, b, device):
+    return timed(lambda: a @ b, device)[1]
 
 
 def matmul_peak_flops(device, dtype, n, max_matmul_s=1.0, budget_s=5.0, repeats=5):

@@ -1,6 +1,6 @@
 """Benchmark of the corpus search (method/search.py): latency per query, batched throughput, index build.
 
-    python -m method.tools.benchmark_search [--quick] [--device cpu|cuda]
+    python -m method.tools.benchmark_search [--quick] [--device cpu|cuda] [--threads N]
 
 Paper config (model_config.json, H 768, exclusive measure, max_vcmr_video 10) with random weights over a
 real-scale index: a synthetic corpus whose val split has the real TVR videos and queries (2,179 videos,
@@ -12,8 +12,15 @@ change the cached video encoder and the query's input projection). Measured in o
   CONQUER (query encoder + query-dependent layers on the top videos, one batch) and post-processing (ranking
   and submission rows, as inference);
 * batched throughput (queries/s, 16 queries per batch);
-* FLOPs of the query-dependent layers for one query (torch.utils.flop_counter) and the machine's fp32 matmul
-  peak on the same threads, so the CONQUER time can be compared with its compute bound FLOPs / peak.
+* FLOPs of the query encoder and the query-dependent layers for one query and its top videos (what must run
+  per query; the video encodings are cached) and the machine's fp32 matmul peak on the same threads and at the
+  model's largest matmul shape (the feed-forward (k·L, H) x (H, 4H)), measured between the timed queries (best
+  of 3 after each query, median over the queries) so that a machine shared with other jobs loads both alike;
+  the CONQUER time is compared with its compute bound FLOPs / peak.
+
+With 2 threads on 2 cores shared with other busy processes, every parallel op waits for both threads to be
+scheduled, which costs milliseconds per op and can double the CONQUER time while one large matmul (the peak)
+hardly suffers; `--threads 1` then measures the code without that wait.
 
 The first stage is the corpus's stored ranklists (a lookup); a learned first stage adds its own time.
 --quick: tiny corpus and model, a smoke run of a few seconds.
@@ -21,27 +28,25 @@ The first stage is the corpus's stored ranklists (a lookup); a learned first sta
 import argparse
 import logging
 import os
-import platform
 import shutil
 import tempfile
 import time
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from config.options import BaseOptions
 from method.checkpoint import save_checkpoint
 from method.conquer import CONQUER
 from method.search import Searcher
 from method.search_index import build_index
+from method.tools.benchmark import DEFAULT_REAL_ANNOTATIONS, count_flops, machine_info, matmul_seconds
 from utils.io_utils import load_json
 from utils.run_dir import REPO_ROOT
 from utils.synthetic_tvr import generate_corpus
 
 logger = logging.getLogger(__name__)
 
-REAL_ANNOTATIONS = "/work/shared/data/tvr"
 FULL = dict(model_config="model_config.json", hidden_dim=768, max_ctx_len=100, corpus=dict(
     n_train_videos=12, n_train_queries=16, visual_dim=512, text_dim=256, query_dim=768, eval_ranklist_len=100),
     n_latency=40, n_batched=160)
@@ -74,35 +79,38 @@ def query_dependent_flops(searcher, n_videos):
     rows = np.arange(n_videos)
     encoded = {m: torch.from_numpy(searcher.index.arrays[f"conquer.{m}"].gather(rows)) for m in model.video_modality}
     mask = torch.from_numpy(searcher.index.arrays["conquer.video_mask"].gather(rows))
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model.score_encoded(model.encode_query(query), query["feat_mask"], encoded, mask, n_videos)
-    return counter.get_total_flops()
+    with torch.inference_mode():
+        return count_flops(lambda: model.score_encoded(model.encode_query(query), query["feat_mask"], encoded, mask,
+                                                       n_videos))[1]
 
 
-def matmul_peak(device, size=2048, repeats=10):
-    """Best fp32 matmul rate (FLOP/s) of this machine on the current threads."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
+def model_matmul(searcher):
+    """fp32 operands of the model's largest matmul shape for one query: the feed-forward (k·L, H) x (H, 4H)."""
+    bert = searcher.model.config.bert_config
+    rows = searcher.k * searcher.opt.max_ctx_len
+    return (torch.randn(rows, bert.hidden_size, device=searcher.device),
+            torch.randn(bert.hidden_size, bert.intermediate_size, device=searcher.device))
+
+
+def matmul_peak(a, b, device, repeats=3):
+    """Best fp32 matmul rate (FLOP/s) of a @ b over `repeats` runs on the current threads."""
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / min(matmul_seconds(a, b, device) for _ in range(repeats))
 
 
 def run(args):
     """Build the corpus, run dir and index in a temporary folder, then measure -> results dict."""
     setting = QUICK if args.quick else FULL
     device = torch.device(args.device)
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    load_start = os.getloadavg()
     device_id = -1 if device.type == "cpu" else (device.index or 0)
     work = tempfile.mkdtemp(prefix="benchmark_search_")
     try:
         corpus_kwargs = dict(setting["corpus"])
         if not args.quick:
-            corpus_kwargs["real_annotations"] = REAL_ANNOTATIONS
+            corpus_kwargs["real_annotations"] = DEFAULT_REAL_ANNOTATIONS
         data_config = generate_corpus(os.path.join(work, "corpus"), **corpus_kwargs)
         run_dir = random_run_dir(os.path.join(work, "runs"), data_config, setting, corpus_kwargs, device_id)
         start = time.perf_counter()
@@ -112,7 +120,12 @@ def run(args):
         searcher = Searcher(summary["out_dir"], device=device_id)
         desc_ids = [row["desc_id"] for row in searcher.dataset.query_data]
         searcher.search(desc_ids[0])  # warm-up
-        timings = [searcher.search_batch([d])[1] for d in desc_ids[:setting["n_latency"]]]
+        operands = model_matmul(searcher)
+        matmul_peak(*operands, device)  # warm-up
+        timings, peaks = [], []
+        for desc_id in desc_ids[:setting["n_latency"]]:
+            timings.append(searcher.search_batch([desc_id])[1])
+            peaks.append(matmul_peak(*operands, device))
         stages = {stage: [t[stage] for t in timings] for stage in timings[0]}
         totals = [sum(t.values()) for t in timings]
         batched = desc_ids[:setting["n_batched"]]
@@ -120,15 +133,17 @@ def run(args):
         searcher.search_many(batched, batch_size=16)
         throughput = len(batched) / (time.perf_counter() - start)
         flops = query_dependent_flops(searcher, searcher.k)
-        peak = matmul_peak(device)
+        peak = float(np.median(peaks))
         conquer_p50 = float(np.percentile(stages["conquer"], 50))
         return dict(
-            machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}",
-            date=time.strftime("%Y-%m-%d"), quick=bool(args.quick), n_videos=summary["n_videos"],
+            machine=f"{machine_info(device)['cpu']}, {torch.get_num_threads()} threads, {device}",
+            date=time.strftime("%Y-%m-%d"), load_average=[load_start[0], os.getloadavg()[0]], quick=bool(args.quick),
+            n_videos=summary["n_videos"],
             n_queries_timed=len(totals), videos_reranked=searcher.k, build_seconds=build_seconds,
             index_mib=summary["nbytes"] / 2 ** 20,
             latency_ms={"total": _percentiles(totals), **{stage: _percentiles(v) for stage, v in stages.items()}},
             batched_queries_per_s=throughput, query_gflop=flops / 1e9, matmul_peak_gflops=peak / 1e9,
+            matmul_shape=[operands[0].shape[0], operands[0].shape[1], operands[1].shape[1]],
             bound_ms=1e3 * flops / peak, conquer_p50_over_bound=conquer_p50 * peak / flops,
             total_p50_over_bound=float(np.percentile(totals, 50)) * peak / flops)
     finally:
@@ -143,12 +158,14 @@ def table_rows(results):
     """The results as table lines."""
     latency = results["latency_ms"]
     rows = [f"search over {results['n_videos']} videos, top {results['videos_reranked']} re-ranked "
-            f"({results['machine']}, {results['date']})",
+            f"({results['machine']}, {results['date']}, load average {results['load_average'][0]:.1f} at the "
+            f"start, {results['load_average'][1]:.1f} at the end)",
             f"  index build {results['build_seconds']:.1f} s, {results['index_mib']:.0f} MiB"]
     rows += [f"  latency {stage:<12} p50 {v['p50']:8.1f} ms   p95 {v['p95']:8.1f} ms" for stage, v in latency.items()]
     rows += [f"  batched throughput {results['batched_queries_per_s']:.2f} queries/s (16 per batch)",
              f"  query-dependent FLOPs {results['query_gflop']:.1f} GFLOP per query; fp32 matmul peak "
-             f"{results['matmul_peak_gflops']:.0f} GFLOP/s -> bound {results['bound_ms']:.0f} ms",
+             f"{results['matmul_peak_gflops']:.0f} GFLOP/s ({' x '.join(map(str, results['matmul_shape']))}, "
+             f"median between the queries) -> bound {results['bound_ms']:.0f} ms",
              f"  CONQUER p50 / bound {results['conquer_p50_over_bound']:.2f}x, total p50 / bound "
              f"{results['total_p50_over_bound']:.2f}x"]
     return rows
@@ -159,6 +176,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     results = run(parser.parse_args(argv))
     print("\n".join(table_rows(results)))
     return results
