@@ -1,6 +1,6 @@
 """Benchmark of the corpus search (method/search.py): latency per query, batched throughput, index build.
 
-    python -m method.tools.benchmark_search [--quick] [--device cpu|cuda] [--threads N]
+    python -m method.tools.benchmark --sections search [--quick] [--device cpu|cuda] [--search_threads N]
 
 Paper config (model_config.json, H 768, exclusive measure, max_vcmr_video 10) with random weights over a
 real-scale index: a synthetic corpus whose val split has the real TVR videos and queries (2,179 videos,
@@ -20,12 +20,11 @@ change the cached video encoder and the query's input projection). Measured in o
 
 With 2 threads on 2 cores shared with other busy processes, every parallel op waits for both threads to be
 scheduled, which costs milliseconds per op and can double the CONQUER time while one large matmul (the peak)
-hardly suffers; `--threads 1` then measures the code without that wait.
+hardly suffers; `--search_threads 1` then measures the code without that wait.
 
 The first stage is the corpus's stored ranklists (a lookup); a learned first stage adds its own time.
 --quick: tiny corpus and model, a smoke run of a few seconds.
 """
-import argparse
 import logging
 import os
 import shutil
@@ -97,11 +96,16 @@ def matmul_peak(a, b, device, repeats=3):
     return 2 * a.shape[0] * a.shape[1] * b.shape[1] / min(matmul_seconds(a, b, device) for _ in range(repeats))
 
 
+def add_arguments(parser):
+    parser.add_argument("--search_threads", type=int, default=None,
+                        help="torch threads of the search section (default: torch's, one per core)")
+
+
 def run(args):
     """Build the corpus, run dir and index in a temporary folder, then measure -> results dict."""
     setting = QUICK if args.quick else FULL
     device = torch.device(args.device)
-    threads = getattr(args, "threads", None)
+    threads = args.search_threads
     if threads is not None:
         torch.set_num_threads(threads)
     load_start = os.getloadavg()
@@ -169,18 +173,3 @@ def table_rows(results):
              f"  CONQUER p50 / bound {results['conquer_p50_over_bound']:.2f}x, total p50 / bound "
              f"{results['total_p50_over_bound']:.2f}x"]
     return rows
-
-
-def main(argv=None):
-    logging.basicConfig(level=logging.WARNING)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
-    results = run(parser.parse_args(argv))
-    print("\n".join(table_rows(results)))
-    return results
-
-
-if __name__ == "__main__":
-    main()
