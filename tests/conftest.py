@@ -6,6 +6,7 @@ tiny_corpus: a small synthetic TVR-format corpus (utils/synthetic_tvr.py), gener
 the fixture value is the path of its data config; `tiny_corpus_kwargs` gives the generate_corpus arguments
 (sizes, dims: visual 12, text 8, query 8).
 tiny_train_flags: train.py / inference.py flags for that corpus with the tiny model config on the CPU.
+trained_runs: a run directory per similarity measure, trained 1 epoch with those flags.
 one_thread: torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): fast on a
 shared 2-core machine, and the same numerics in the test process and in its OMP_NUM_THREADS=1 subprocesses.
 """
@@ -49,6 +50,25 @@ def tiny_train_flags(tiny_corpus):
             "--visual_dim", str(k["visual_dim"]), "--text_dim", str(k["text_dim"]), "--query_dim", str(k["query_dim"]),
             "--hidden_dim", "32", "--max_ctx_len", "30", "--device", "-1", "--num_workers", "0", "--bsz", "8",
             "--eval_query_bsz", "8", "--lr", "1e-3"]
+
+
+# Flags of each similarity measure's run (the general measure ranks videos by the first-stage scores).
+MEASURE_FLAGS = {
+    "general": ["--use_interal_vr_scores"],
+    "exclusive": ["--similarity_measure", "exclusive"],
+    "disjoint": ["--similarity_measure", "disjoint"],
+}
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tiny_train_flags, tmp_path_factory):
+    """{measure: run directory} trained 1 epoch on the tiny corpus (checkpoint saved without evaluation)."""
+    import train
+
+    root = tmp_path_factory.mktemp("runs")
+    return {measure: train.main(tiny_train_flags + flags + ["--results_root", str(root), "--exp_id", measure,
+                                                            "--n_epoch", "1", "--disable_eval", "--no_eval_untrained"])
+            for measure, flags in MEASURE_FLAGS.items()}
 
 
 @pytest.fixture(scope="module")

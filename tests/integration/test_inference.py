@@ -9,7 +9,6 @@ import sys
 import pytest
 
 import inference
-import train
 from config.options import OptionError
 from method.oracle import apply_nms_reference
 from utils.io_utils import load_json, load_jsonl, save_jsonl
@@ -17,23 +16,15 @@ from utils.standalone_eval import GroundTruthError, eval_retrieval
 
 from utils.run_dir import REPO_ROOT
 
-MEASURE_FLAGS = {
-    "general": ["--use_interal_vr_scores"],
-    "exclusive": ["--similarity_measure", "exclusive"],
-    "disjoint": ["--similarity_measure", "disjoint"],
-}
+MEASURES = ("general", "exclusive", "disjoint")  # the runs of the trained_runs fixture
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def run_dirs(tiny_train_flags, tmp_path_factory):
-    """One trained run directory per similarity measure (1 epoch, checkpoint saved without evaluation)."""
-    root = tmp_path_factory.mktemp("runs")
-    return {measure: train.main(tiny_train_flags + flags + [
-        "--results_root", str(root), "--exp_id", measure, "--n_epoch", "1", "--disable_eval", "--no_eval_untrained"])
-        for measure, flags in MEASURE_FLAGS.items()}
+def run_dirs(trained_runs):
+    return trained_runs
 
 
 def infer(run_dir, tiny_train_flags, *extra):
@@ -44,7 +35,7 @@ def infer(run_dir, tiny_train_flags, *extra):
     return opt, inference.run_inference(opt)
 
 
-@pytest.mark.parametrize("measure", list(MEASURE_FLAGS))
+@pytest.mark.parametrize("measure", MEASURES)
 def test_each_measure_with_and_without_nms(run_dirs, tiny_train_flags, measure):
     run_dir = run_dirs[measure]
     opt, (metrics, metrics_nms, paths) = infer(run_dir, tiny_train_flags, "--nms_thd", "0.7", "--tasks",

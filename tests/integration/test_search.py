@@ -14,7 +14,6 @@ import requests
 import torch
 
 import inference
-import train
 from method import search, search_index
 from method.checkpoint import build_model, save_checkpoint
 from method.dataset import query_inputs
@@ -27,15 +26,12 @@ from utils.run_dir import CKPT_FILENAME, OPT_FILENAME, REPO_ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MEASURE_FLAGS = {"exclusive": ["--similarity_measure", "exclusive"], "general": ["--use_interal_vr_scores"]}
+MEASURES = ("exclusive", "general")
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_train_flags, tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    return {measure: train.main(tiny_train_flags + flags + [
-        "--results_root", str(root), "--exp_id", measure, "--n_epoch", "1", "--disable_eval", "--no_eval_untrained"])
-        for measure, flags in MEASURE_FLAGS.items()}
+def runs(trained_runs):
+    return {measure: trained_runs[measure] for measure in MEASURES}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +51,7 @@ def inference_vcmr(run_dir, data_config, out_dir, nms_thd):
             for query in submission["VCMR"]}
 
 
-@pytest.mark.parametrize("measure", list(MEASURE_FLAGS))
+@pytest.mark.parametrize("measure", MEASURES)
 def test_moments_equal_inference_predictions(runs, ranklist_indexes, tiny_corpus, tmp_path, measure):
     searcher = Searcher(ranklist_indexes[measure], conquer=runs[measure], first_stage="ranklist")
     desc_ids = [row["desc_id"] for row in searcher.dataset.query_data]
