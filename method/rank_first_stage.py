@@ -117,8 +117,7 @@ def fill_candidates(candidates, k, n_videos):
 def build_ivf_index(faiss, vectors, n_lists=None):
     """IndexIVFFlat over unit `vectors` (N, D) float32, n_lists ~ 4 sqrt(N) by default.
 
-    The lists are built with L2 k-means: on unit vectors the L2 order is the inner-product order, and
-    inner-product k-means with unnormalised centroids lets a few large centroids take most vectors."""
+    The lists are built with plain L2 k-means: on unit vectors the L2 order is the inner-product order."""
     n, dim = vectors.shape
     n_lists = n_lists or max(1, min(int(4 * np.sqrt(n)), n // 39))
     index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, n_lists)
