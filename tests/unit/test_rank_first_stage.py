@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from method.first_stage import VideoBank, score_all, top_videos
-from method.rank_first_stage import ClipIndex, recall_against, select100
+from method.rank_first_stage import VideoSummaryIndex, recall_against, select100, video_summaries
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,13 +54,56 @@ def test_select100_keeps_queries_with_gt_in_the_top_100():
     assert kept == rows[:2]
 
 
-def test_faiss_candidates_give_the_exact_top_k_when_every_clip_is_a_hit():
+def test_video_summaries_are_normalised_means_of_the_valid_clips():
+    bank = random_bank(5, seed=2)
+    clips, mask = bank.embeddings["clips"], bank.embeddings["clip_mask"]
+    summaries = video_summaries(clips, mask)
+    for v in range(5):
+        for m in range(2):
+            mean = clips[v, m][mask[v]].mean(dim=0)
+            assert torch.allclose(summaries[v, m], mean / mean.norm(), atol=1e-6)
+
+
+def test_faiss_gives_the_exact_top_k_when_the_candidates_cover_every_video():
     bank, query_emb = random_bank(60, seed=3), random_queries(7, seed=4)
     exact_values, exact_positions = top_videos(score_all(query_emb, bank, progress=False), 10)
-    n_clips = int(bank.embeddings["clip_mask"].sum())
-    index = ClipIndex(bank, n_lists=4, n_probe=4, n_clip_hits=n_clips)
-    values, positions = index.top_videos(query_emb, 10)
+    index = VideoSummaryIndex(bank, n_probe=4, n_candidates=60, n_lists=4)
+    values, positions = index.top_videos(query_emb, 10, query_chunk=3, progress=False)
     assert torch.equal(positions, exact_positions) and torch.allclose(values, exact_values, atol=1e-6)
     assert recall_against(exact_positions, positions) == 1.0
-    few = ClipIndex(bank, n_lists=4, n_probe=1, n_clip_hits=3).top_videos(query_emb, 10)[1]
-    assert few.shape == (7, 10) and 0 < recall_against(exact_positions, few) < 1.0
+
+
+def test_faiss_merges_the_modalities_and_fills_short_candidate_lists():
+    bank, query_emb = random_bank(60, seed=3), random_queries(7, seed=4)
+    index = VideoSummaryIndex(bank, n_probe=4, n_candidates=3, n_lists=4)  # every list probed: exact search
+    summaries = video_summaries(bank.embeddings["clips"], bank.embeddings["clip_mask"])
+    for q, found in zip(query_emb["query"], index.candidates(query_emb)):
+        nearest = {int(i) for m in range(2) for i in torch.topk(summaries[:, m] @ q[m], 3).indices}
+        assert set(found.tolist()) == nearest
+    values, positions = index.top_videos(query_emb, 10, progress=False)
+    assert positions.shape == (7, 10) and all(len(set(row.tolist())) == 10 for row in positions)
+    exact = brute_force_scores(query_emb, bank)
+    assert torch.allclose(values, exact.gather(1, positions), atol=1e-5)  # every listed video scored exactly
+    assert torch.all(values[:, :-1] >= values[:, 1:])
+
+
+def test_faiss_recall_on_clustered_videos():
+    """Videos around 20 topics; the summary index with a few hundred candidates finds almost all of the top 20."""
+    generator = torch.Generator().manual_seed(5)
+    topics = torch.randn(20, 2, 16, generator=generator)
+    centres = topics[torch.randint(0, 20, (2000,), generator=generator)]
+    centres = centres + 0.5 * torch.randn(2000, 2, 16, generator=generator)
+    clips = centres[:, :, None] + 0.4 * torch.randn(2000, 2, 6, 16, generator=generator)
+    clips = torch.nn.functional.normalize(clips, dim=-1)
+    bank = VideoBank([str(i) for i in range(2000)], torch.arange(2000),
+                     {"clips": clips, "clip_mask": torch.ones(2000, 6, dtype=torch.bool)})
+    picked = clips[torch.randint(0, 2000, (30,), generator=generator), :, 0]
+    noise = 0.2 * torch.randn(30, 2, 16, generator=generator)
+    query_emb = {"query": torch.nn.functional.normalize(picked + noise, dim=-1),
+                 "modality_weights": torch.softmax(torch.randn(30, 2, generator=generator), dim=-1)}
+    exact_positions = top_videos(score_all(query_emb, bank, progress=False), 20)[1]
+    index = VideoSummaryIndex(bank, n_probe=8, n_candidates=200, n_lists=32)
+    recall = recall_against(exact_positions, index.top_videos(query_emb, 20, progress=False)[1])
+    assert 0.9 <= recall
+    few = VideoSummaryIndex(bank, n_probe=1, n_candidates=20, n_lists=32).top_videos(query_emb, 20, progress=False)[1]
+    assert recall_against(exact_positions, few) < recall
