@@ -6,7 +6,7 @@ Parts:
 - quality: on a synthetic corpus with planted signal (utils/synthetic_tvr.py), val VR recall of the trained
   first stage (train.py --model first_stage), of the same model untrained, of the generator's release-style
   ranklists, and of a plain floor (query tokens attention-pooled, clips through a 2-layer MLP, max-over-clips
-  cosine, in-batch InfoNCE, a few epochs);
+  cosine, in-batch InfoNCE, as many epochs);
 - exact ranking: seconds to rank a split's queries against its videos (`--real_scale_config`: a corpus built
   by `python -m utils.synthetic_tvr --real_annotations ...` with the paper's dims; skipped without it);
 - faiss: a synthetic index of --first_stage_faiss_videos videos (--first_stage_faiss_clips clip vectors each):
@@ -32,6 +32,7 @@ CORPUS = dict(n_train_videos=1000, n_train_queries=5000, n_val_videos=150, n_val
               text_dim=32, query_dim=32, seed=0)
 QUICK_CORPUS = dict(CORPUS, n_train_videos=60, n_train_queries=240, n_val_videos=30, n_val_queries=60)
 TRAIN_FLAGS = ["--bsz", "32", "--lr", "1e-3", "--num_workers", "0", "--max_es_cnt", "2"]
+QUALITY_EPOCHS = 10  # the first stage (early stopping may end it sooner) and the floor alike
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,12 +138,13 @@ def quality_section(args, work_dir):
     data_config = generate_corpus(os.path.join(work_dir, "corpus"), **corpus_kwargs)
     config = load_data_config(data_config)
     train_split, val_split = load_split(config, "train"), load_split(config, "val")
-    floor, floor_seconds = train_floor(train_split, n_epochs=1 if args.quick else 5)
+    n_epoch = 1 if args.quick else QUALITY_EPOCHS
+    floor, floor_seconds = train_floor(train_split, n_epochs=n_epoch)
     with torch.no_grad():
         floor_metrics = embedding_metrics(*floor.embed(val_split[0], val_split[1]), val_split)
     run_dir, untrained, trained, seconds = trained_first_stage(data_config, corpus_kwargs,
                                                                os.path.join(work_dir, "runs"), args.device,
-                                                               n_epoch=1 if args.quick else 10,
+                                                               n_epoch=n_epoch,
                                                                hidden_dim=32 if args.quick else 128)
     return {"corpus": {k: v for k, v in corpus_kwargs.items()},
             "val_vr": {"trained first stage": trained, "untrained first stage": untrained,
