@@ -175,13 +175,15 @@ def ranking_section(args, run_dir):
     bank = encode_video_bank(model, videos, torch.device("cpu"), batch_size=64, num_workers=args.num_workers)
     timings["encode videos"] = time.time() - start
     start = time.time()
-    query_emb = encode_query_bank(model, QueryItems(config, rows, 30), torch.device("cpu"))
+    query_emb = encode_query_bank(model, QueryItems(config, rows, 30), torch.device("cpu"),
+                                  num_workers=args.num_workers)
     timings["encode queries"] = time.time() - start
     start = time.time()
     top_videos(score_all(query_emb, bank), 100)
     timings["score and sort"] = time.time() - start
     timings["total"] = sum(timings.values())
     return {"n_queries": len(rows), "n_videos": len(video2idx), "threads": torch.get_num_threads(),
+            "num_workers": args.num_workers,
             "seconds": {k: round(v, 1) for k, v in timings.items()}}
 
 
@@ -248,6 +250,8 @@ REQUIRES = {"faiss": "faiss"}
 def add_arguments(parser):
     parser.add_argument("--first_stage_real_scale_config", default=None,
                         help="data config of a real-scale synthetic corpus (exact ranking speed; skipped without)")
+    parser.add_argument("--first_stage_num_workers", type=int, default=2,
+                        help="DataLoader workers reading the features while the model encodes (ranking part)")
     parser.add_argument("--first_stage_faiss_videos", type=int, default=1_000_000)
     parser.add_argument("--first_stage_faiss_clips", type=int, default=8)
     parser.add_argument("--first_stage_faiss_dim", type=int, default=64)
@@ -259,7 +263,7 @@ def add_arguments(parser):
 def run(args):
     """-> {"quality", "ranking" (when a real-scale config is given), "faiss"}."""
     prefix = "first_stage_"
-    args = argparse.Namespace(quick=args.quick, device=args.device, num_workers=0,
+    args = argparse.Namespace(quick=args.quick, device=args.device,
                               **{k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)})
     if args.quick:
         args.faiss_videos = min(args.faiss_videos, 2000)
@@ -281,7 +285,8 @@ def table_rows(results):
     rows.append("  training seconds: " + ", ".join(f"{k} {v}" for k, v in results["quality"]["train_seconds"].items()))
     if "ranking" in results:
         r = results["ranking"]
-        rows.append(f"Exact ranking, {r['n_queries']} queries x {r['n_videos']} videos, {r['threads']} threads: "
+        rows.append(f"Exact ranking, {r['n_queries']} queries x {r['n_videos']} videos, {r['threads']} threads, "
+                    f"{r['num_workers']} reading workers: "
                     + ", ".join(f"{k} {v} s" for k, v in r["seconds"].items()))
     f = results["faiss"]
     rows.append(f"FAISS, {f['n_videos']:,d} videos x {f['clips_per_video']} clips (dim {f['dim']}): {f['index']}; "
