@@ -523,6 +523,9 @@ def vr_metrics(ranked_video_idx, gt_video_idx, max_vcmr_video):
 class FirstStageRecipe:
     """What train.py needs to train the first stage: its datasets, its evaluation, its loss names."""
     loss_names = LOSS_NAMES
+    # A first stage is judged by the share of queries whose GT it hands on (its top 10 and top 100), not by
+    # its top 1: R@1 levels off epochs before R@10 and R@100 do.
+    stop_metric_names = {"VR": ("r10", "r100")}
 
     @staticmethod
     def build_datasets(opt, model_cfg):

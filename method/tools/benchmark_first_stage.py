@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from method.first_stage import (QueryItems, VideoBank, VideoItems, score_all, split_queries, split_videos,
-                                top_videos, vr_metrics)
+from method.first_stage import (FirstStageRecipe, QueryItems, VideoBank, VideoItems, score_all, split_queries,
+                                split_videos, top_videos, vr_metrics)
 from utils.data_config import load_data_config
 from utils.synthetic_tvr import generate_corpus
 
@@ -125,7 +125,9 @@ def trained_first_stage(data_config, corpus_kwargs, results_root, device, n_epoc
     seconds = time.time() - start
     with open(os.path.join(run_dir, "eval.log.txt")) as f:
         logged = [json.loads(line.split(" [Metrics] ")[1])["VR"] for line in f]
-    return run_dir, logged[0], max(logged[1:], key=lambda m: m["r1"]), seconds
+    stop_metrics = FirstStageRecipe.stop_metric_names["VR"]
+    best = max(logged[1:], key=lambda m: sum(m[name] for name in stop_metrics))  # the checkpoint train.py keeps
+    return run_dir, logged[0], best, seconds
 
 
 def release_style_metrics(config, rows, max_vcmr_video=10):
@@ -250,7 +252,7 @@ REQUIRES = {"faiss": "faiss"}
 def add_arguments(parser):
     parser.add_argument("--first_stage_real_scale_config", default=None,
                         help="data config of a real-scale synthetic corpus (exact ranking speed; skipped without)")
-    parser.add_argument("--first_stage_num_workers", type=int, default=2,
+    parser.add_argument("--first_stage_num_workers", type=int, default=1,
                         help="DataLoader workers reading the features while the model encodes (ranking part)")
     parser.add_argument("--first_stage_faiss_videos", type=int, default=1_000_000)
     parser.add_argument("--first_stage_faiss_clips", type=int, default=8)
