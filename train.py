@@ -76,6 +76,7 @@ class AverageMeter:
 class ConquerRecipe:
     """CONQUER: `build_training_datasets`, `eval_epoch` (VCMR / SVMR / VR over the first-stage candidates)."""
     loss_names = LOSS_NAMES
+    stop_metric_names = {"VR": ("r1",), "SVMR": ("0.5-r1", "0.7-r1"), "VCMR": ("0.5-r1", "0.7-r1")}
 
     @staticmethod
     def build_datasets(opt, model_cfg):
@@ -87,7 +88,8 @@ class ConquerRecipe:
 def model_recipe(opt):
     """The recipe of --model: build_datasets(opt, model_cfg) -> (train, eval-loss, evaluation datasets);
     evaluate(model, eval_dataset, opt, submission_filename, tasks, max_after_nms) -> (metrics holding
-    opt.stop_task, metrics with NMS or None, written paths); loss_names (the keys of the model's loss dict)."""
+    opt.stop_task, metrics with NMS or None, written paths); loss_names (the keys of the model's loss dict);
+    stop_metric_names {task: metric names whose sum picks the best checkpoint and drives early stopping}."""
     return first_stage.TRAINING_RECIPE if opt.get("model", "conquer") == "first_stage" else ConquerRecipe
 
 
@@ -267,7 +269,7 @@ class Trainer:
         logger.info("metrics_nms %s", pprint.pformat(metrics_nms, indent=4))
         self.log_metrics(metrics_no_nms, (epoch + 1) * self.batches_per_epoch)
 
-        stop_metric_names = ["r1"] if opt.stop_task == "VR" else ["0.5-r1", "0.7-r1"]
+        stop_metric_names = list(self.recipe.stop_metric_names[opt.stop_task])
         stop_score = sum(metrics_no_nms[opt.stop_task][name] for name in stop_metric_names)
         if stop_score > self.best_score:
             self.es_cnt = 0

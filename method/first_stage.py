@@ -5,7 +5,7 @@ is encoded once and every query is scored against every video with matrix produc
 
     query tokens -> input projection -> (Transformer) -> one learned attention pooling per modality
                  -> q_m (L2-normalised), and modality weights w (softmax over the modalities)
-    video clips  -> per modality: input projection + positions -> Transformer -> c_{m,l} (L2-normalised)
+    video clips  -> per modality: input projection (+ positions -> Transformer) -> c_{m,l} (L2-normalised)
     score(q, v)  = sum_m w_m * max over the video's clips l of <q_m, c_{m,l}>      (cosine, in [-1, 1])
 
 Training is contrastive (InfoNCE) over the in-batch negatives in both directions (query -> videos and
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 LOSS_NAMES = ("query_to_video_nce", "video_to_query_nce", "loss_overall")
 MODALITIES = {"visual_sub": ("visual", "sub"), "visual": ("visual",)}
-DEFAULT_CONFIG = dict(n_video_layers=1, n_query_layers=1, n_heads=4, dropout=0.1, temperature="learned",
+DEFAULT_CONFIG = dict(n_video_layers=0, n_query_layers=0, n_heads=4, dropout=0.1, temperature="learned",
                       init_temperature=0.05, n_hard_negatives=0, hard_negative_pool=100)
 MAX_LOGIT_SCALE = 100.0
 # --debug evaluates the first queries of the split only.
@@ -78,6 +78,15 @@ def transformer(hidden_dim, n_heads, n_layers, dropout):
     return nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
 
 
+def apply_to_valid(layer, x, mask):
+    """layer(x) on the valid positions only: x (..., L, Din), mask (..., L) bool -> (..., L, Dout), zero at
+    padded positions. For position-wise layers: the padding costs no compute."""
+    valid = layer(x[mask])
+    out = valid.new_zeros(*mask.shape, valid.shape[-1])
+    out[mask] = valid
+    return out
+
+
 def masked_softmax(logits, mask, dim):
     return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=dim)
 
@@ -108,9 +117,13 @@ class FirstStageRetriever(nn.Module):
         input_dims = {"visual": visual_dim, "sub": text_dim}
         self.video_input = nn.ModuleDict({m: InputProjection(input_dims[m], hidden_dim, dropout)
                                           for m in self.modalities})
-        self.clip_position = nn.Embedding(max_ctx_len, hidden_dim)
-        self.video_encoder = nn.ModuleDict({m: transformer(hidden_dim, cfg["n_heads"], cfg["n_video_layers"], dropout)
-                                            or nn.Identity() for m in self.modalities})
+        # Positions only feed a Transformer (clip context): without one a clip's embedding would carry its
+        # position, which then biases the max over clips toward positions instead of content.
+        self.video_encoder = None
+        if cfg["n_video_layers"]:
+            self.clip_position = nn.Embedding(max_ctx_len, hidden_dim)
+            self.video_encoder = nn.ModuleDict({m: transformer(hidden_dim, cfg["n_heads"], cfg["n_video_layers"],
+                                                               dropout) for m in self.modalities})
         self.video_output = nn.ModuleDict({m: nn.Linear(hidden_dim, hidden_dim) for m in self.modalities})
 
         initial = math.log(1.0 / cfg["init_temperature"])
@@ -123,9 +136,10 @@ class FirstStageRetriever(nn.Module):
         """query_feat (Q, Lq, Dq), query_mask (Q, Lq) -> {"query": (Q, M, D) L2-normalised per modality,
         "modality_weights": (Q, M) softmax}."""
         mask = query_mask.bool()
-        tokens = self.query_input(query_feat)
-        if self.query_encoder is not None:
-            tokens = self.query_encoder(tokens, src_key_padding_mask=~mask)
+        if self.query_encoder is None:
+            tokens = apply_to_valid(self.query_input, query_feat, mask)
+        else:
+            tokens = self.query_encoder(self.query_input(query_feat), src_key_padding_mask=~mask)
         attention = masked_softmax(self.query_pooling(tokens), mask[:, :, None], dim=1)  # (Q, Lq, M)
         pooled = torch.einsum("qlm,qld->qmd", attention, tokens)
         query = torch.stack([layer(pooled[:, m]) for m, layer in enumerate(self.query_output)], dim=1)
@@ -135,15 +149,17 @@ class FirstStageRetriever(nn.Module):
 
     def encode_videos(self, video_inputs):
         """video_inputs {"visual": {"feat" (V, L, Dv), "feat_mask" (V, L)}, "sub": {"feat" (V, L, Dt), ...}}
-        -> {"clips": (V, M, L, D) L2-normalised, "clip_mask": (V, L) bool (the visual mask)}."""
+        -> {"clips": (V, M, L, D) L2-normalised (zero at padded clips without a video Transformer),
+        "clip_mask": (V, L) bool (the visual mask)}."""
         mask = video_inputs["visual"]["feat_mask"].bool()
-        positions = self.clip_position.weight[:mask.shape[1]]
         clips = []
         for m in self.modalities:
-            x = self.video_input[m](video_inputs[m]["feat"]) + positions
-            encoder = self.video_encoder[m]
-            x = encoder(x) if isinstance(encoder, nn.Identity) else encoder(x, src_key_padding_mask=~mask)
-            clips.append(self.video_output[m](x))
+            if self.video_encoder is None:  # clips are independent: only the valid ones are computed
+                clips.append(apply_to_valid(nn.Sequential(self.video_input[m], self.video_output[m]),
+                                            video_inputs[m]["feat"], mask))
+                continue
+            x = self.video_input[m](video_inputs[m]["feat"]) + self.clip_position.weight[:mask.shape[1]]
+            clips.append(self.video_output[m](self.video_encoder[m](x, src_key_padding_mask=~mask)))
         return {"clips": F.normalize(torch.stack(clips, dim=1).float(), dim=-1), "clip_mask": mask}
 
     @staticmethod
@@ -408,12 +424,12 @@ def _check_finite(tensor, what):
         raise FirstStageError(f"{what}: the model output NaN/inf (check the features and the checkpoint)")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_video_bank(model, videos, device, batch_size=64, num_workers=0, progress=True):
-    """Encode every video of `videos` (VideoItems) in batches -> VideoBank on `device`.
+    """Encode every video of `videos` (VideoItems) in batches, in their order -> VideoBank on `device`.
 
-    Videos are encoded in order of clip count, so a batch's padding is cut to its longest video (the
-    Transformer sees the same valid clips either way: padded clips are masked out)."""
+    A video's clips do not depend on its batch neighbours or its padding (masked in a Transformer, not
+    computed at all without one); `num_workers` DataLoader processes read the features meanwhile."""
     model.eval()
     video_idx_of = getattr(videos, "video2idx", None)
     loader = _loader(videos, batch_size, num_workers)
@@ -429,7 +445,7 @@ def encode_video_bank(model, videos, device, batch_size=64, num_workers=0, progr
     return VideoBank(videos.names, video_idx, embeddings)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_query_bank(model, queries, device, batch_size=512, num_workers=0, progress=True):
     """Encode every query of `queries` (QueryItems) -> {"query" (Q, M, D), "modality_weights" (Q, M)}."""
     model.eval()
@@ -450,19 +466,34 @@ def length_buckets(clip_mask, bucket_size):
             for i in range(0, len(order), bucket_size)]
 
 
-@torch.no_grad()
+def bucket_clip_matrices(bank, positions, length):
+    """The clips of the videos at `positions`, cut to `length` clips, as one (D, n * length) matrix per
+    modality, plus a (n,) bool "has a clip" mask. Each padded clip is replaced by a copy of its video's first
+    clip, which leaves every max over clips unchanged, so scoring needs no mask."""
+    clips = bank.embeddings["clips"][positions, :, :length]  # (n, M, length, D)
+    mask = bank.embeddings["clip_mask"][positions, :length]
+    clips = torch.where(mask[:, None, :, None], clips, clips[:, :, :1])
+    return [clips[:, m].reshape(-1, clips.shape[-1]).t().contiguous() for m in range(clips.shape[1])], mask.any(1)
+
+
+@torch.inference_mode()
 def score_all(query_emb, bank, query_chunk=1024, video_bucket=512, progress=True):
-    """(Q, V) scores of every query against every video of `bank` (FirstStageRetriever.score, chunked so a
-    chunk's (Qc, Vc, M, L) similarities stay small; each video bucket is cut to its longest video)."""
-    n_queries, n_videos = query_emb["query"].shape[0], len(bank)
-    scores = torch.empty(n_queries, n_videos, device=query_emb["query"].device)
-    buckets = [(positions, {"clips": bank.embeddings["clips"][positions, :, :length],
-                            "clip_mask": bank.embeddings["clip_mask"][positions, :length]})
+    """(Q, V) scores of every query against every video of `bank`, equal to FirstStageRetriever.score: per
+    modality one matrix product of a query chunk with a bucket of videos of similar clip count (cut to its
+    longest video), then the max over each video's clips."""
+    queries, weights = query_emb["query"], query_emb["modality_weights"]
+    n_queries, n_videos = queries.shape[0], len(bank)
+    scores = torch.empty(n_queries, n_videos, device=queries.device)
+    buckets = [(positions, length, *bucket_clip_matrices(bank, positions, length))
                for positions, length in length_buckets(bank.embeddings["clip_mask"], video_bucket)]
     for start in tqdm(range(0, n_queries, query_chunk), desc="Scoring queries", disable=not progress, leave=False):
-        chunk = {key: value[start:start + query_chunk] for key, value in query_emb.items()}
-        for positions, videos in buckets:
-            scores[start:start + query_chunk, positions.to(scores.device)] = FirstStageRetriever.score(chunk, videos)
+        stop = min(start + query_chunk, n_queries)
+        for positions, length, matrices, has_clip in buckets:
+            chunk_scores = 0
+            for m, matrix in enumerate(matrices):
+                best = (queries[start:stop, m] @ matrix).view(stop - start, -1, length).amax(dim=-1)
+                chunk_scores = chunk_scores + weights[start:stop, m:m + 1] * best
+            scores[start:stop, positions.to(scores.device)] = chunk_scores.masked_fill(~has_clip, float("-inf"))
     return scores
 
 
@@ -492,6 +523,9 @@ def vr_metrics(ranked_video_idx, gt_video_idx, max_vcmr_video):
 class FirstStageRecipe:
     """What train.py needs to train the first stage: its datasets, its evaluation, its loss names."""
     loss_names = LOSS_NAMES
+    # A first stage is judged by the share of queries whose GT it hands on (its top 10 and top 100), not by
+    # its top 1: R@1 levels off epochs before R@10 and R@100 do.
+    stop_metric_names = {"VR": ("r10", "r100")}
 
     @staticmethod
     def build_datasets(opt, model_cfg):

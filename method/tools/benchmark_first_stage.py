@@ -6,7 +6,7 @@ Parts:
 - quality: on a synthetic corpus with planted signal (utils/synthetic_tvr.py), val VR recall of the trained
   first stage (train.py --model first_stage), of the same model untrained, of the generator's release-style
   ranklists, and of a plain floor (query tokens attention-pooled, clips through a 2-layer MLP, max-over-clips
-  cosine, in-batch InfoNCE, a few epochs);
+  cosine, in-batch InfoNCE, as many epochs);
 - exact ranking: seconds to rank a split's queries against its videos (`--real_scale_config`: a corpus built
   by `python -m utils.synthetic_tvr --real_annotations ...` with the paper's dims; skipped without it);
 - faiss: the approximate search of `rank_first_stage --faiss` on a synthetic corpus of --first_stage_faiss_videos
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from method.first_stage import (QueryItems, VideoBank, VideoItems, score_all, split_queries, split_videos,
-                                top_videos, vr_metrics)
+from method.first_stage import (FirstStageRecipe, QueryItems, VideoBank, VideoItems, score_all, split_queries,
+                                split_videos, top_videos, vr_metrics)
 from utils.data_config import load_data_config
 from utils.synthetic_tvr import generate_corpus
 
@@ -33,6 +33,7 @@ CORPUS = dict(n_train_videos=1000, n_train_queries=5000, n_val_videos=150, n_val
               text_dim=32, query_dim=32, seed=0)
 QUICK_CORPUS = dict(CORPUS, n_train_videos=60, n_train_queries=240, n_val_videos=30, n_val_queries=60)
 TRAIN_FLAGS = ["--bsz", "32", "--lr", "1e-3", "--num_workers", "0", "--max_es_cnt", "2"]
+QUALITY_EPOCHS = 10  # the first stage (early stopping may end it sooner) and the floor alike
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -125,7 +126,9 @@ def trained_first_stage(data_config, corpus_kwargs, results_root, device, n_epoc
     seconds = time.time() - start
     with open(os.path.join(run_dir, "eval.log.txt")) as f:
         logged = [json.loads(line.split(" [Metrics] ")[1])["VR"] for line in f]
-    return run_dir, logged[0], max(logged[1:], key=lambda m: m["r1"]), seconds
+    stop_metrics = FirstStageRecipe.stop_metric_names["VR"]
+    best = max(logged[1:], key=lambda m: sum(m[name] for name in stop_metrics))  # the checkpoint train.py keeps
+    return run_dir, logged[0], best, seconds
 
 
 def release_style_metrics(config, rows, max_vcmr_video=10):
@@ -138,12 +141,13 @@ def quality_section(args, work_dir):
     data_config = generate_corpus(os.path.join(work_dir, "corpus"), **corpus_kwargs)
     config = load_data_config(data_config)
     train_split, val_split = load_split(config, "train"), load_split(config, "val")
-    floor, floor_seconds = train_floor(train_split, n_epochs=1 if args.quick else 5)
+    n_epoch = 1 if args.quick else QUALITY_EPOCHS
+    floor, floor_seconds = train_floor(train_split, n_epochs=n_epoch)
     with torch.no_grad():
         floor_metrics = embedding_metrics(*floor.embed(val_split[0], val_split[1]), val_split)
     run_dir, untrained, trained, seconds = trained_first_stage(data_config, corpus_kwargs,
                                                                os.path.join(work_dir, "runs"), args.device,
-                                                               n_epoch=1 if args.quick else 10,
+                                                               n_epoch=n_epoch,
                                                                hidden_dim=32 if args.quick else 128)
     return {"corpus": {k: v for k, v in corpus_kwargs.items()},
             "val_vr": {"trained first stage": trained, "untrained first stage": untrained,
@@ -174,13 +178,15 @@ def ranking_section(args, run_dir):
     bank = encode_video_bank(model, videos, torch.device("cpu"), batch_size=64, num_workers=args.num_workers)
     timings["encode videos"] = time.time() - start
     start = time.time()
-    query_emb = encode_query_bank(model, QueryItems(config, rows, 30), torch.device("cpu"))
+    query_emb = encode_query_bank(model, QueryItems(config, rows, 30), torch.device("cpu"),
+                                  num_workers=args.num_workers)
     timings["encode queries"] = time.time() - start
     start = time.time()
     top_videos(score_all(query_emb, bank), 100)
     timings["score and sort"] = time.time() - start
     timings["total"] = sum(timings.values())
     return {"n_queries": len(rows), "n_videos": len(video2idx), "threads": torch.get_num_threads(),
+            "num_workers": args.num_workers,
             "seconds": {k: round(v, 1) for k, v in timings.items()}}
 
 
@@ -279,6 +285,8 @@ REQUIRES = {"faiss": "faiss"}
 def add_arguments(parser):
     parser.add_argument("--first_stage_real_scale_config", default=None,
                         help="data config of a real-scale synthetic corpus (exact ranking speed; skipped without)")
+    parser.add_argument("--first_stage_num_workers", type=int, default=1,
+                        help="DataLoader workers reading the features while the model encodes (ranking part)")
     parser.add_argument("--first_stage_faiss_videos", type=int, default=1_000_000)
     parser.add_argument("--first_stage_faiss_clips", type=int, default=8)
     parser.add_argument("--first_stage_faiss_dim", type=int, default=64)
@@ -294,7 +302,7 @@ def add_arguments(parser):
 def run(args):
     """-> {"quality", "ranking" (when a real-scale config is given), "faiss"}."""
     prefix = "first_stage_"
-    args = argparse.Namespace(quick=args.quick, device=args.device, num_workers=0,
+    args = argparse.Namespace(quick=args.quick, device=args.device,
                               **{k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)})
     if args.quick:
         args.faiss_videos = min(args.faiss_videos, 2000)
@@ -316,7 +324,8 @@ def table_rows(results):
     rows.append("  training seconds: " + ", ".join(f"{k} {v}" for k, v in results["quality"]["train_seconds"].items()))
     if "ranking" in results:
         r = results["ranking"]
-        rows.append(f"Exact ranking, {r['n_queries']} queries x {r['n_videos']} videos, {r['threads']} threads: "
+        rows.append(f"Exact ranking, {r['n_queries']} queries x {r['n_videos']} videos, {r['threads']} threads, "
+                    f"{r['num_workers']} reading workers: "
                     + ", ".join(f"{k} {v} s" for k, v in r["seconds"].items()))
     f = results["faiss"]
     rows.append(f"FAISS, {f['n_videos']:,d} videos x {f['clips_per_video']} clips (dim {f['dim']}): {f['index']}; "

@@ -78,6 +78,9 @@ def test_training_writes_a_first_stage_run(run_dir):
     names = os.listdir(run_dir)
     assert {"model.ckpt", "last.ckpt", "tensorboard_log"} <= set(names)
     assert any(n.startswith("best_") and n.endswith("_metrics.json") for n in names)
+    # The kept checkpoint is the first epoch of the best R@10 + R@100 (a first stage's stop metric), not R@1.
+    scores = [m["VR"]["r10"] + m["VR"]["r100"] for m in logged]
+    assert load_checkpoint(os.path.join(run_dir, "model.ckpt"))["epoch"] == scores.index(max(scores)) - 1
 
 
 def test_resume_equals_uninterrupted_run(run_dir, corpus, model_config, tiny_corpus_kwargs, tmp_path):

@@ -58,20 +58,43 @@ def test_encoders_shapes_normalisation_and_score(ctx_mode):
     assert query_emb["query"].shape == (5, n_modalities, 16)
     assert video_emb["clips"].shape == (4, n_modalities, 12, 16) and video_emb["clip_mask"].shape == (4, 12)
     assert torch.allclose(query_emb["query"].norm(dim=-1), torch.ones(5, n_modalities), atol=1e-5)
-    assert torch.allclose(video_emb["clips"].norm(dim=-1), torch.ones(4, n_modalities, 12), atol=1e-5)
+    valid_clip_norms = video_emb["clips"].norm(dim=-1).transpose(1, 2)[video_emb["clip_mask"]]
+    assert torch.allclose(valid_clip_norms, torch.ones_like(valid_clip_norms), atol=1e-5)
     assert torch.allclose(query_emb["modality_weights"].sum(-1), torch.ones(5), atol=1e-6)
     scores = model.score(query_emb, video_emb)
     assert torch.allclose(scores.double(), plain_score(query_emb, video_emb), atol=1e-5)
 
 
-def test_video_encoding_ignores_padding_and_batch_neighbours():
-    """A video's clips do not depend on how far it is padded or what else is in the batch (ranking buckets
-    videos by length and cuts the padding)."""
-    model = make_model(n_video_layers=2)
-    inputs = video_inputs(3, [5, 12, 2], generator=torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("n_layers", [0, 2])
+def test_encoding_ignores_padding_and_batch_neighbours(n_layers):
+    """A video's clips and a query's embedding do not depend on how far they are padded or what else is in
+    the batch (ranking buckets videos by length and cuts the padding)."""
+    model = make_model(n_video_layers=n_layers, n_query_layers=n_layers)
+    generator = torch.Generator().manual_seed(2)
+    inputs = video_inputs(3, [5, 12, 2], generator=generator)
     full = model.encode_videos(inputs)
     cut = model.encode_videos({m: {k: v[:1, :5] for k, v in t.items()} for m, t in inputs.items()})
     assert torch.allclose(full["clips"][0, :, :5], cut["clips"][0], atol=1e-5)
+    feat, mask = query_inputs(3, generator)
+    length = int(mask[0].sum())
+    queries = model.encode_queries(feat, mask)
+    alone = model.encode_queries(feat[:1, :length], mask[:1, :length])
+    for key in ("query", "modality_weights"):
+        assert torch.allclose(queries[key][:1], alone[key], atol=1e-5)
+
+
+def test_clips_without_a_transformer_are_the_layers_applied_to_every_clip():
+    """Without a video Transformer only the valid clips are computed: each equals the projection and output
+    layers applied to that clip of the padded input; padded clips are zero."""
+    model = make_model(n_video_layers=0)
+    inputs = video_inputs(3, [5, 12, 2], generator=torch.Generator().manual_seed(3))
+    clips = model.encode_videos(inputs)["clips"]
+    mask = inputs["visual"]["feat_mask"].bool()
+    for m, modality in enumerate(model.modalities):
+        expected = torch.nn.functional.normalize(
+            model.video_output[modality](model.video_input[modality](inputs[modality]["feat"])), dim=-1)
+        assert torch.allclose(clips[:, m][mask], expected[mask], atol=1e-5)
+        assert torch.all(clips[:, m][~mask] == 0)
 
 
 def plain_losses(scores, video_idx, n_videos, temperature):

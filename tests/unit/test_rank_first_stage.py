@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from method.first_stage import VideoBank, score_all, top_videos
+from method.first_stage import FirstStageRetriever, VideoBank, score_all, top_videos
 from method.rank_first_stage import VideoSummaryIndex, recall_against, select100, video_summaries
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,6 +44,16 @@ def test_chunked_bucketed_scores_equal_brute_force():
     assert torch.equal(positions, expected)
     assert torch.all(values[:, :-1] >= values[:, 1:])
     assert top_videos(scores, 100)[1].shape == (11, 23)  # k is capped at the number of videos
+
+
+def test_scores_equal_the_model_score_and_a_video_without_clips_ranks_last():
+    bank, query_emb = random_bank(9), random_queries(4)
+    bank.embeddings["clip_mask"][3] = False
+    scores = score_all(query_emb, bank, query_chunk=3, video_bucket=4, progress=False)
+    expected = FirstStageRetriever.score(query_emb, bank.embeddings)
+    assert torch.equal(torch.isinf(scores), torch.isinf(expected)) and torch.all(torch.isinf(scores[:, 3]))
+    finite = torch.isfinite(expected)
+    assert torch.allclose(scores[finite], expected[finite], atol=1e-5)
 
 
 def test_select100_keeps_queries_with_gt_in_the_top_100():
