@@ -24,9 +24,9 @@ from tqdm import tqdm
 from utils.data_config import load_data_config
 from utils.feature_stores import (FeatureStoreError, QueryFeatureStore, RanklistStore, SubtitleFeatureStore,
                                   VideoFeatureStore)
-from utils.io_utils import load_json, load_jsonl
+from utils.io_utils import load_jsonl
 from utils.tvr_format import (DUMMY_TEST_PUBLIC_VIDEO, FIRST_STAGE_TOP, SPLIT_FILE_KEYS, SPLITS, DatasetError,
-                              annotation_problems, is_number, st_ed_label)
+                              annotation_problems, is_number, split_video_indices, st_ed_label)
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +79,7 @@ class StartEndDataset(Dataset):
             logger.info("Using %.1f%% of the data: %d examples", data_ratio * 100, n_examples)
 
         self.video_duration_idx_path = config.video_duration_idx_path
-        video_splits = load_json(config.video_duration_idx_path)
-        if not isinstance(video_splits, dict) or mode not in video_splits:
-            raise DatasetError(f"{config.video_duration_idx_path}: no split {mode!r} "
-                               f"(expected {{split: {{vid_name: [duration, global_idx]}}}})")
-        self.video2idx = {name: int(dur_idx[1]) for name, dur_idx in video_splits[mode].items()}
+        self.video2idx = split_video_indices(config.video_duration_idx_path, mode)
         self.idx2video = {idx: name for name, idx in self.video2idx.items()}
 
         # A multi-moment (DiDeMo-style) val split also feeds the eval-loss pass: its label is the first moment.

@@ -34,8 +34,9 @@ from method.scoring import select_top_n
 from utils import distributed
 from utils.feature_stores import (FeatureStoreError, QueryFeatureStore, RanklistStore, SubtitleFeatureStore,
                                   VideoFeatureStore)
-from utils.io_utils import load_json, load_jsonl, save_json
-from utils.tvr_format import RECALL_TOPK, SPLIT_FILE_KEYS, SPLITS, DatasetError, annotation_problems
+from utils.io_utils import load_jsonl, save_json
+from utils.tvr_format import (RECALL_TOPK, SPLIT_FILE_KEYS, SPLITS, DatasetError, annotation_problems,
+                              split_video_indices)
 
 logger = logging.getLogger(__name__)
 
@@ -265,11 +266,7 @@ def pad_features(rows, max_len):
 
 def split_videos(config, split):
     """{vid_name: global_idx} of `split` in the data config's video table."""
-    table = load_json(config.video_duration_idx_path)
-    if not isinstance(table, dict) or split not in table:
-        raise FirstStageError(f"{config.video_duration_idx_path}: no split {split!r} "
-                              f"(expected {{split: {{vid_name: [duration, global_idx]}}}})")
-    return {name: int(dur_idx[1]) for name, dur_idx in table[split].items()}
+    return split_video_indices(config.video_duration_idx_path, split)
 
 
 def split_queries(config, split, data_path=None, data_ratio=1.0):

@@ -11,6 +11,7 @@ import math
 import numbers
 
 from utils.errors import ConquerError
+from utils.io_utils import load_json
 
 SPLITS = ("train", "val", "test_public")
 # Data-config keys of each split's annotation file and first-stage ranklist.
@@ -64,6 +65,15 @@ DUMMY_TEST_PUBLIC_VIDEO = "castle_s01e01_seg02_clip_20"
 
 class DatasetError(ConquerError):
     """Bad annotations, ranklists or dataset arguments; the message names the file, key and desc_id."""
+
+
+def split_video_indices(video_table_path, split):
+    """{vid_name: global_idx} of `split` in the video table `{split: {vid_name: [duration, global_idx]}}`."""
+    table = load_json(video_table_path)
+    if not isinstance(table, dict) or split not in table:
+        raise DatasetError(f"{video_table_path}: no split {split!r} "
+                           f"(expected {{split: {{vid_name: [duration, global_idx]}}}})")
+    return {name: int(dur_idx[1]) for name, dur_idx in table[split].items()}
 
 
 def is_number(value):
