@@ -194,14 +194,19 @@ def build_model(model_cfg, opt, source=None):
         raise ModelConfigError(f"{source}: {e}") from None
 
 
+def load_model_checkpoint(path, opt):
+    """(model, checkpoint): the model of the checkpoint at `path`, rebuilt from its own model_cfg and the
+    options (dict or EasyDict; `opt["model"]` picks CONQUER or the first stage), its weights loaded on the CPU."""
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    model = build_model(checkpoint["model_cfg"], opt, source=f"{path} (model_cfg)")
+    load_model_weights(model, checkpoint["model"], source=path)
+    logger.info("loaded %s (epoch %s)", path, checkpoint.get("epoch"))
+    return model, checkpoint
+
+
 def load_trained_model(opt):
-    """CONQUER of a run (inference options: opt.ckpt_filepath, the dims and variant options), on opt.device,
-    rebuilt from the checkpoint's own model_cfg."""
-    checkpoint = load_checkpoint(opt.ckpt_filepath, map_location="cpu")
-    model = build_model(checkpoint["model_cfg"], opt, source=f"{opt.ckpt_filepath} (model_cfg)")
-    load_model_weights(model, checkpoint["model"], source=opt.ckpt_filepath)
-    logger.info("loaded %s (epoch %s)", opt.ckpt_filepath, checkpoint.get("epoch"))
-    return model.to(opt.device)
+    """CONQUER of a run (inference options: opt.ckpt_filepath, the dims and variant options), on opt.device."""
+    return load_model_checkpoint(opt.ckpt_filepath, opt)[0].to(opt.device)
 
 
 def load_encoder_pretrain(model, path):

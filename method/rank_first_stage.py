@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from method.checkpoint import build_model, load_checkpoint, load_model_weights
+from method.checkpoint import load_model_checkpoint
 from method.first_stage import (FirstStageError, FirstStageRetriever, QueryItems, VideoItems,
                                 encode_query_bank, encode_video_bank, score_all, split_queries, split_videos,
                                 top_videos, vr_metrics)
@@ -36,7 +36,7 @@ from utils.data_config import load_data_config
 from utils.errors import OptionError, run_cli
 from utils.feature_stores import FeatureStoreError, RanklistStore, write_ranklist_store
 from utils.io_utils import load_json, save_json, save_jsonl
-from utils.run_dir import CKPT_FILENAME, OPT_FILENAME
+from utils.run_dir import CKPT_FILENAME, OPT_FILENAME, locate_model_dir
 from utils.tvr_format import FIRST_STAGE_TOP, SPLIT_FILE_KEYS, SPLITS
 
 logger = logging.getLogger(__name__)
@@ -197,18 +197,14 @@ def select100(rows, ranked_video_idx, gt_video_idx):
 # ----------------------------------------------------------------------------------------------------
 # the whole output folder
 
-def load_first_stage(model_dir, device):
-    """(model in eval mode on device, the run's options) from a first-stage run directory."""
-    opt_path = os.path.join(model_dir, OPT_FILENAME)
-    if not os.path.isfile(opt_path):
-        raise OptionError(f"--model_dir {model_dir}: not a run directory (no {OPT_FILENAME})")
-    opt = load_json(opt_path)
+def load_first_stage(model_dir, device, flag="--model_dir"):
+    """(model in eval mode on device, the run's options) from a first-stage run directory (a path, or a name
+    under results/); `flag` is the option named in errors."""
+    model_dir = locate_model_dir(model_dir)
+    opt = load_json(os.path.join(model_dir, OPT_FILENAME))
     if opt.get("model", "conquer") != "first_stage":
-        raise OptionError(f"--model_dir {model_dir}: a CONQUER run, not a first-stage run (--model first_stage)")
-    ckpt_path = os.path.join(model_dir, CKPT_FILENAME)
-    checkpoint = load_checkpoint(ckpt_path)
-    model = build_model(checkpoint["model_cfg"], opt, source=ckpt_path)
-    load_model_weights(model, checkpoint["model"], source=ckpt_path)
+        raise OptionError(f"{flag} {model_dir}: a CONQUER run, not a first-stage run (--model first_stage)")
+    model, _ = load_model_checkpoint(os.path.join(model_dir, CKPT_FILENAME), opt)
     return model.to(device).eval(), opt
 
 

@@ -32,8 +32,9 @@ from torch.utils.data import default_collate
 from tqdm import tqdm
 
 from config.options import TestOptions
-from method.checkpoint import build_model, load_checkpoint, load_model_weights, load_trained_model
+from method.checkpoint import load_trained_model
 from method.dataset import build_eval_dataset, prepare_batch_inputs
+from method.rank_first_stage import load_first_stage
 from utils import run_dir as run_dirs
 from utils.errors import ConquerError
 from utils.io_utils import atomic_write, load_json, save_json
@@ -90,16 +91,7 @@ def load_first_stage_model(run_dir, device):
     query_mask (Q, Lq)) -> {"query" (Q, M, D), "modality_weights" (Q, M)}; encode_videos(video inputs of the
     dataset) -> {"clips" (V, M, L, D), "clip_mask" (V, L)}; score(query embeddings, video embeddings) -> (Q, V).
     """
-    model_dir = run_dirs.locate_model_dir(run_dir)
-    opt = load_json(os.path.join(model_dir, run_dirs.OPT_FILENAME))
-    if opt.get("model") != "first_stage":
-        raise SearchIndexError(f"--first_stage {run_dir}: opt.json has model {opt.get('model')!r}, expected "
-                               "'first_stage' (a run of train.py --model first_stage)")
-    path = first_stage_checkpoint(run_dir)
-    checkpoint = load_checkpoint(path, map_location="cpu")
-    model = build_model(checkpoint["model_cfg"], opt, source=f"{path} (model_cfg)")
-    load_model_weights(model, checkpoint["model"], source=path)
-    return model.to(device).eval()
+    return load_first_stage(run_dir, device, flag="--first_stage")[0]
 
 
 def _now():
