@@ -20,6 +20,7 @@ from utils.errors import OptionError
 from utils.io_utils import load_json
 from utils.torch_requirement import require_torch
 from utils.tvr_format import CTX_MODES, TASKS
+from utils.windows import WindowError, check_stride
 
 # Options that inference takes from its own command line rather than from the run's opt.json. The first
 # block is the original's list (it also names two options that never existed, kept for fidelity); the
@@ -155,6 +156,12 @@ class BaseOptions:
         p.add_argument("--gate_per_query", action="store_true",
                        help="fusion gate computed once per query in training (original: per query-video copy)")
 
+        p.add_argument("--window_stride", type=int, default=0,
+                       help="read a video longer than --max_ctx_len clips as windows of --max_ctx_len clips "
+                            "starting every this many clips (the last window ends at the video's last clip); 0 "
+                            "reads only its first --max_ctx_len clips, as the original. Saved with the run: "
+                            "evaluation, ranking and search read the windows the run was trained with")
+
         p.add_argument("--model", type=str, default="conquer", choices=["conquer", "first_stage"],
                        help="conquer (the second stage) or first_stage (the video retriever that writes the "
                             "ranklists CONQUER re-ranks; its --model_config is config/first_stage_config.json)")
@@ -172,7 +179,7 @@ class BaseOptions:
             opt.results_root = os.path.join(os.path.dirname(os.path.normpath(opt.results_root)), "debug_results")
 
         if isinstance(self, TestOptions):
-            self._restore_saved_options(opt)
+            self._restore_saved_options(opt, argv)
             self._validate(opt)
         elif opt.resume:
             self._restore_resumed_options(opt, argv)
@@ -223,7 +230,7 @@ class BaseOptions:
         opt.results_dir = opt.resume
         self._validate(opt)
 
-    def _restore_saved_options(self, opt):
+    def _restore_saved_options(self, opt, argv):
         raise NotImplementedError
 
     @staticmethod
@@ -249,6 +256,10 @@ class BaseOptions:
                 raise OptionError(f"--{name} must be positive, got {opt[name]}")
         if opt.clip_length <= 0:
             raise OptionError(f"--clip_length must be positive, got {opt.clip_length}")
+        try:
+            check_stride(opt.window_stride, opt.max_ctx_len)
+        except WindowError as e:
+            raise OptionError(str(e)) from None
         if opt.neg_video_num < 0:
             raise OptionError(f"--neg_video_num must be >= 0, got {opt.neg_video_num}")
         if not 0 <= opt.lr_warmup_fraction < 1:
@@ -290,9 +301,10 @@ class TestOptions(BaseOptions):
         self.parser.add_argument("--output_dir", type=str, default=None,
                                  help="where predictions and metrics go (default: next to the checkpoint read)")
 
-    def _restore_saved_options(self, opt):
+    def _restore_saved_options(self, opt, argv):
         opt.model_dir = run_dir.locate_model_dir(opt.model_dir)
         saved = load_json(os.path.join(opt.model_dir, run_dir.OPT_FILENAME))
+        check_windows_match(saved, opt, given_dests(self.parser, argv), f"--model_dir {opt.model_dir}")
         for key, value in saved.items():
             if key not in NOT_RESTORED_AT_INFERENCE:
                 opt[key] = value
@@ -302,6 +314,15 @@ class TestOptions(BaseOptions):
             opt.setdefault(key, value)
         opt.results_dir = run_dir.choose_checkpoint_dir(opt.get("results_dir"), opt.model_dir, opt.force_model_dir)
         opt.output_dir = opt.output_dir or opt.results_dir
+
+
+def check_windows_match(saved, opt, given, run):
+    """A run reads videos as it was trained: --window_stride given at inference must be the run's (a model
+    trained on windows sees only the first clips without them; one trained without sees no window offsets)."""
+    trained = saved.get("window_stride", 0)
+    if "window_stride" in given and opt.window_stride != trained:
+        raise OptionError(f"--window_stride {opt.window_stride}: {run} was trained with --window_stride {trained}; "
+                          "a run is evaluated with the windows it was trained with (leave the flag out)")
 
 
 _NOT_GIVEN = object()

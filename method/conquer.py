@@ -73,7 +73,9 @@ def validate_model_config(config, hidden_dim, video_len, similarity_measure, use
     max_positions = _config_value(config, "bert_config.max_position_embeddings")
     if video_len > max_positions:
         raise ModelConfigError(
-            f"video_len (--max_ctx_len) {video_len} exceeds bert_config.max_position_embeddings {max_positions}")
+            f"video_len (--max_ctx_len) {video_len} exceeds bert_config.max_position_embeddings {max_positions}: the "
+            f"model has no position for clips past {max_positions}; keep --max_ctx_len <= {max_positions} and read "
+            "longer videos as windows of that many clips (--window_stride)")
 
 
 def flatten_video_inputs(inputs):

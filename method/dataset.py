@@ -6,6 +6,11 @@ first-stage ranklist (shared normalization) and the GT (start, end) clip indices
 ranklist videos and their first-stage scores; those candidates are read once per evaluation
 (`eval_candidates`) and serve both the items and the video-encoding cache of method/evaluation.py.
 
+Windows (`window_stride` > 0, utils/windows.py): a video longer than `max_ctx_len` clips is read as windows, each
+a slice of the stored video. A training item then holds the GT window, a window of the GT video apart from the
+moment (when there is one) and a window of each sampled negative video; evaluation reads windows through
+`window_starts` and `get_video_inputs(name, start)`.
+
 Annotations are validated when the dataset is built (cheap checks only); features and ranklists are read
 lazily per item, through stores that each process opens for itself (see utils/feature_stores.py), so
 DataLoader workers need no special setup.
@@ -13,6 +18,7 @@ DataLoader workers need no special setup.
 import copy
 import functools
 import logging
+import math
 import os
 import random
 
@@ -27,6 +33,7 @@ from utils.feature_stores import (FeatureStoreError, QueryFeatureStore, Ranklist
 from utils.io_utils import load_jsonl
 from utils.tvr_format import (DUMMY_TEST_PUBLIC_VIDEO, FIRST_STAGE_TOP, SPLIT_FILE_KEYS, SPLITS, DatasetError,
                               annotation_problems, is_number, split_video_indices, st_ed_label)
+from utils.windows import Window, WindowError, check_stride, gt_window, overlaps_moment, window_starts
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +50,7 @@ class StartEndDataset(Dataset):
 
     def __init__(self, config, max_ctx_len=100, max_desc_len=30, clip_length=1.5, ctx_mode="visual_sub",
                  is_eval=False, mode="train", neg_video_num=3, data_ratio=1, use_extend_pool=500,
-                 inference_top_k=10, read_ranklists=True):
+                 inference_top_k=10, read_ranklists=True, window_stride=0):
         if mode not in SPLITS:
             raise DatasetError(f"mode must be one of {SPLITS}, found {mode!r}")
         if mode == "test_public" and not is_eval:
@@ -56,6 +63,10 @@ class StartEndDataset(Dataset):
             raise DatasetError(f"neg_video_num must be an int >= 0, found {neg_video_num!r}")
         if not (is_number(clip_length) and clip_length > 0):
             raise DatasetError(f"clip_length must be a positive number, found {clip_length!r}")
+        try:
+            check_stride(window_stride, max_ctx_len)
+        except WindowError as e:
+            raise DatasetError(str(e)) from None
 
         self.dset_name = config.dset_name
         self.mode = mode
@@ -70,6 +81,8 @@ class StartEndDataset(Dataset):
         self.data_ratio = data_ratio
         self.use_extend_pool = use_extend_pool
         self.inference_top_k = inference_top_k
+        self.window_stride = window_stride
+        self._clip_counts = {}  # video name -> visual clip count (windows only)
 
         self.data_path, ranklist_path = (config[key] for key in SPLIT_FILE_KEYS[mode])
         self.query_data = load_jsonl(self.data_path)
@@ -96,6 +109,8 @@ class StartEndDataset(Dataset):
         # A corpus searched with a learned first stage may have no ranklists yet.
         self.ranklist_store = RanklistStore(ranklist_path) if read_ranklists else None
         self._dummy_stored = {}  # store kind -> whether it holds the test_public dummy (checked lazily)
+        if self.window_stride and not is_eval:
+            self._warn_long_moments()
 
     def check_feature_dims(self, query_dim, visual_dim, text_dim):
         """Compare the feature dims of the first query and its first video with the model's input dims, so a
@@ -145,6 +160,8 @@ class StartEndDataset(Dataset):
             ranked_names = self._names(self.ranklist_store.get(desc_id), desc_id)
             video_names = [gt_name] + self._sample_negatives(ranked_names, gt_name, desc_id)
         meta["sample_vid_name_list"] = video_names[1:]
+        if self.window_stride and not self.is_eval:
+            return self._windowed_training_item(row, meta, model_inputs)
 
         placeholder_gt = not self.has_gt
         model_inputs["visual"], n_gt_clips = self._video_inputs(video_names, self.video_store, VISUAL_TOKEN_ID,
@@ -152,10 +169,59 @@ class StartEndDataset(Dataset):
         if self.use_sub:
             model_inputs["sub"], _ = self._video_inputs(video_names, self.sub_store, TEXT_TOKEN_ID, placeholder_gt)
         if not self.is_eval:
-            label = row["ts"][0] if isinstance(row["ts"][0], (list, tuple)) else row["ts"]
-            st, ed = st_ed_label(label, n_gt_clips, self.clip_length)
+            st, ed = st_ed_label(_first_moment(row), n_gt_clips, self.clip_length)
             model_inputs["st_ed_indices"] = torch.tensor([st, ed], dtype=torch.int64)
         return dict(meta=meta, model_inputs=model_inputs)
+
+    # Windows (utils/windows.py): a video longer than max_ctx_len clips is read as windows.
+
+    def clip_count(self, name):
+        """The visual clip count of video `name` (read once per process)."""
+        if name not in self._clip_counts:
+            self._clip_counts[name] = self.video_store.clip_count(name)
+        return self._clip_counts[name]
+
+    def window_starts(self, name):
+        """Start clips of the windows of video `name` ([0] without windows)."""
+        if not self.window_stride or (not self.has_gt and name == DUMMY_TEST_PUBLIC_VIDEO):
+            return [0]
+        return window_starts(self.clip_count(name), self.max_ctx_len, self.window_stride)
+
+    def _windowed_training_item(self, row, meta, model_inputs):
+        """A training item over windows: the GT window (one that holds the whole moment, see `gt_window`), then
+        one window of the GT video that shares no clip with the moment when there is one (a hard negative: a
+        long video's other windows are what its moments compete with at evaluation), then a random window of
+        each sampled negative video, N = 1 + neg_video_num in all."""
+        gt_name = meta["vid_name"]
+        n_clips = self.clip_count(gt_name)
+        starts = self.window_starts(gt_name)
+        video_st, video_ed = st_ed_label(_first_moment(row), n_clips, self.clip_length)
+        gt_start, (st, ed), _ = gt_window(starts, self.max_ctx_len, video_st, video_ed, _choice)
+        negative_names = meta["sample_vid_name_list"]
+        windows = [Window(gt_name, gt_start)]
+        apart = [start for start in starts if not overlaps_moment(start, self.max_ctx_len, video_st, video_ed)]
+        if apart and negative_names:
+            negative_names = negative_names[:-1]
+            windows.append(Window(gt_name, _choice(apart)))
+        windows += [Window(name, _choice(self.window_starts(name))) for name in negative_names]
+        meta["sample_vid_name_list"] = [window.video_name for window in windows[1:]]
+        meta["windows"] = windows
+        model_inputs["visual"], _ = self._video_inputs(windows, self.video_store, VISUAL_TOKEN_ID, False)
+        if self.use_sub:
+            model_inputs["sub"], _ = self._video_inputs(windows, self.sub_store, TEXT_TOKEN_ID, False)
+        model_inputs["st_ed_indices"] = torch.tensor([st, ed], dtype=torch.int64)
+        return dict(meta=meta, model_inputs=model_inputs)
+
+    def _warn_long_moments(self):
+        """Count the moments no window can hold (cut to the window covering most of them in training)."""
+        longer = 0
+        for row in self.query_data:
+            t0, t1 = _first_moment(row)
+            longer += math.ceil(float(t1) / self.clip_length) - math.floor(float(t0) / self.clip_length) > \
+                self.max_ctx_len
+        if longer:
+            logger.warning("%d of %d %s moments are longer than a window of %d clips: each is cut to the window "
+                           "covering most of it", longer, len(self.query_data), self.mode, self.max_ctx_len)
 
     def subset(self, start, stop):
         """This dataset restricted to its queries [start, stop) (a rank's share, --debug's first queries); the
@@ -211,22 +277,25 @@ class StartEndDataset(Dataset):
     def _query_inputs(self, desc_id):
         return query_inputs(self.query_store.get(desc_id), self.max_desc_len)
 
-    def _video_inputs(self, video_names, store, token_id, placeholder_gt):
-        """Padded (N, L, D) features of `video_names` from `store` -> (inputs dict, GT row count).
+    def _video_inputs(self, videos, store, token_id, placeholder_gt):
+        """Padded (N, L, D) features of `videos` (names, or `Window`s: a window is read as rows [start, start + L)
+        of its video) from `store` -> (inputs dict, GT row count).
 
         With `placeholder_gt` (test_public) slot 0 is the dummy video, read if the store holds it; otherwise
         it is one all-zero row. Slot 0 never affects test_public outputs: every video is encoded and scored
         on its own at inference and SVMR (the only use of slot 0) needs a GT that test_public lacks.
         """
-        rows_by_name = {}
+        windows = [video if isinstance(video, Window) else Window(video, 0) for video in videos]
+        video_names = [window.video_name for window in windows]
+        rows_by_window = {}
         rows = []
-        for i, name in enumerate(video_names):
+        for i, window in enumerate(windows):
             if i == 0 and placeholder_gt and not self._stores_dummy(store):
                 rows.append(None)
                 continue
-            if name not in rows_by_name:
-                rows_by_name[name] = store.get(name)
-            rows.append(rows_by_name[name])
+            if window not in rows_by_window:
+                rows_by_window[window] = store.get(*window)
+            rows.append(rows_by_window[window])
         reference = next((r for r in rows if r is not None), None)
         dim = reference.shape[1] if reference is not None else self._first_video_dim(store)
         for name, r in zip(video_names, rows):
@@ -273,14 +342,16 @@ class StartEndDataset(Dataset):
                     sample_vid_name_list=video_names[1:])
         return dict(meta=meta, model_inputs=dict(query=query, inference_vr_scores=scores))
 
-    def get_video_inputs(self, vid_name):
-        """One video's slice of an evaluation item: {"visual": {feat (L, Dv), feat_mask, feat_pos_id,
-        feat_token_id (L,)}, "sub": {... (L, Dt)} if ctx_mode has sub}; the test_public dummy as in items."""
+    def get_video_inputs(self, vid_name, start=0):
+        """One video's (or, from clip `start`, one window's) slice of an evaluation item: {"visual": {feat (L, Dv),
+        feat_mask, feat_pos_id, feat_token_id (L,)}, "sub": {... (L, Dt)} if ctx_mode has sub}; the test_public
+        dummy as in items."""
         placeholder = not self.has_gt and vid_name == DUMMY_TEST_PUBLIC_VIDEO
+        window = Window(vid_name, start)
         try:
-            inputs = {"visual": self._video_inputs([vid_name], self.video_store, VISUAL_TOKEN_ID, placeholder)[0]}
+            inputs = {"visual": self._video_inputs([window], self.video_store, VISUAL_TOKEN_ID, placeholder)[0]}
             if self.use_sub:
-                inputs["sub"] = self._video_inputs([vid_name], self.sub_store, TEXT_TOKEN_ID, placeholder)[0]
+                inputs["sub"] = self._video_inputs([window], self.sub_store, TEXT_TOKEN_ID, placeholder)[0]
         except (FeatureStoreError, DatasetError) as e:
             raise DatasetError(f"{self.mode} video {vid_name!r}: {e}") from None
         return {modality: {key: value[0] for key, value in tensors.items()} for modality, tensors in inputs.items()}
@@ -288,12 +359,24 @@ class StartEndDataset(Dataset):
 
 def build_eval_dataset(opt, read_ranklists=True):
     """The evaluation dataset inference runs on: split opt.eval_split_name of the data config opt.dataset_config,
-    with the run's options (max_ctx_len, max_desc_len, clip_length, ctx_mode, data_ratio, max_vcmr_video)."""
+    with the run's options (max_ctx_len, max_desc_len, clip_length, ctx_mode, data_ratio, max_vcmr_video,
+    window_stride)."""
     return StartEndDataset(
         load_data_config(opt.dataset_config), max_ctx_len=opt.max_ctx_len, max_desc_len=opt.max_desc_len,
         clip_length=opt.clip_length, ctx_mode=opt.ctx_mode, is_eval=True, mode=opt.eval_split_name,
         neg_video_num=0, data_ratio=opt.data_ratio, inference_top_k=opt.max_vcmr_video,
-        read_ranklists=read_ranklists)
+        read_ranklists=read_ranklists, window_stride=opt.get("window_stride", 0))
+
+
+def _choice(options):
+    """random.choice, drawing nothing for a single option: a corpus without long videos then trains with windows
+    exactly as without."""
+    return options[0] if len(options) == 1 else random.choice(options)
+
+
+def _first_moment(row):
+    """The training label of an annotation row: its moment, or the first of a multi-moment (DiDeMo) row."""
+    return row["ts"][0] if isinstance(row["ts"][0], (list, tuple)) else row["ts"]
 
 
 def query_inputs(features, max_desc_len):
@@ -318,11 +401,14 @@ def train_set_options(opt, data_config):
     As the original: the dataset defaults (100, 30, 1.5, visual_sub), whatever the options say, so that
     non-default options train exactly as it did; with --train_set_honours_options, the options. The options
     are also used, with a log line, where the original crashes: ctx_mode visual_sub with max_ctx_len other
-    than 100 (the model splits its two-modality sequence at max_ctx_len clips), and a corpus without subtitle
-    features (the original's training set reads them).
+    than 100 (the model splits its two-modality sequence at max_ctx_len clips), a corpus without subtitle
+    features (the original's training set reads them), and with --window_stride (windows must be the model's).
     """
     honoured = {name: opt[name] for name in ORIGINAL_TRAIN_SET_OPTIONS}
     if opt.train_set_honours_options or honoured == ORIGINAL_TRAIN_SET_OPTIONS:
+        return honoured
+    if opt.get("window_stride", 0):  # windows are this implementation's: they are read as the model reads them
+        logger.info("training set built with the options %s (--window_stride)", honoured)
         return honoured
     crash = None
     if opt.ctx_mode == "visual_sub" and opt.max_ctx_len != ORIGINAL_TRAIN_SET_OPTIONS["max_ctx_len"]:
@@ -343,10 +429,10 @@ def build_training_datasets(opt):
     lengths, clip length and ctx_mode follow `train_set_options`; the other two use the options."""
     data_config = load_data_config(opt.dataset_config)
     common = dict(max_ctx_len=opt.max_ctx_len, max_desc_len=opt.max_desc_len, clip_length=opt.clip_length,
-                  ctx_mode=opt.ctx_mode, data_ratio=opt.data_ratio)
+                  ctx_mode=opt.ctx_mode, data_ratio=opt.data_ratio, window_stride=opt.get("window_stride", 0))
     train_dataset = StartEndDataset(data_config, mode="train", is_eval=False, neg_video_num=opt.neg_video_num,
                                     use_extend_pool=opt.use_extend_pool, data_ratio=opt.data_ratio,
-                                    **train_set_options(opt, data_config))
+                                    window_stride=opt.get("window_stride", 0), **train_set_options(opt, data_config))
     if opt.disable_eval:
         return train_dataset, None, None
     eval_loss_dataset = StartEndDataset(data_config, mode="val", is_eval=False, neg_video_num=opt.neg_video_num,

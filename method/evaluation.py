@@ -12,6 +12,14 @@ encoded once up front and each query batch only runs the query encoder and the q
 gathered rows. The cache lives on the model's device when it fits, else in (pinned) host memory. Its videos
 and the query items come from the same `dataset.eval_candidates`, read once.
 
+Windows (`--window_stride`, utils/windows.py). When a candidate video is longer than one window, every query
+re-ranks all windows of its k candidate videos (`--max_vcmr_video` counts videos) and, for SVMR, of its GT
+video: the windows of a group of queries are encoded once (the encodings of one group at a time, at most
+WINDOW_CACHE_BYTES), each query batch scores its window slots padded to the batch's largest count, and
+`rank_windowed_batch` merges the windows back into moments of whole videos. The cost of a query grows with the
+windows of its videos; the log reports the window slots per query. Without a long candidate video the path
+above runs unchanged.
+
 Model methods used: `encode_query`, `encode_videos`, `score_encoded` (cache on) or `get_pred_from_raw_query`
 (cache off).
 """
@@ -19,24 +27,28 @@ import logging
 import os
 import time
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from tqdm import tqdm
 
 from method.amp import autocast_context
 from method.dataset import prepare_batch_inputs, start_end_collate
-from method.scoring import prediction_results, rank_batch
+from method.scoring import prediction_results, rank_batch, rank_windowed_batch
 from utils import distributed
 from utils.errors import OptionError
 from utils.io_utils import gc_paused, save_json
 from utils.standalone_eval import GroundTruthError, eval_retrieval
 from utils.temporal_nms import apply_nms
 from utils.tvr_format import IOU_THRESHOLDS, MAX_PREDICTIONS_PER_QUERY, TASKS
+from utils.windows import Window
 
 logger = logging.getLogger(__name__)
 
 # Share of the free accelerator memory the video cache may take; the rest is left to the query batches.
 CACHE_DEVICE_MEMORY_FRACTION = 0.5
+# Encodings of windows held at once when videos are read as windows (float32 estimate; queries are grouped).
+WINDOW_CACHE_BYTES = 2 << 30
 
 
 def _evaluate_nms_submission(submission_nms, ground_truth, opt):
@@ -88,17 +100,17 @@ class _QueryItems(Dataset):
 
 
 class _VideoItems(Dataset):
-    """One evaluation video's inputs per item (`get_video_inputs`)."""
+    """One evaluation video's (or window's) inputs per item (`get_video_inputs`)."""
 
-    def __init__(self, dataset, video_names):
+    def __init__(self, dataset, windows):
         self.dataset = dataset
-        self.video_names = video_names
+        self.windows = windows
 
     def __len__(self):
-        return len(self.video_names)
+        return len(self.windows)
 
     def __getitem__(self, index):
-        return self.dataset.get_video_inputs(self.video_names[index])
+        return self.dataset.get_video_inputs(*self.windows[index])
 
 
 class VideoEncodingCache:
@@ -133,12 +145,22 @@ class VideoEncodingCache:
         for names in query_names:
             for name in names:
                 row_of.setdefault(name, len(row_of))
-        video_names = list(row_of)
         query_video_rows = torch.tensor([[row_of[name] for name in names] for names in query_names],
                                         dtype=torch.long)
+        cache = cls.encode(model, dataset, [Window(name, 0) for name in row_of], query_video_rows, opt, device,
+                           batch_size)
+        logger.info("Video-encoding cache: %d distinct videos for %d queries (%d video slots), %.1f MiB on %s",
+                    len(row_of), len(query_names), query_video_rows.numel(), cache.nbytes / 2 ** 20,
+                    cache.storage_device)
+        return cache
+
+    @classmethod
+    def encode(cls, model, dataset, windows, query_video_rows, opt, device, batch_size):
+        """Encode `windows` (each a `Window`: a video from one of its clips) into cache rows, in their order."""
+        video_names = [window.video_name for window in windows]
         encoded = video_mask = None
         offset = 0
-        loader = _loader(_VideoItems(dataset, video_names), opt, device, batch_size, default_collate)
+        loader = _loader(_VideoItems(dataset, windows), opt, device, batch_size, default_collate)
         for video_inputs in tqdm(loader, desc="Encoding videos", total=len(loader),
                                  disable=not distributed.is_main_process()):
             video_inputs = prepare_batch_inputs(video_inputs, device, non_blocking=True)
@@ -156,11 +178,7 @@ class VideoEncodingCache:
                 encoded[key][offset:offset + n].copy_(value)
             video_mask[offset:offset + n].copy_(video_inputs["visual"]["feat_mask"])
             offset += n
-        cache = cls(video_names, query_video_rows, encoded, video_mask)
-        logger.info("Video-encoding cache: %d distinct videos for %d queries (%d video slots), %.1f MiB on %s",
-                    len(video_names), len(query_names), query_video_rows.numel(), cache.nbytes / 2 ** 20,
-                    cache.storage_device)
-        return cache
+        return cls(video_names, query_video_rows, encoded, video_mask)
 
     def gather(self, rows, device):
         """Cache rows (M,) -> ({modality: (M, L, H)}, video_mask (M, L)) on `device`."""
@@ -224,6 +242,96 @@ def _cached_forward_batches(model, dataset, opt, device):
         yield metas, model_inputs["inference_vr_scores"], outputs
 
 
+def query_windows(dataset, include_gt):
+    """Per query of an evaluation dataset read as windows: its window slots [(video slot, Window)], video slot 0
+    = the GT video (only with `include_gt`: SVMR is its only use), 1..k = the candidates in ranklist order."""
+    starts = {}
+    slots = []
+    for names, _ in tqdm(dataset.eval_candidates, desc="Laying out windows", leave=False,
+                         disable=not distributed.is_main_process()):
+        query = []
+        for video, name in enumerate(names):
+            if video == 0 and not include_gt:
+                continue
+            if name not in starts:
+                starts[name] = dataset.window_starts(name)
+            query += [(video, Window(name, start)) for start in starts[name]]
+        slots.append(query)
+    return slots
+
+
+def _window_groups(slots, max_rows):
+    """Consecutive query ranges [(start, stop)] whose distinct windows number at most max_rows (a query with more
+    is a group of its own), so the windows' encodings are held for one group at a time."""
+    groups, start, distinct = [], 0, set()
+    for i, query in enumerate(slots):
+        windows = {window for _, window in query}
+        if i > start and len(distinct | windows) > max_rows:
+            groups.append((start, i))
+            start, distinct = i, set()
+        distinct |= windows
+    if slots:
+        groups.append((start, len(slots)))
+    return groups
+
+
+def _windowed_forward_batches(model, dataset, opt, device, include_gt):
+    """As `_cached_forward_batches` for videos read as windows: yield (metas, first-stage scores (B, k),
+    outputs over (B, N) window slots, (slot_video, slot_start, slot_length) (B, N) numpy).
+
+    Windows of the queries of one group are encoded once, then each query batch scores all its window slots,
+    padded to the batch's largest count; the encodings are held for one group at a time
+    (WINDOW_CACHE_BYTES), so memory stays bounded whatever the corpus's total length.
+    """
+    slots = query_windows(dataset, include_gt)
+    counts = np.array([len(query) for query in slots])
+    logger.info("Windows of --window_stride %d: %.1f window slots per query (max %d), %d distinct windows: the cost "
+                "of a query grows with the windows of its videos", dataset.window_stride, counts.mean(),
+                counts.max(), len({window for query in slots for _, window in query}))
+    modalities = 2 if dataset.use_sub else 1
+    max_rows = max(1, WINDOW_CACHE_BYTES // (dataset.max_ctx_len * opt.hidden_dim * 4 * modalities))
+    query_items = _QueryItems(dataset)
+    video_batch_size = opt.eval_query_bsz * (1 + dataset.inference_top_k)
+    for start, stop in _window_groups(slots, max_rows):
+        row_of = {}
+        for query in slots[start:stop]:
+            for _, window in query:
+                row_of.setdefault(window, len(row_of))
+        cache = VideoEncodingCache.encode(model, dataset, list(row_of), None, opt, device, video_batch_size)
+        row_length = cache.video_mask.sum(dim=1).cpu().numpy()
+        loader = _loader(Subset(query_items, range(start, stop)), opt, device, opt.eval_query_bsz, start_end_collate)
+        offset = start
+        for metas, model_inputs in tqdm(loader, desc="Scoring queries", total=len(loader),
+                                        disable=not distributed.is_main_process()):
+            batch_slots = slots[offset:offset + len(metas)]
+            offset += len(metas)
+            n_slots = max(len(query) for query in batch_slots)
+            slot_video = np.full((len(metas), n_slots), -1, dtype=np.int64)
+            slot_start = np.zeros((len(metas), n_slots), dtype=np.int64)
+            rows = np.zeros((len(metas), n_slots), dtype=np.int64)  # padding slots read row 0, then are ignored
+            for i, query in enumerate(batch_slots):
+                for j, (video, window) in enumerate(query):
+                    slot_video[i, j], slot_start[i, j], rows[i, j] = video, window.start, row_of[window]
+            slot_length = np.where(slot_video >= 0, row_length[rows], 0)
+            model_inputs = prepare_batch_inputs(model_inputs, device, non_blocking=True)
+            query_inputs = model_inputs["query"]
+            encoded, video_mask = cache.gather(torch.from_numpy(rows).reshape(-1), device)
+            outputs = model.score_encoded(model.encode_query(query_inputs), query_inputs["feat_mask"], encoded,
+                                          video_mask, n_slots)
+            yield metas, model_inputs["inference_vr_scores"], outputs, (slot_video, slot_start, slot_length)
+
+
+def reads_windows(dataset):
+    """Whether an evaluation dataset has a candidate video longer than one window. Without one, evaluation runs
+    exactly as without windows (same code, same outputs)."""
+    if not dataset.window_stride:
+        return False
+    names = {name for names, _ in dataset.eval_candidates for name in names}
+    return any(len(dataset.window_starts(name)) > 1
+               for name in tqdm(sorted(names), desc="Counting clips", leave=False,
+                                disable=not distributed.is_main_process()))
+
+
 def ranked_rows_needed(opt, max_after_nms):
     """Rows per query the submission and NMS will read, so ranking needs no more.
 
@@ -244,17 +352,25 @@ def compute_predictions(model, eval_dataset, opt, tasks, n_ranked=None):
     device = _model_device(model, opt)
     n_ranked = opt.max_before_nms if n_ranked is None else n_ranked
     model.eval()
-    batches = (_cached_forward_batches if opt.get("video_cache", True) else _forward_batches)
+    ranking = dict(tasks=tasks, max_before_nms=n_ranked, min_pred_l=opt.min_pred_l, max_pred_l=opt.max_pred_l,
+                   use_internal_vr_scores=opt.use_interal_vr_scores)
     ranked_batches, all_metas = [], []
     # --amp: the forward passes run lazily inside the loop, so autocast wraps it; scoring casts to fp32.
     with torch.no_grad(), autocast_context(opt.get("amp", "off"), device):
+        if reads_windows(eval_dataset):  # the video cache is how windows are read, whatever --no_video_cache
+            for metas, first_stage_scores, (video_scores, begin_logits, end_logits), slots in \
+                    _windowed_forward_batches(model, eval_dataset, opt, device, include_gt="SVMR" in tasks):
+                ranked_batches.append(rank_windowed_batch(
+                    opt.similarity_measure, begin_logits, end_logits, *slots, video_scores=video_scores,
+                    first_stage_scores=first_stage_scores, **ranking))
+                all_metas += metas
+            return prediction_results(ranked_batches, all_metas, eval_dataset.video2idx, opt.clip_length)
+        batches = (_cached_forward_batches if opt.get("video_cache", True) else _forward_batches)
         for metas, first_stage_scores, (video_scores, begin_logits, end_logits) in batches(
                 model, eval_dataset, opt, device):
-            ranked_batches.append(rank_batch(opt.similarity_measure, begin_logits, end_logits, tasks=tasks,
-                                             max_before_nms=n_ranked, min_pred_l=opt.min_pred_l,
-                                             max_pred_l=opt.max_pred_l, video_scores=video_scores,
-                                             first_stage_scores=first_stage_scores,
-                                             use_internal_vr_scores=opt.use_interal_vr_scores))
+            ranked_batches.append(rank_batch(opt.similarity_measure, begin_logits, end_logits,
+                                             video_scores=video_scores, first_stage_scores=first_stage_scores,
+                                             **ranking))
             all_metas += metas
     return prediction_results(ranked_batches, all_metas, eval_dataset.video2idx, opt.clip_length)
 

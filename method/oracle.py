@@ -5,8 +5,11 @@ the benchmark uses them as its baseline. Nothing on the training or inference pa
 * `moment_rows_reference`: submission rows zipped row by row in Python (production: one array conversion).
 * `temporal_nms_reference`, `nms_per_video_reference`, `apply_nms_reference`: the list-popping NMS, one query
   and one video at a time (production: `utils.temporal_nms`, all queries at once).
+* `rank_windowed_reference`: windowed ranking by loops over windows and pairs and a dict of merged moments
+  (production: `method.scoring.rank_windowed_batch`, array operations per query).
 """
 import numpy as np
+import torch
 
 from method.scoring import moment_seconds, sort_descending
 from utils.temporal_nms import MAX_KEPT_PER_VIDEO
@@ -62,3 +65,61 @@ def apply_nms_reference(query_results, nms_thd, max_before_nms, max_after_nms=MA
     return [dict(query, predictions=nms_per_video_reference(query["predictions"][:max_before_nms], nms_thd,
                                                             max_after_nms))
             for query in query_results]
+
+
+def rank_windowed_reference(measure, begin_logits, end_logits, slot_video, slot_start, slot_length, *, tasks,
+                            max_before_nms, min_pred_l, max_pred_l, video_scores=None, first_stage_scores=None,
+                            use_internal_vr_scores=False):
+    """Plain formulation of `method.scoring.rank_windowed_batch`: every window, every (st, ed) pair in loops, a
+    dict from (video, video st, video ed) to its best score, then one sort per query.
+
+    Returns per query {"VR": [(candidate, score)], "SVMR": [(st, ed, score)], "VCMR": [(candidate, st, ed,
+    score)]} (the tasks asked for), best first, st / ed in clips of the whole video.
+    """
+    terms = [np.asarray(torch.softmax(x.float(), dim=-1) if measure != "disjoint" else x.float())
+             for x in (begin_logits, end_logits)]
+    k = first_stage_scores.shape[1] if first_stage_scores is not None else int(np.max(slot_video))
+    results = []
+    for i in range(begin_logits.shape[0]):
+        slots = [j for j in range(slot_video.shape[1]) if slot_video[i, j] >= 0]
+
+        def pair_scores(video, weight=None):
+            found = {}
+            for j in (j for j in slots if slot_video[i, j] == video):
+                for st in range(slot_length[i, j]):
+                    for ed in range(st, slot_length[i, j]):
+                        if not min_pred_l <= ed - st < max_pred_l:
+                            continue
+                        b, e = terms[0][i, j, st], terms[1][i, j, ed]
+                        score = b + e if measure == "disjoint" else (b if weight is None else b * weight) * e
+                        key = (slot_start[i, j] + st, slot_start[i, j] + ed)
+                        found[key] = max(found.get(key, -np.inf), score)
+            return found
+
+        if measure == "disjoint":
+            video_score = [max(pair_scores(c + 1).values(), default=-np.inf) for c in range(k)]
+        elif use_internal_vr_scores:
+            video_score = [float(x) for x in first_stage_scores[i]]
+        else:
+            logits = video_scores[i].float().numpy()
+            best = [max(logits[j] for j in slots if slot_video[i, j] == c + 1) for c in range(k)]
+            video_score = torch.softmax(torch.tensor(best, dtype=torch.float32), dim=0).tolist()
+        order = list(range(k)) if use_internal_vr_scores and measure != "disjoint" else \
+            sorted(range(k), key=lambda c: (-video_score[c], c))
+        result = {}
+        if "VR" in tasks:
+            result["VR"] = [(c, np.float32(video_score[c])) for c in order]
+        if "SVMR" in tasks:
+            found = pair_scores(0)
+            ranked = sorted(found, key=lambda key: (-found[key], key))[:max_before_nms]
+            result["SVMR"] = [(st, ed, found[(st, ed)]) for st, ed in ranked]
+        if "VCMR" in tasks:
+            position = {c: (c if measure == "disjoint" else order.index(c)) for c in range(k)}
+            found = {}
+            for c in range(k):
+                weight = None if measure == "disjoint" else np.float32(video_score[c])
+                found.update({(c,) + key: score for key, score in pair_scores(c + 1, weight).items()})
+            ranked = sorted(found, key=lambda key: (-found[key], position[key[0]], key[1], key[2]))[:max_before_nms]
+            result["VCMR"] = [key + (found[key],) for key in ranked]
+        results.append(result)
+    return results

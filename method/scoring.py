@@ -355,6 +355,177 @@ def rank_batch(measure, begin_logits, end_logits, *, tasks, max_before_nms, min_
                 first_stage_scores=first_stage_scores, use_internal_vr_scores=use_internal_vr_scores)
 
 
+def rank_windowed_batch(measure, begin_logits, end_logits, slot_video, slot_start, slot_length, *, tasks,
+                        max_before_nms, min_pred_l, max_pred_l, video_scores=None, first_stage_scores=None,
+                        use_internal_vr_scores=False):
+    """Rank one evaluation batch whose videos are read as windows (utils/windows.py), in video terms.
+
+    Each query has N window slots (padded to the batch's largest count); a slot is one window of the GT video
+    (video 0) or of candidate c (video c, 1..k in ranklist order). Moment scores are those of `rank_batch`,
+    computed inside each window (its own softmax) on the pairs of real clips with a valid length, then mapped to
+    clips of the whole video; a moment found in several overlapping windows is one moment with its best score
+    (merged before ranking). A video's score is its best window's: the max of its windows' video-scoring logits
+    before the softmax over the k candidates (exclusive), its first-stage score (general with
+    use_internal_vr_scores) or its best moment (disjoint). Ties are broken as in `rank_batch`: candidates in VR
+    order (disjoint: ranklist order), then start clip, then end clip.
+
+    Args:
+        begin_logits, end_logits: (B, N, L); video_scores: (B, N) VS-head logits per slot or None.
+        slot_video: (B, N) int64 numpy, -1 for padding; slot_start: (B, N) first clip of each window in its video;
+        slot_length: (B, N) real clips of each window.
+        first_stage_scores: (B, k).
+    Returns:
+        as `score_batch`, with st / ed clip indices of the whole video, and for SVMR and VCMR "count" (B,): the
+        rows of each query that hold moments (a short video may have fewer than max_before_nms valid pairs; the
+        rest of the row is padding).
+    """
+    logits = [begin_logits, end_logits] + ([video_scores] if video_scores is not None else [])
+    if any(bool(torch.isnan(x).any()) for x in logits):
+        raise ValueError("the model's logits contain NaN: cannot rank predictions")
+    batch_size, _, length = begin_logits.shape
+    k = int(slot_video.max(initial=0))
+    if first_stage_scores is not None:
+        k = first_stage_scores.shape[1]
+    begin_terms, end_terms = clip_terms(measure, torch.stack((begin_logits, end_logits)))
+    band_st, band_ed = valid_pair_band(length, min_pred_l, max_pred_l)
+    logit_values = None if video_scores is None else _numpy(video_scores.float())
+    n_clips = int((slot_start + length).max(initial=length))  # key base: no video of the batch has more clips
+    moments = {task: [] for task in ("SVMR", "VCMR") if task in tasks}
+    video_ranking = []
+    for i in range(batch_size):
+        pairs = _window_pairs(slot_video[i], slot_start[i], slot_length[i], band_st, band_ed)
+        if "SVMR" in tasks:
+            moments["SVMR"].append(_merged_top_n(measure, begin_terms[i], end_terms[i], pairs, None, None, n_clips,
+                                                 max_before_nms))
+        if "VR" in tasks or "VCMR" in tasks:
+            order, scores = _windowed_candidate_order(
+                measure, begin_terms[i], end_terms[i], pairs, slot_video[i], k,
+                None if logit_values is None else logit_values[i],
+                None if first_stage_scores is None else first_stage_scores[i], use_internal_vr_scores)
+            video_ranking.append((order, scores))
+        if "VCMR" in tasks:
+            # Candidates in VR order (disjoint: ranklist order) break ties, as in rank_batch.
+            layout = np.arange(k) if measure == "disjoint" else np.argsort(order, kind="stable")
+            weights = None if measure == "disjoint" else scores[layout]
+            moments["VCMR"].append(_merged_top_n(measure, begin_terms[i], end_terms[i], pairs, layout, weights,
+                                                 n_clips, max_before_nms))
+    out = {}
+    if "VR" in tasks:
+        out["VR"] = {"candidate": np.stack([order for order, _ in video_ranking]),
+                     "score": np.stack([scores for _, scores in video_ranking]).astype(np.float32)}
+    for task, rows in moments.items():
+        out[task] = _stack_moments(rows, max_before_nms, with_candidate=task == "VCMR")
+    return out
+
+
+def _window_pairs(slot_video, slot_start, slot_length, band_st, band_ed):
+    """The scored pairs of one query's slots: {"slot", "video" (candidate 0..k), "st", "ed" (window clips),
+    "video_st", "video_ed" (video clips)} as flat int64 arrays, real clips and valid lengths only."""
+    real = slot_video >= 0
+    slots = np.flatnonzero(real)
+    within = band_ed[None, :] < slot_length[slots, None]  # (n_slots, P): pairs of real clips
+    slot_of, pair = np.nonzero(within)
+    slot = slots[slot_of]
+    st, ed = band_st[pair], band_ed[pair]
+    return dict(slot=slot, video=slot_video[slot], st=st, ed=ed, video_st=slot_start[slot] + st,
+                video_ed=slot_start[slot] + ed)
+
+
+def _pair_scores(measure, begin_terms, end_terms, pairs, keep, weights=None):
+    """Moment scores (float32) of the pairs selected by `keep`, by the float32 operations of
+    `band_moment_scores`."""
+    slot, st, ed = pairs["slot"][keep], pairs["st"][keep], pairs["ed"][keep]
+    if measure == "disjoint":
+        return begin_terms[slot, st] + end_terms[slot, ed]
+    begin = begin_terms[slot, st]
+    if weights is not None:
+        begin = begin * weights
+    return begin * end_terms[slot, ed]
+
+
+def _merged_top_n(measure, begin_terms, end_terms, pairs, layout, weights, n_clips, n):
+    """The best n moments of one query after merging its windows, on the GT video (`layout` None: SVMR) or on
+    the candidates (`layout` (k,): each candidate's position in the tie order; `weights` (k,) video scores or
+    None) -> (candidate (m,) ranklist positions (0 for the GT video), video st, video ed, scores), m <= n, best
+    first."""
+    if layout is None:
+        keep = np.flatnonzero(pairs["video"] == 0)
+        candidate = np.zeros(len(keep), dtype=np.int64)
+        scores = _pair_scores(measure, begin_terms, end_terms, pairs, keep)
+        position = candidate
+    else:
+        keep = np.flatnonzero(pairs["video"] > 0)
+        candidate = pairs["video"][keep] - 1
+        scores = _pair_scores(measure, begin_terms, end_terms, pairs, keep,
+                              None if weights is None else weights[candidate].astype(np.float32))
+        position = layout[candidate]
+    video_st, video_ed = pairs["video_st"][keep], pairs["video_ed"][keep]
+    keys = (position * n_clips + video_st) * n_clips + video_ed
+    best = _top_distinct_keys(keys, scores, n)
+    return candidate[best], video_st[best], video_ed[best], scores[best]
+
+
+def _top_distinct_keys(keys, scores, n, oversample=4):
+    """Positions of the n best distinct keys, each at its best score, ordered by (descending score, ascending
+    key).
+
+    Sorting every pair of every window is the cost, so the entries above the (oversample * n)-th largest score
+    t are merged first; that is exact when they hold n distinct keys (every key of the top n then has its best
+    score above t, and every other key ranks below them), else all entries are merged.
+    """
+    candidates = np.arange(len(scores))
+    if len(scores) > oversample * n > 0:
+        threshold = np.partition(scores, len(scores) - oversample * n)[len(scores) - oversample * n]
+        above = np.flatnonzero(scores > threshold)
+        if len(np.unique(keys[above])) >= n:
+            candidates = above
+    keys, scores = keys[candidates], scores[candidates]
+    by_key = np.lexsort((-scores, keys))  # each key's best score first
+    first = np.ones(len(by_key), dtype=bool)
+    first[1:] = keys[by_key][1:] != keys[by_key][:-1]
+    merged = by_key[first]
+    return candidates[merged[np.lexsort((keys[merged], -scores[merged]))[:n]]]
+
+
+def _windowed_candidate_order(measure, begin_terms, end_terms, pairs, slot_video, k, logits, first_stage_scores,
+                              use_internal_vr_scores):
+    """VR of one query over video scores taken from its windows -> (order (k,) candidate positions best first,
+    scores (k,) float32 in that order)."""
+    if measure == "disjoint":
+        keep = np.flatnonzero(pairs["video"] > 0)
+        per_candidate = np.full(k, -np.inf, dtype=np.float32)
+        np.maximum.at(per_candidate, pairs["video"][keep] - 1, _pair_scores(measure, begin_terms, end_terms, pairs,
+                                                                           keep))
+        values, order = sort_descending(torch.from_numpy(per_candidate)[None])
+        return _numpy(order[0]), _numpy(values[0])
+    if use_internal_vr_scores:
+        return np.arange(k), _numpy(first_stage_scores.float())
+    if logits is None:
+        raise ValueError(f"similarity_measure {measure!r} without use_interal_vr_scores needs the video-scoring "
+                         "head's scores, but the model returned none (only the exclusive model has that head)")
+    best = np.full(k, -np.inf, dtype=np.float32)
+    candidate_slots = np.flatnonzero(slot_video > 0)
+    np.maximum.at(best, slot_video[candidate_slots] - 1, logits[candidate_slots])
+    values, order = sort_descending(torch.softmax(torch.from_numpy(best), dim=0)[None])
+    return _numpy(order[0]), _numpy(values[0])
+
+
+def _stack_moments(query_rows, n, with_candidate):
+    """Per-query (position, st, ed, scores) of up to n moments -> arrays (B, n) padded with zeros, "count" (B,)."""
+    batch_size = len(query_rows)
+    columns = {name: np.zeros((batch_size, n), dtype=np.int64) for name in ("candidate", "st", "ed")}
+    columns["score"] = np.zeros((batch_size, n), dtype=np.float32)
+    counts = np.zeros(batch_size, dtype=np.int64)
+    for i, (position, st, ed, scores) in enumerate(query_rows):
+        m = len(scores)
+        counts[i] = m
+        for name, values in zip(("candidate", "st", "ed", "score"), (position, st, ed, scores)):
+            columns[name][i, :m] = values
+    if not with_candidate:
+        del columns["candidate"]
+    return dict(columns, count=counts)
+
+
 def concatenate_ranked(ranked_batches):
     """`rank_batch` outputs of consecutive batches -> one output over all their queries."""
     if not ranked_batches:
@@ -442,4 +613,7 @@ def _prediction_rows(ranked, metas, video2idx, clip_length, build_moment_rows):
         r = ranked["VCMR"]
         rows["VCMR"] = build_moment_rows(np.take_along_axis(candidate_video, r["candidate"], axis=1), r["st"],
                                          r["ed"], r["score"], clip_length, seconds_dtype=np.float32)
+    for task in ("SVMR", "VCMR"):
+        if task in ranked and "count" in ranked[task]:  # windowed ranking: rows past the count are padding
+            rows[task] = [query_rows[:count] for query_rows, count in zip(rows[task], ranked[task]["count"].tolist())]
     return rows

@@ -157,20 +157,29 @@ class _FeatureStore(_Store):
         self.max_len = max_len
         self.dim = dim
 
-    def get(self, key):
-        features = self._read(key)
+    def get(self, key, start=0):
+        """Rows [start, start + max_len) of `key` (a window of a long video; all rows without max_len)."""
+        features = self._read_array(key)
         where = f"{self.kind} store {self.path}: key {str(key)!r}"
-        if not (isinstance(features, np.ndarray) and features.ndim == 2 and features.dtype.kind in "fiu"):
-            raise FeatureStoreError(f"{where}: expected a numeric 2-d `features` array (n, D), found "
-                                    f"{getattr(features, 'dtype', type(features).__name__)} "
-                                    f"shape {getattr(features, 'shape', None)}")
         if self.dim is not None and features.shape[1] != self.dim:
             raise FeatureStoreError(f"{where}: expected feature dim {self.dim}, found {features.shape[1]}")
-        features = features[:self.max_len]
+        features = features[start:None if self.max_len is None else start + self.max_len]
         if not np.isfinite(features).all():
             bad_row = int(np.flatnonzero(~np.isfinite(features).all(axis=1))[0])
             raise FeatureStoreError(f"{where}: expected finite values, found NaN/inf in row {bad_row}")
         return self._postprocess(features).astype(np.float32, copy=False)
+
+    def clip_count(self, key):
+        """Rows stored under `key` (a video's clip count), whatever max_len."""
+        return self._read_array(key).shape[0]
+
+    def _read_array(self, key):
+        features = self._read(key)
+        if not (isinstance(features, np.ndarray) and features.ndim == 2 and features.dtype.kind in "fiu"):
+            raise FeatureStoreError(f"{self.kind} store {self.path}: key {str(key)!r}: expected a numeric 2-d "
+                                    f"`features` array (n, D), found {getattr(features, 'dtype', type(features).__name__)} "
+                                    f"shape {getattr(features, 'shape', None)}")
+        return features
 
     def _postprocess(self, features):
         return features

@@ -461,3 +461,91 @@ def test_label_outside_the_clips(tmp_path):
 def test_feature_dims_differing_between_videos(tmp_path):
     _item_error(tmp_path, lambda s: s["visual"].update(vid_b=_features(1, 6, 5)),
                 r"video store .*: video 'vid_b' has feature dim 5, expected 6", neg_video_num=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Windows (--window_stride)
+
+def long_video_spec():
+    """vid_long: 40 clips (60 s); vid_b: 6 clips; vid_c: 23 clips. Windows of 10 clips every 5."""
+    spec = base_spec()
+    spec["video_splits"]["train"] = {"vid_long": [60.0, 100], "vid_b": [9.0, 101], "vid_c": [34.5, 102]}
+    spec["visual"].update(vid_long=_features(20, 40, 6), vid_c=_features(21, 23, 6))
+    spec["sub"].update(vid_long=_features(22, 40, 4), vid_c=_features(23, 23, 4))
+    spec["annotations"]["train"] = [_row(1, "vid_long", 60.0, [33.2, 35.0]), _row(2, "vid_long", 60.0, [1.0, 50.0])]
+    spec["ranklists"]["train"] = {1: [(101, 0.9), (102, 0.8), (100, 0.5)], 2: [(102, 0.8), (100, 0.7), (101, 0.1)]}
+    return spec
+
+
+def windowed_train_set(tmp_path, neg_video_num=2):
+    config = build_corpus(tmp_path, long_video_spec())
+    return StartEndDataset(config, max_ctx_len=10, clip_length=1.5, mode="train", neg_video_num=neg_video_num,
+                           window_stride=5)
+
+
+def test_window_starts_follow_the_video_clip_count(tmp_path):
+    dataset = windowed_train_set(tmp_path)
+    assert dataset.window_starts("vid_long") == [0, 5, 10, 15, 20, 25, 30]
+    assert dataset.window_starts("vid_b") == [0]
+    assert dataset.window_starts("vid_c") == [0, 5, 10, 13]
+
+
+def test_windowed_training_item_gt_window_and_negatives(tmp_path):
+    dataset = windowed_train_set(tmp_path)
+    video_st, video_ed = st_ed_label([33.2, 35.0], 40, 1.5)  # (22, 23)
+    stored = _l2(_features(20, 40, 6))
+    seen_starts = set()
+    random.seed(0)
+    for _ in range(40):
+        item = dataset[0]
+        windows = item["meta"]["windows"]
+        gt = windows[0]
+        st, ed = item["model_inputs"]["st_ed_indices"].tolist()
+        assert gt.video_name == "vid_long" and gt.start <= video_st and video_ed < gt.start + 10
+        assert (gt.start + st, gt.start + ed) == (video_st, video_ed)
+        seen_starts.add(gt.start)
+        # The window's features are rows [start, start + 10) of the stored (L2-normalised) video.
+        np.testing.assert_allclose(item["model_inputs"]["visual"]["feat"][0].numpy(), stored[gt.start:gt.start + 10],
+                                   rtol=1e-6)
+        # One negative is a window of the GT video that shares no clip with the moment; never an overlapping one.
+        same_video = [w for w in windows[1:] if w.video_name == "vid_long"]
+        assert len(same_video) == 1
+        assert all(w.start + 10 <= video_st or w.start > video_ed for w in same_video)
+        assert len(windows) == 3 and item["model_inputs"]["visual"]["feat"].shape[:2] == (3, 10)
+        assert item["meta"]["sample_vid_name_list"] == [w.video_name for w in windows[1:]]
+    assert seen_starts == {15, 20}  # every window holding the moment is used
+
+
+def test_moment_longer_than_a_window_is_cut_and_counted(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        dataset = windowed_train_set(tmp_path)
+    assert "1 of 2 train moments are longer than a window of 10 clips" in caplog.text
+    item = dataset[1]
+    gt = item["meta"]["windows"][0]
+    st, ed = item["model_inputs"]["st_ed_indices"].tolist()
+    assert (st, ed) == (max(0, 0 - gt.start), 9)  # clipped to the window covering most of [0, 33]
+    assert gt.start == 0
+
+
+def test_stride_zero_keeps_the_truncated_items(tmp_path):
+    config = build_corpus(tmp_path, long_video_spec())
+    random.seed(1)
+    truncated = StartEndDataset(config, max_ctx_len=10, clip_length=1.5, mode="train", neg_video_num=2)[1]
+    assert "windows" not in truncated["meta"]
+    assert truncated["model_inputs"]["st_ed_indices"].tolist() == [0, 9]
+
+
+def test_eval_video_inputs_of_a_window(tmp_path):
+    config = build_corpus(tmp_path, long_video_spec())
+    dataset = StartEndDataset(config, max_ctx_len=10, clip_length=1.5, mode="train", is_eval=True, window_stride=5,
+                              inference_top_k=2)
+    inputs = dataset.get_video_inputs("vid_c", 13)
+    np.testing.assert_array_equal(inputs["sub"]["feat"].numpy(), _features(23, 23, 4)[13:23])
+    assert inputs["visual"]["feat_mask"].tolist() == [1] * 10
+
+
+@pytest.mark.parametrize("stride", [-1, 11])
+def test_bad_window_stride(tmp_path, stride):
+    config = build_corpus(tmp_path, long_video_spec())
+    with pytest.raises(DatasetError, match="--window_stride"):
+        StartEndDataset(config, max_ctx_len=10, mode="train", window_stride=stride)

@@ -30,6 +30,7 @@ def make_opt(results_dir, **overrides):
 
 class FakeEvalDataset(Dataset):
     """In-memory evaluation dataset with the StartEndDataset interface (items, cache methods, attributes)."""
+    window_stride = 0
 
     def __init__(self, n_queries=8, n_videos=9, k=4, length=12, dim=5, has_gt=True, seed=0):
         rng = np.random.default_rng(seed)
@@ -75,8 +76,8 @@ class FakeEvalDataset(Dataset):
                     sample_vid_name_list=names[1:])
         return dict(meta=meta, model_inputs=dict(query=query, inference_vr_scores=scores))
 
-    def get_video_inputs(self, name):
-        feats = self.video_feats[name]
+    def get_video_inputs(self, name, start=0):
+        feats = self.video_feats[name][start:start + self.length]
         feat = np.zeros((self.length, feats.shape[1]), dtype=np.float32)
         feat[:len(feats)] = feats
         mask = (np.arange(self.length) < len(feats)).astype(np.int64)

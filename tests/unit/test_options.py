@@ -84,7 +84,8 @@ def test_extensions_default_to_the_original_behaviour():
     expected = {"resume": None, "amp": "off", "optimizer": "bert_adamw", "nms_input_full": False,
                 "qal_impl": "decomposed", "video_cache": True, "masked_vs_pool": False, "masked_netvlad": False,
                 "gate_per_query": False, "lr_warmup_fraction": 0.0, "train_set_honours_options": False,
-                "nms_metrics_by_dset": False, "model": "conquer", "force_model_dir": False, "output_dir": None}
+                "nms_metrics_by_dset": False, "model": "conquer", "force_model_dir": False, "output_dir": None,
+                "window_stride": 0}
     assert {name: actions[name].default for name in extensions} == expected
 
 

@@ -293,3 +293,125 @@ def test_video_rows_use_integer_zero_times():
     rows = video_rows(np.array([[3, 1]]), np.array([[0.75, 0.5]], dtype=np.float32))
     assert rows == [[[3, 0, 0, 0.75], [1, 0, 0, 0.5]]]
     assert type(rows[0][0][1]) is int
+
+
+# ---------------------------------------------------------------------------------------------------
+# Windowed ranking
+
+def random_windowed_batch(rng, batch_size=3, k=3, length=6, stride=3, max_windows=4, quantize=False):
+    """Logits of window slots of the GT video (0) and k candidates, each video with 1..max_windows windows of
+    `length` clips every `stride` clips (a last window shorter when the video ends inside it is impossible by
+    construction: short videos are a single window with fewer real clips)."""
+    slots = []
+    for _ in range(batch_size):
+        query = []
+        for video in range(k + 1):
+            n_windows = int(rng.integers(1, max_windows + 1))
+            if n_windows == 1:
+                query.append((video, 0, int(rng.integers(1, length + 1))))
+            else:
+                n_clips = length + stride * (n_windows - 2) + int(rng.integers(1, stride + 1))
+                starts = list(range(0, n_clips - length, stride)) + [n_clips - length]
+                query += [(video, start, length) for start in starts]
+        slots.append(query)
+    n = max(len(q) for q in slots)
+    slot_video = np.full((batch_size, n), -1, dtype=np.int64)
+    slot_start = np.zeros((batch_size, n), dtype=np.int64)
+    slot_length = np.zeros((batch_size, n), dtype=np.int64)
+    for i, query in enumerate(slots):
+        for j, (video, start, real) in enumerate(query):
+            slot_video[i, j], slot_start[i, j], slot_length[i, j] = video, start, real
+    logits = rng.normal(size=(2, batch_size, n, length)).astype(np.float32)
+    if quantize:
+        logits = np.round(logits)
+    logits[:, np.arange(length)[None, None, :] >= slot_length[:, :, None]] = MASKED_LOGIT
+    video_scores = np.round(rng.normal(size=(batch_size, n)), 1).astype(np.float32)
+    first_stage = np.round(rng.random((batch_size, k)), 1).astype(np.float32)
+    return (torch.from_numpy(logits[0]), torch.from_numpy(logits[1]), slot_video, slot_start, slot_length,
+            torch.from_numpy(video_scores), torch.from_numpy(first_stage))
+
+
+WINDOWED_CASES = [("general", True, False), ("general", True, True), ("exclusive", False, False),
+                  ("exclusive", False, True), ("exclusive", True, False), ("disjoint", False, False),
+                  ("disjoint", False, True)]
+
+
+@pytest.mark.parametrize("measure,use_internal,quantize", WINDOWED_CASES)
+def test_rank_windowed_batch_equals_plain_loops(measure, use_internal, quantize):
+    from method.oracle import rank_windowed_reference
+    from method.scoring import rank_windowed_batch
+    rng = np.random.default_rng(3)
+    begin, end, slot_video, slot_start, slot_length, video_scores, first_stage = random_windowed_batch(
+        rng, quantize=quantize)
+    kwargs = dict(tasks=("VCMR", "SVMR", "VR"), max_before_nms=30, min_pred_l=0, max_pred_l=4,
+                  video_scores=video_scores if measure == "exclusive" else None, first_stage_scores=first_stage,
+                  use_internal_vr_scores=use_internal)
+    fast = rank_windowed_batch(measure, begin, end, slot_video, slot_start, slot_length, **kwargs)
+    plain = rank_windowed_reference(measure, begin, end, slot_video, slot_start, slot_length, **kwargs)
+    merged_somewhere = False
+    for i, expected in enumerate(plain):
+        assert [(c, s) for c, s in zip(fast["VR"]["candidate"][i], fast["VR"]["score"][i])] == expected["VR"]
+        count = fast["SVMR"]["count"][i]
+        svmr = list(zip(fast["SVMR"]["st"][i, :count], fast["SVMR"]["ed"][i, :count], fast["SVMR"]["score"][i, :count]))
+        assert svmr == expected["SVMR"]
+        count = fast["VCMR"]["count"][i]
+        vcmr = list(zip(fast["VCMR"]["candidate"][i, :count], fast["VCMR"]["st"][i, :count],
+                        fast["VCMR"]["ed"][i, :count], fast["VCMR"]["score"][i, :count]))
+        assert vcmr == expected["VCMR"]
+        assert len(set((c, st, ed) for c, st, ed, _ in vcmr)) == len(vcmr)  # one row per moment
+        merged_somewhere |= any(slot_start[i] > 0)
+    assert merged_somewhere
+
+
+@pytest.mark.parametrize("measure,use_internal,quantize", WINDOWED_CASES)
+def test_rank_windowed_batch_on_single_windows_equals_rank_batch(measure, use_internal, quantize):
+    """Videos that fit a window: the same moments, scores and order as rank_batch (full-length videos, where
+    every pair rank_batch returns is a valid pair of real clips)."""
+    from method.scoring import rank_windowed_batch
+    rng = np.random.default_rng(5)
+    b, k, length = 3, 4, 8
+    begin, end = rng.normal(size=(2, b, 1 + k, length)).astype(np.float32)
+    if quantize:
+        begin, end = np.round(begin), np.round(end)
+    video_scores = torch.from_numpy(np.round(rng.normal(size=(b, 1 + k))).astype(np.float32))
+    first_stage = torch.from_numpy(np.round(rng.random((b, k)) + 0.1, 1).astype(np.float32))
+    kwargs = dict(tasks=("VCMR", "SVMR", "VR"), max_before_nms=25, min_pred_l=0, max_pred_l=5,
+                  video_scores=video_scores if measure == "exclusive" else None, first_stage_scores=first_stage,
+                  use_internal_vr_scores=use_internal)
+    expected = rank_batch(measure, torch.from_numpy(begin), torch.from_numpy(end), **kwargs)
+    slot_video = np.tile(np.arange(1 + k), (b, 1))
+    windowed = rank_windowed_batch(measure, torch.from_numpy(begin), torch.from_numpy(end), slot_video,
+                                   np.zeros_like(slot_video), np.full_like(slot_video, length), **kwargs)
+    for task, columns in expected.items():
+        for name, value in columns.items():
+            np.testing.assert_array_equal(windowed[task][name], value, err_msg=f"{task} {name}")
+    assert (windowed["VCMR"]["count"] == 25).all()
+
+
+def test_windowed_rows_are_cut_at_the_count():
+    from method.scoring import prediction_results
+    ranked = {"SVMR": {"st": np.array([[1, 0], [2, 3]]), "ed": np.array([[1, 0], [4, 5]]),
+                       "score": np.array([[0.5, 0], [0.4, 0.3]], dtype=np.float32), "count": np.array([1, 2])}}
+    metas = [dict(desc_id=i, desc="", vid_name="a", sample_vid_name_list=[]) for i in range(2)]
+    results = prediction_results([ranked], metas, {"a": 7}, 1.5)
+    assert [len(q["predictions"]) for q in results["SVMR"]] == [1, 2]
+    assert results["SVMR"][1]["predictions"][1] == [7, 4.5, 9.0, np.float32(0.3)]
+
+
+@pytest.mark.parametrize("n_keys,n,hot", [(50, 10, False), (400, 30, True), (12, 10, True), (3000, 100, False)])
+def test_top_distinct_keys_equals_a_full_merge(n_keys, n, hot):
+    """The pre-selection of the best entries gives the full merge's result, also when the entries above the
+    threshold repeat few keys (fallback) and with tied scores."""
+    from method.scoring import _top_distinct_keys
+    rng = np.random.default_rng(n_keys)
+    keys = rng.integers(0, n_keys, size=4000)
+    scores = np.round(rng.random(4000), 2).astype(np.float32)
+    if hot:  # the best entries all repeat one key: the pre-selection holds too few keys
+        keys[:200], scores[:200] = 7, 2.0
+    best = {}
+    for key, score in zip(keys.tolist(), scores.tolist()):
+        best[key] = max(best.get(key, -1.0), score)
+    expected = sorted(best, key=lambda key: (-best[key], key))[:n]
+    found = _top_distinct_keys(keys, scores, n)
+    assert keys[found].tolist() == expected
+    assert scores[found].tolist() == [best[key] for key in expected]
