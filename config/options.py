@@ -156,15 +156,15 @@ class BaseOptions:
         p.add_argument("--gate_per_query", action="store_true",
                        help="fusion gate computed once per query in training (original: per query-video copy)")
 
+        p.add_argument("--model", type=str, default="conquer", choices=["conquer", "first_stage"],
+                       help="conquer (the second stage) or first_stage (the video retriever that writes the "
+                            "ranklists CONQUER re-ranks; its --model_config is config/first_stage_config.json)")
+
         p.add_argument("--window_stride", type=int, default=0,
                        help="read a video longer than --max_ctx_len clips as windows of --max_ctx_len clips "
                             "starting every this many clips (the last window ends at the video's last clip); 0 "
                             "reads only its first --max_ctx_len clips, as the original. Saved with the run: "
                             "evaluation, ranking and search read the windows the run was trained with")
-
-        p.add_argument("--model", type=str, default="conquer", choices=["conquer", "first_stage"],
-                       help="conquer (the second stage) or first_stage (the video retriever that writes the "
-                            "ranklists CONQUER re-ranks; its --model_config is config/first_stage_config.json)")
 
         p.add_argument("--config", help="JSON file whose keys set options not given on the command line")
 

@@ -13,9 +13,17 @@ video -> queries), optionally with hard negatives drawn from an existing ranklis
 embeddings of all ranks are gathered, so every rank computes the loss of the global batch and a 2-process
 step equals the 1-process step.
 
+Long videos (`--window_stride` S > 0, utils/windows.py): a video of more than L = max_ctx_len clips is read as
+windows of L clips every S clips. A video's score is its best window's score: the query's modalities must match
+within one window (a moment), where the score of the whole video would add up each modality's best clip wherever
+it lies; with one modality and no video Transformer the two are equal (with one, a clip's context is its
+window). Training shows a window of the GT video that holds the whole GT moment, and a random window of each hard
+negative.
+
 Also here: the datasets (training items; the queries and the videos of a split), the encoding of a split's
-videos (`encode_video_bank`), exact ranking (`rank_queries`), the VR metrics of a ranking, and the recipe that
-lets train.py train this model (`TRAINING_RECIPE`).
+windows (`encode_video_bank`), exact ranking (`score_all`, `top_videos`; `best_windows`: the best window of each
+listed video), the VR metrics of a ranking, and the recipe that lets train.py train this model
+(`TRAINING_RECIPE`).
 """
 import copy
 import logging
@@ -36,7 +44,8 @@ from utils.feature_stores import (FeatureStoreError, QueryFeatureStore, Ranklist
                                   VideoFeatureStore)
 from utils.io_utils import load_jsonl, save_json
 from utils.tvr_format import (RECALL_TOPK, SPLIT_FILE_KEYS, SPLITS, DatasetError, annotation_problems,
-                              split_video_indices)
+                              split_video_indices, st_ed_label)
+from utils.windows import WindowError, check_stride, gt_window, window_starts
 
 logger = logging.getLogger(__name__)
 
@@ -309,31 +318,57 @@ class QueryItems(Dataset):
 
 
 class VideoItems(Dataset):
-    """The videos `names`: item i = {"visual": {"feat" (L, Dv), "feat_mask" (L,)}, ("sub": ...)}."""
+    """The videos `names`, read as windows of `max_ctx_len` (L) clips every `window_stride` clips
+    (utils/windows.py; 0: only the first L clips, as the original). Item i = the first window of video i
+    (start 0: the whole video when it fits): {"visual": {"feat" (L, Dv), "feat_mask" (L,)}, ("sub": ...)};
+    `VideoWindowItems` yields all windows of a video."""
 
-    def __init__(self, config, names, max_ctx_len, ctx_mode, visual_dim=None, text_dim=None):
+    def __init__(self, config, names, max_ctx_len, ctx_mode, visual_dim=None, text_dim=None, window_stride=0):
+        try:
+            check_stride(window_stride, max_ctx_len)
+        except WindowError as e:
+            raise FirstStageError(str(e)) from None
         self.names = list(names)
         self.max_ctx_len = max_ctx_len
-        self.stores = {"visual": VideoFeatureStore(config.vid_feat_path, max_len=max_ctx_len, dim=visual_dim)}
+        self.window_stride = window_stride
+        # Windows slice the whole video (each video is read once); without them the stores cut to the first L.
+        max_len = None if window_stride else max_ctx_len
+        self.stores = {"visual": VideoFeatureStore(config.vid_feat_path, max_len=max_len, dim=visual_dim)}
         if "sub" in MODALITIES[ctx_mode]:
-            self.stores["sub"] = SubtitleFeatureStore(config.sub_bert_path, max_len=max_ctx_len, dim=text_dim)
+            self.stores["sub"] = SubtitleFeatureStore(config.sub_bert_path, max_len=max_len, dim=text_dim)
 
     def __len__(self):
         return len(self.names)
 
-    def get_many(self, names):
-        """{modality: {"feat" (N, L, D), "feat_mask" (N, L)}} of `names`; the mask of every modality is the
-        visual one (a subtitle store may hold another clip count: it is padded or cut to the visual's)."""
+    def read_video(self, name):
+        """{modality: (n, D) float32} of video `name`: all its clips with windows, its first L without; the
+        subtitle rows cut or zero-padded to the visual clip count n (a subtitle store may hold another count)."""
         try:
-            visual = [self.stores["visual"].get(name) for name in names]
-            inputs = {"visual": pad_features(visual, self.max_ctx_len)}
+            visual = self.stores["visual"].get(name)
+            features = {"visual": visual}
             if "sub" in self.stores:
-                sub = [self._match_length(self.stores["sub"].get(name), len(v)) for name, v in zip(names, visual)]
-                inputs["sub"] = pad_features(sub, self.max_ctx_len)
+                features["sub"] = self._match_length(self.stores["sub"].get(name), len(visual))
         except FeatureStoreError as e:
-            raise FirstStageError(f"video {names[0] if len(names) == 1 else names}: {e}") from None
+            raise FirstStageError(f"video {name}: {e}") from None
+        return features
+
+    def window_starts(self, n_clips):
+        """Start clips of the windows of a video of n_clips (as read by `read_video`)."""
+        return window_starts(n_clips, self.max_ctx_len, self.window_stride)
+
+    def windows(self, videos):
+        """[(features of `read_video`, start)] -> {modality: {"feat" (N, L, D), "feat_mask" (N, L)}}: the window of
+        each video at its start (rows [start, start + L), zero-padded); the mask of every modality is the visual
+        one."""
+        length = self.max_ctx_len
+        inputs = {m: pad_features([features[m][start:start + length] for features, start in videos], length)
+                  for m in self.stores}
         mask = inputs["visual"][1]
         return {m: {"feat": feat, "feat_mask": mask} for m, (feat, _) in inputs.items()}
+
+    def get_many(self, names):
+        """{modality: {"feat" (N, L, D), "feat_mask" (N, L)}}: the first window of each of `names`."""
+        return self.windows([(self.read_video(name), 0) for name in names])
 
     @staticmethod
     def _match_length(features, n_clips):
@@ -346,22 +381,48 @@ class VideoItems(Dataset):
         return {m: {key: value[0] for key, value in tensors.items()} for m, tensors in inputs.items()}
 
 
+class VideoWindowItems(Dataset):
+    """All windows of each video of `videos` (VideoItems), the video read once: item i = {"inputs": {modality:
+    {"feat" (W_i, L, D), "feat_mask" (W_i, L)}}, "starts" (W_i,) int64} in start order."""
+
+    def __init__(self, videos):
+        self.videos = videos
+
+    def __len__(self):
+        return len(self.videos)
+
+    def __getitem__(self, index):
+        features = self.videos.read_video(self.videos.names[index])
+        starts = self.videos.window_starts(len(features["visual"]))
+        return {"inputs": self.videos.windows([(features, start) for start in starts]),
+                "starts": torch.tensor(starts, dtype=torch.int64)}
+
+
 class FirstStageDataset(Dataset):
-    """Training items of one split: {"meta": {desc_id, vid_name}, "model_inputs": {"query": {feat (Lq, Dq),
-    feat_mask}, "visual"/"sub": {feat (N, L, D), feat_mask (N, L)}, "video_idx" (N,)}}: the GT video, then
-    `n_hard_negatives` videos drawn from the first `hard_negative_pool` entries of the split's ranklist (which
-    is read only then)."""
+    """Training items of one split: {"meta": {desc_id, vid_name, window_starts [N]}, "model_inputs": {"query":
+    {feat (Lq, Dq), feat_mask}, "visual"/"sub": {feat (N, L, D), feat_mask (N, L)}, "video_idx" (N,)}}: a window
+    of the GT video, then one of each of `n_hard_negatives` videos drawn from the first `hard_negative_pool`
+    entries of the split's ranklist (which is read only then).
+
+    With `window_stride` > 0 the GT window holds the whole GT moment (chosen at random among those that do, see
+    utils.windows.gt_window; its clips from the query's ts, `clip_length` and the video's full clip count) and a
+    hard negative shows a random window; windows of one video are never each other's negatives (same video_idx).
+    A video of one window (every video at stride 0) draws no random number.
+    """
 
     def __init__(self, config, mode="train", max_ctx_len=100, max_desc_len=30, ctx_mode="visual_sub",
-                 data_ratio=1.0, n_hard_negatives=0, hard_negative_pool=100):
+                 data_ratio=1.0, n_hard_negatives=0, hard_negative_pool=100, window_stride=0, clip_length=None):
         if mode == "test_public":
             raise FirstStageError("split 'test_public' has no ground truth to train on")
+        if window_stride and clip_length is None:
+            raise FirstStageError("--window_stride > 0 needs --clip_length to place the GT moment in a window")
         self.mode = mode
         self.rows = split_queries(config, mode, data_ratio=data_ratio)
         self.video2idx = split_videos(config, mode)
         self.idx2video = {idx: name for name, idx in self.video2idx.items()}
         self.queries = QueryItems(config, self.rows, max_desc_len)
-        self.videos = VideoItems(config, [], max_ctx_len, ctx_mode)
+        self.videos = VideoItems(config, [], max_ctx_len, ctx_mode, window_stride=window_stride)
+        self.clip_length = clip_length
         self.n_hard_negatives = n_hard_negatives
         self.hard_negative_pool = hard_negative_pool
         self.ranklist_store = RanklistStore(config[SPLIT_FILE_KEYS[mode][1]]) if n_hard_negatives else None
@@ -386,30 +447,91 @@ class FirstStageDataset(Dataset):
                                   f"{len(ranked)} negatives, expected at least {self.n_hard_negatives}")
         return random.sample(ranked, k=self.n_hard_negatives)
 
+    def gt_start(self, row, n_clips):
+        """Start of the training window of `row`'s GT moment on its video of n_clips (all of them)."""
+        starts = self.videos.window_starts(n_clips)
+        if len(starts) == 1:
+            return starts[0]
+        try:
+            st, ed = st_ed_label(row["ts"], n_clips, self.clip_length)
+        except DatasetError as e:
+            raise FirstStageError(f"desc_id {row['desc_id']}: {e}") from None
+        return gt_window(starts, self.videos.max_ctx_len, st, ed, choose=random.choice)[0]
+
+    def _random_start(self, n_clips):
+        starts = self.videos.window_starts(n_clips)
+        return starts[0] if len(starts) == 1 else random.choice(starts)
+
     def __getitem__(self, index):
         row = self.rows[index]
-        names = [row["vid_name"]] + (self._hard_negatives(row) if self.n_hard_negatives else [])
-        model_inputs = {"query": self.queries[index], **self.videos.get_many(names),
+        gt_features = self.videos.read_video(row["vid_name"])
+        videos = [(gt_features, self.gt_start(row, len(gt_features["visual"])))]
+        negatives = self._hard_negatives(row) if self.n_hard_negatives else []
+        for name in negatives:
+            features = self.videos.read_video(name)
+            videos.append((features, self._random_start(len(features["visual"]))))
+        names = [row["vid_name"]] + negatives
+        model_inputs = {"query": self.queries[index], **self.videos.windows(videos),
                         "video_idx": torch.tensor([self.video2idx[name] for name in names], dtype=torch.int64)}
-        return {"meta": {"desc_id": row["desc_id"], "vid_name": row["vid_name"]}, "model_inputs": model_inputs}
+        meta = {"desc_id": row["desc_id"], "vid_name": row["vid_name"],
+                "window_starts": [start for _, start in videos]}
+        return {"meta": meta, "model_inputs": model_inputs}
 
 
 # ----------------------------------------------------------------------------------------------------
 # ranking
 
 class VideoBank:
-    """Every video of a split encoded once: `embeddings` {"clips" (V, M, L, D), "clip_mask" (V, L)} on
-    `device`, `video_idx` (V,) global indices, in the order of `names`."""
+    """Every window of every video of a split encoded once.
 
-    def __init__(self, names, video_idx, embeddings):
+    names (V) and video_idx (V,) global indices: the videos, in order. embeddings {"clips" (W, M, L, D),
+    "clip_mask" (W, L)} on `device`: one row per window, the rows of a video together and in video order (every
+    video has at least one row); window_video (W,) int64: the video position of each row; window_start (W,)
+    int64: its first clip in the video. Without windows W = V and row v is video v (window_video = arange(V),
+    window_start 0), the defaults. The memory is W * L * M * D floats: it grows with the clips of all windows,
+    about L / stride times the clips of a split whose videos are longer than L.
+    """
+
+    def __init__(self, names, video_idx, embeddings, window_video=None, window_start=None):
         self.names, self.video_idx, self.embeddings = names, video_idx, embeddings
+        n_windows = len(embeddings["clips"])
+        device = embeddings["clips"].device
+        self.window_video = (torch.arange(n_windows, device=device) if window_video is None
+                             else window_video.to(device))
+        self.window_start = (torch.zeros(n_windows, dtype=torch.int64, device=device) if window_start is None
+                             else window_start.to(device))
+        if not torch.equal(torch.unique_consecutive(self.window_video).cpu(), torch.arange(len(names))):
+            raise FirstStageError(f"video bank: window rows must cover the {len(names)} videos together and in "
+                                  "order")
+        self.window_table = window_table(self.window_video, len(names))
 
     def __len__(self):
         return len(self.names)
 
     @property
+    def n_windows(self):
+        return len(self.window_video)
+
+    @property
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in self.embeddings.values())
+
+    def rows_of(self, positions):
+        """positions (C,) video positions -> (rows (R,) of all their windows, owner (R,) int64: the index in
+        `positions` of each row's video), grouped by video in the order of `positions`."""
+        table = self.window_table[positions.to(self.window_table.device)]  # (C, Wmax)
+        valid = table >= 0
+        owner = torch.arange(len(positions), device=table.device)[:, None].expand_as(table)
+        return table[valid], owner[valid]
+
+
+def window_table(window_video, n_videos):
+    """window_video (W,) non-decreasing -> (V, Wmax) int64: row v = the bank rows of video v's windows, padded
+    with -1."""
+    counts = torch.bincount(window_video, minlength=n_videos)
+    first = torch.cumsum(counts, 0) - counts
+    offsets = torch.arange(int(counts.max()) if n_videos else 0, device=window_video.device)
+    return torch.where(offsets[None, :] < counts[:, None], first[:, None] + offsets[None, :], -1)
 
 
 def _loader(dataset, batch_size, num_workers, collate_fn=default_collate):
@@ -421,17 +543,58 @@ def _check_finite(tensor, what):
         raise FirstStageError(f"{what}: the model output NaN/inf (check the features and the checkpoint)")
 
 
+def window_batches(items, batch_size):
+    """Per-video items of VideoWindowItems -> batches {modality: {"feat" (n, L, D), "feat_mask" (n, L)}} of
+    exactly `batch_size` windows (the last one fewer), in order: a long video's windows may span batches, and
+    without windows (one per video) the batches are those of `batch_size` videos. Holds at most one batch plus
+    one video of windows."""
+    pending, n_pending = [], 0
+    for item in items:
+        pending.append(item["inputs"])
+        n_pending += len(item["starts"])
+        if n_pending < batch_size:
+            continue
+        joined = _concat_inputs(pending)
+        for start in range(0, n_pending - batch_size + 1, batch_size):
+            yield _slice_inputs(joined, start, start + batch_size)
+        rest = n_pending % batch_size
+        pending, n_pending = ([_slice_inputs(joined, n_pending - rest, n_pending)] if rest else []), rest
+    if pending:
+        yield _concat_inputs(pending)
+
+
+def _concat_inputs(parts):
+    if len(parts) == 1:
+        return parts[0]
+    return {m: {k: torch.cat([p[m][k] for p in parts]) for k in parts[0][m]} for m in parts[0]}
+
+
+def _slice_inputs(inputs, start, stop):
+    return {m: {k: v[start:stop] for k, v in t.items()} for m, t in inputs.items()}
+
+
 @torch.inference_mode()
 def encode_video_bank(model, videos, device, batch_size=64, num_workers=0, progress=True):
-    """Encode every video of `videos` (VideoItems) in batches, in their order -> VideoBank on `device`.
+    """Encode every window of every video of `videos` (VideoItems), in their order -> VideoBank on `device`.
 
-    A video's clips do not depend on its batch neighbours or its padding (masked in a Transformer, not
-    computed at all without one); `num_workers` DataLoader processes read the features meanwhile."""
+    `batch_size` windows are encoded at a time (videos, without windows); each video is read once, by one of
+    `num_workers` DataLoader processes meanwhile, and only the windows of the batch being built are held raw. A
+    window's clips do not depend on its batch neighbours or its padding (masked in a Transformer, not computed
+    at all without one); with a video Transformer a clip's context is its window."""
     model.eval()
     video_idx_of = getattr(videos, "video2idx", None)
-    loader = _loader(videos, batch_size, num_workers)
+    items = DataLoader(VideoWindowItems(videos), batch_size=None, shuffle=False, num_workers=num_workers)
+    counts, starts = [], []
+
+    def record(items):  # the window layout, as the items pass to the batching
+        for item in items:
+            counts.append(len(item["starts"]))
+            starts.append(item["starts"])
+            yield item
+
     clips, masks = [], []
-    for inputs in tqdm(loader, desc="Encoding videos", disable=not progress, leave=False):
+    for inputs in tqdm(window_batches(record(items), batch_size), desc="Encoding videos", disable=not progress,
+                       leave=False):
         inputs = {m: {k: v.to(device) for k, v in t.items()} for m, t in inputs.items()}
         encoded = model.encode_videos(inputs)
         clips.append(encoded["clips"])
@@ -439,7 +602,8 @@ def encode_video_bank(model, videos, device, batch_size=64, num_workers=0, progr
     embeddings = {"clips": torch.cat(clips), "clip_mask": torch.cat(masks)}
     _check_finite(embeddings["clips"], "video embeddings")
     video_idx = torch.tensor([video_idx_of[name] for name in videos.names]) if video_idx_of else None
-    return VideoBank(videos.names, video_idx, embeddings)
+    window_video = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    return VideoBank(videos.names, video_idx, embeddings, window_video, torch.cat(starts))
 
 
 @torch.inference_mode()
@@ -456,42 +620,79 @@ def encode_query_bank(model, queries, device, batch_size=512, num_workers=0, pro
 
 
 def length_buckets(clip_mask, bucket_size):
-    """Video positions grouped by clip count: [(positions (n,), their max clip count)], n <= bucket_size."""
+    """Window rows grouped by clip count: [(rows (n,), their max clip count)], n <= bucket_size."""
     lengths = clip_mask.sum(dim=1)
     order = torch.argsort(lengths, stable=True)
     return [(order[i:i + bucket_size], int(lengths[order[i:i + bucket_size]].max()))
             for i in range(0, len(order), bucket_size)]
 
 
-def bucket_clip_matrices(bank, positions, length):
-    """The clips of the videos at `positions`, cut to `length` clips, as one (D, n * length) matrix per
-    modality, plus a (n,) bool "has a clip" mask. Each padded clip is replaced by a copy of its video's first
-    clip, which leaves every max over clips unchanged, so scoring needs no mask."""
-    clips = bank.embeddings["clips"][positions, :, :length]  # (n, M, length, D)
-    mask = bank.embeddings["clip_mask"][positions, :length]
+def bucket_clip_matrices(bank, rows, length):
+    """The clips of the windows at `rows`, cut to `length` clips, as one (D, n * length) matrix per modality,
+    plus a (n,) bool "has a clip" mask. Each padded clip is replaced by a copy of its window's first clip, which
+    leaves every max over clips unchanged, so scoring needs no mask."""
+    clips = bank.embeddings["clips"][rows, :, :length]  # (n, M, length, D)
+    mask = bank.embeddings["clip_mask"][rows, :length]
     clips = torch.where(mask[:, None, :, None], clips, clips[:, :, :1])
     return [clips[:, m].reshape(-1, clips.shape[-1]).t().contiguous() for m in range(clips.shape[1])], mask.any(1)
 
 
-@torch.inference_mode()
-def score_all(query_emb, bank, query_chunk=1024, video_bucket=512, progress=True):
-    """(Q, V) scores of every query against every video of `bank`, equal to FirstStageRetriever.score: per
-    modality one matrix product of a query chunk with a bucket of videos of similar clip count (cut to its
-    longest video), then the max over each video's clips."""
+def window_score_chunks(query_emb, bank, query_chunk=1024, video_bucket=512, progress=True):
+    """Yield (start, stop, (stop - start, W) scores of queries [start, stop) against every window of `bank`),
+    equal to FirstStageRetriever.score: per modality one matrix product of a query chunk with a bucket of
+    windows of similar clip count (cut to its longest), then the max over each window's clips."""
     queries, weights = query_emb["query"], query_emb["modality_weights"]
-    n_queries, n_videos = queries.shape[0], len(bank)
-    scores = torch.empty(n_queries, n_videos, device=queries.device)
-    buckets = [(positions, length, *bucket_clip_matrices(bank, positions, length))
-               for positions, length in length_buckets(bank.embeddings["clip_mask"], video_bucket)]
+    n_queries = queries.shape[0]
+    buckets = [(rows, length, *bucket_clip_matrices(bank, rows, length))
+               for rows, length in length_buckets(bank.embeddings["clip_mask"], video_bucket)]
     for start in tqdm(range(0, n_queries, query_chunk), desc="Scoring queries", disable=not progress, leave=False):
         stop = min(start + query_chunk, n_queries)
-        for positions, length, matrices, has_clip in buckets:
+        scores = torch.empty(stop - start, bank.n_windows, device=queries.device)
+        for rows, length, matrices, has_clip in buckets:
             chunk_scores = 0
             for m, matrix in enumerate(matrices):
                 best = (queries[start:stop, m] @ matrix).view(stop - start, -1, length).amax(dim=-1)
                 chunk_scores = chunk_scores + weights[start:stop, m:m + 1] * best
-            scores[start:stop, positions.to(scores.device)] = chunk_scores.masked_fill(~has_clip, float("-inf"))
+            scores[:, rows.to(scores.device)] = chunk_scores.masked_fill(~has_clip, float("-inf"))
+        yield start, stop, scores
+
+
+def video_max(window_scores, window_video, n_videos):
+    """window_scores (Q, W), window_video (W,) the video of each column, grouped in video order -> (Q, V): each
+    video's best window. W = V means one window per video: the scores are returned as they are."""
+    if window_scores.shape[1] == n_videos:
+        return window_scores
+    out = window_scores.new_full((window_scores.shape[0], n_videos), float("-inf"))
+    index = window_video.to(window_scores.device)[None, :].expand_as(window_scores)
+    return out.scatter_reduce_(1, index, window_scores, "amax")
+
+
+@torch.inference_mode()
+def score_all(query_emb, bank, query_chunk=1024, video_bucket=512, progress=True):
+    """(Q, V) scores of every query against every video of `bank`: the max over the video's windows of
+    FirstStageRetriever.score (the module docstring says why not the score of all its clips at once)."""
+    scores = torch.empty(query_emb["query"].shape[0], len(bank), device=query_emb["query"].device)
+    for start, stop, window_scores in window_score_chunks(query_emb, bank, query_chunk, video_bucket, progress):
+        scores[start:stop] = video_max(window_scores, bank.window_video, len(bank))
     return scores
+
+
+@torch.inference_mode()
+def best_windows(query_emb, bank, positions, query_chunk=1024, video_bucket=512, progress=True):
+    """The best window of each listed video: positions (Q, k) bank video positions (e.g. of `top_videos`) ->
+    (starts (Q, k) int64 first clip of the window in the video, scores (Q, k) its score = the video's score),
+    the earliest window on ties. Scores every window again (as `score_all`), chunk by chunk."""
+    starts = torch.empty(positions.shape, dtype=torch.int64)
+    scores = torch.empty(positions.shape)
+    table = bank.window_table
+    for start, stop, window_scores in window_score_chunks(query_emb, bank, query_chunk, video_bucket, progress):
+        rows = table[positions[start:stop].to(table.device)].to(window_scores.device)  # (n, k, Wmax)
+        listed = window_scores.gather(1, rows.clamp(min=0).flatten(1)).view(rows.shape)
+        values, best = listed.masked_fill(rows < 0, float("-inf")).max(dim=-1)
+        best_rows = rows.gather(-1, best[..., None])[..., 0]
+        starts[start:stop] = bank.window_start.to(best_rows.device)[best_rows].cpu()
+        scores[start:stop] = values.cpu()
+    return starts, scores
 
 
 def top_videos(scores, top_k):
@@ -533,7 +734,8 @@ class FirstStageRecipe:
         cfg = dict(DEFAULT_CONFIG, **model_cfg)
         common = dict(max_ctx_len=opt.max_ctx_len, max_desc_len=opt.max_desc_len, ctx_mode=opt.ctx_mode,
                       data_ratio=opt.data_ratio, n_hard_negatives=cfg["n_hard_negatives"],
-                      hard_negative_pool=cfg["hard_negative_pool"])
+                      hard_negative_pool=cfg["hard_negative_pool"], window_stride=opt.get("window_stride", 0),
+                      clip_length=opt.clip_length)
         train_dataset = FirstStageDataset(config, mode="train", **common)
         if opt.disable_eval:
             return train_dataset, None, None
@@ -561,7 +763,8 @@ class SplitRanking:
         self.rows = split_queries(config, split, data_ratio=opt.data_ratio)
         video2idx = split_videos(config, split)
         self.queries = QueryItems(config, self.rows, opt.max_desc_len)
-        self.videos = VideoItems(config, sorted(video2idx, key=video2idx.get), opt.max_ctx_len, opt.ctx_mode)
+        self.videos = VideoItems(config, sorted(video2idx, key=video2idx.get), opt.max_ctx_len, opt.ctx_mode,
+                                 window_stride=opt.get("window_stride", 0))
         self.videos.video2idx = video2idx
         self.gt_video_idx = torch.tensor([video2idx[row["vid_name"]] for row in self.rows])
 
@@ -584,6 +787,8 @@ class SplitRanking:
             self.videos.stores["sub"].dim = text_dim
 
     def metrics(self, model, opt):
+        """VR metrics of every query of the split ranked against every video (a video scored by its best
+        window)."""
         device = next(model.parameters()).device
         bank = encode_video_bank(model, self.videos, device, batch_size=opt.eval_query_bsz * 8)
         query_emb = encode_query_bank(model, self.queries, device)

@@ -1,20 +1,27 @@
 """Rank every query of a corpus with a trained first stage and write the ranklists CONQUER re-ranks.
 
     python -m method.rank_first_stage --model_dir RUN_DIR [--splits train val test_public] [--out_dir DIR]
-        [--dataset_config CONFIG] [--device -1] [--faiss]        # or scripts/rank_first_stage.sh RUN_DIR GPU
+        [--dataset_config CONFIG] [--device -1] [--faiss] [--window_lists]
+                                                                 # or scripts/rank_first_stage.sh RUN_DIR GPU
 
-RUN_DIR is a first-stage run of train.py (--model first_stage); its model.ckpt is read. Per split, every video is
-encoded once, every query is scored against every video (exact, chunked matrix products; `--faiss`: an
-approximate index of per-video summaries, see `VideoSummaryIndex`), and the ranklist is written in the release
-layout (LMDB keyed by str(desc_id), msgpack [[global_video_idx, score], ...] best first): train keeps the top
---train_top (2000) videos, val and test_public the top --eval_top (100). OUT_DIR (default
-RUN_DIR/first_stage_ranklists) receives
+RUN_DIR is a first-stage run of train.py (--model first_stage); its model.ckpt is read, and its opt.json gives
+max_ctx_len and window_stride: videos are read as the run was trained (windows of max_ctx_len clips every
+window_stride clips; 0: the first max_ctx_len clips). Per split, every window of every video is encoded once,
+every query is scored against every video (its best window; exact, chunked matrix products; `--faiss`: an
+approximate index of per-window summaries, see `VideoSummaryIndex`), and the ranklist is written in the release
+layout (LMDB keyed by str(desc_id), msgpack [[global_video_idx, score], ...] best first; one entry per video,
+whatever its windows: CONQUER re-ranks all windows of each listed video): train keeps the top --train_top (2000)
+videos, val and test_public the top --eval_top (100). OUT_DIR (default RUN_DIR/first_stage_ranklists) receives
 
     train_top2000/, val_top100/, test_public_top100/   the ranklist stores of the splits ranked
     train_select100.jsonl    the training queries whose GT video is in the top 100 (what CONQUER trains on)
     data_config.json         the input data config with only the ranklist and training-annotation paths changed
     metrics.json             VR metrics (R@1, 5, 10, 100; share of queries with the GT in the top
                              --max_vcmr_video) of every written list, beside those of the input config's lists
+    <list>_windows.jsonl     only with --window_lists, per ranked split (e.g. val_top100_windows.jsonl): one row
+                             per query, {"desc_id", "windows": [[global_video_idx, start_clip, score], ...]}, the
+                             best window of each video of its ranklist, in the ranklist's order (the score is the
+                             ranklist's). The release readers never look at it.
 
 Everything is written into a temporary folder renamed to OUT_DIR at the end; an existing OUT_DIR is an error.
 """
@@ -29,9 +36,9 @@ import torch
 from tqdm import tqdm
 
 from method.checkpoint import load_model_checkpoint
-from method.first_stage import (FirstStageError, FirstStageRetriever, QueryItems, VideoItems,
+from method.first_stage import (FirstStageError, FirstStageRetriever, QueryItems, VideoItems, best_windows,
                                 encode_query_bank, encode_video_bank, score_all, split_queries, split_videos,
-                                top_videos, vr_metrics)
+                                top_videos, video_max, vr_metrics)
 from utils.data_config import load_data_config
 from utils.errors import OptionError, run_cli
 from utils.feature_stores import FeatureStoreError, RanklistStore, write_ranklist_store
@@ -52,21 +59,25 @@ def ranklist_name(split, top):
 # approximate search
 
 class VideoSummaryIndex:
-    """Approximate first-stage search: a FAISS inverted-file index over one summary vector per video and
-    modality, then exact scoring of the videos it returns.
+    """Approximate first-stage search: a FAISS inverted-file index over one summary vector per window (per
+    video without windows) and modality, then exact scoring of the videos it returns.
 
-    A video's summary in modality m is the L2-normalised mean of its valid clip vectors. A query searches
-    each modality's index for the `n_candidates` videos whose summary is nearest its own vector q_m; the union
-    over modalities is scored exactly (FirstStageRetriever.score: weighted max over clips) and cut to the top
-    k. The summary is a proxy for the max over clips, so the exact top k is found when its videos rank within
-    the first n_candidates by summary in some modality and lie in the n_probe inverted lists probed; the
-    recall against exact search is measured, not assumed (metrics.json, the benchmark). An index of one vector
-    per video stays small where an index of every clip would not (100 clips a video on TVR).
+    A window's summary in modality m is the L2-normalised mean of its valid clip vectors. A query searches each
+    modality's index for the `n_candidates` windows whose summary is nearest its own vector q_m; their videos
+    (the union over modalities) are scored exactly over all their windows (FirstStageRetriever.score: weighted
+    max over clips, then the max over windows) and cut to the top k. The summary is a proxy for the max over
+    clips, so the exact top k is found when its videos have a window within the first n_candidates by summary in
+    some modality, in the n_probe inverted lists probed; the recall against exact search is measured, not
+    assumed (metrics.json, the benchmark). Summaries are per window, not per video: the mean over a long video's
+    every clip drowns a moment of a few clips, the mean over a window keeps it (as the max over clips that it
+    stands for is local too); the index then holds one vector per window, still L times fewer than an index of
+    every clip. A video's overlapping windows may take several of the n_candidates places.
     """
 
     def __init__(self, bank, n_probe=512, n_candidates=2000, n_lists=None):
         import faiss  # optional dependency (extra `faiss`)
         self.bank, self.n_candidates = bank, n_candidates
+        self.window_video = bank.window_video.cpu().numpy()
         summaries = video_summaries(bank.embeddings["clips"].cpu(), bank.embeddings["clip_mask"].cpu())
         self.indexes = [build_ivf_index(faiss, np.ascontiguousarray(summaries[:, m].numpy()), n_lists)
                         for m in range(summaries.shape[1])]
@@ -74,11 +85,11 @@ class VideoSummaryIndex:
             index.nprobe = min(n_probe, index.nlist)
 
     def candidates(self, query_emb):
-        """-> per query, the sorted bank positions of the union over modalities of the videos found."""
+        """-> per query, the sorted bank video positions of the union over modalities of the windows found."""
         queries = query_emb["query"].cpu()
         hits = np.concatenate([index.search(np.ascontiguousarray(queries[:, m].numpy()), self.n_candidates)[1]
                                for m, index in enumerate(self.indexes)], axis=1)
-        return [torch.from_numpy(np.unique(row[row >= 0])) for row in hits]
+        return [torch.from_numpy(np.unique(self.window_video[row[row >= 0]])) for row in hits]
 
     @torch.no_grad()
     def top_videos(self, query_emb, top_k, query_chunk=256, progress=True):
@@ -90,18 +101,20 @@ class VideoSummaryIndex:
             chunk = {key: value[start:start + query_chunk] for key, value in query_emb.items()}
             for i, candidates in enumerate(self.candidates(chunk)):
                 candidates = fill_candidates(candidates, k, len(self.bank))
-                videos = {key: value.index_select(0, candidates.to(value.device))
-                          for key, value in self.bank.embeddings.items()}
-                query = {key: value[i:i + 1].to(videos["clips"].device) for key, value in chunk.items()}
-                values, order = top_videos(FirstStageRetriever.score(query, videos).cpu(), k)
+                rows, owner = self.bank.rows_of(candidates)
+                windows = {key: value.index_select(0, rows.to(value.device))
+                           for key, value in self.bank.embeddings.items()}
+                query = {key: value[i:i + 1].to(windows["clips"].device) for key, value in chunk.items()}
+                scores = video_max(FirstStageRetriever.score(query, windows), owner, len(candidates))
+                values, order = top_videos(scores.cpu(), k)
                 all_values.append(values[0])
                 all_positions.append(candidates[order[0]])
         return torch.stack(all_values), torch.stack(all_positions)
 
 
 def video_summaries(clips, clip_mask):
-    """clips (V, M, L, D), clip_mask (V, L) -> (V, M, D) float32: per modality, the L2-normalised mean of the
-    valid clips."""
+    """clips (W, M, L, D), clip_mask (W, L) of windows (videos) -> (W, M, D) float32: per modality, the
+    L2-normalised mean of the valid clips."""
     return torch.nn.functional.normalize(torch.einsum("vmld,vl->vmd", clips.float(), clip_mask.float()), dim=-1)
 
 
@@ -137,13 +150,14 @@ def recall_against(exact_positions, approximate_positions):
 # one split
 
 def rank_split(model, config, split, opt, args, device):
-    """-> {"rows", "video_idx" (Q, k) global indices best first, "scores" (Q, k), "faiss_recall" or None}."""
+    """-> {"rows", "video_idx" (Q, k) global indices best first, "scores" (Q, k), "faiss_recall" or None,
+    "window_starts" (Q, k) the best window of each listed video (with --window_lists) or None}."""
     rows = split_queries(config, split)
     video2idx = split_videos(config, split)
     if not video2idx:
         raise FirstStageError(f"{config.video_duration_idx_path}: split {split!r} has no videos")
     videos = VideoItems(config, sorted(video2idx, key=video2idx.get), opt.max_ctx_len, opt.ctx_mode,
-                        visual_dim=opt.visual_dim, text_dim=opt.text_dim)
+                        visual_dim=opt.visual_dim, text_dim=opt.text_dim, window_stride=opt.get("window_stride", 0))
     videos.video2idx = video2idx
     queries = QueryItems(config, rows, opt.max_desc_len, query_dim=opt.query_dim)
     top = args.train_top if split == "train" else args.eval_top
@@ -161,8 +175,18 @@ def rank_split(model, config, split, opt, args, device):
         logger.info("%s: FAISS recall@%d against exact %.4f", split, n, result["faiss_recall"])
     result["video_idx"] = bank.video_idx[positions.cpu()]
     result["scores"] = values.cpu()
-    logger.info("%s: %d queries x %d videos ranked in %.1f s", split, len(rows), len(bank), time.time() - start)
+    result["window_starts"] = (best_windows(query_emb, bank, positions, query_chunk=args.query_chunk)[0]
+                               if args.window_lists else None)
+    logger.info("%s: %d queries x %d videos (%d windows) ranked in %.1f s", split, len(rows), len(bank),
+                bank.n_windows, time.time() - start)
     return result
+
+
+def window_list_rows(rows, video_idx, window_starts, scores):
+    """The --window_lists rows of a split: {"desc_id", "windows": [[video_idx, start, score], ...]} per query,
+    in ranklist order."""
+    for row, idx, starts, values in zip(rows, video_idx.tolist(), window_starts.tolist(), scores.tolist()):
+        yield {"desc_id": row["desc_id"], "windows": [list(entry) for entry in zip(idx, starts, values)]}
 
 
 def gt_indices(rows, config, split):
@@ -235,6 +259,11 @@ def rank_corpus(args):
                                   for row, idx, score in zip(ranked["rows"], ranked["video_idx"], ranked["scores"])))
             raw_config[SPLIT_FILE_KEYS[split][1]] = os.path.join(out_dir, store_name)
             split_metrics = {"n_queries": len(ranked["rows"]), "ranklist": os.path.join(out_dir, store_name)}
+            if ranked["window_starts"] is not None:
+                window_file = f"{store_name}_windows.jsonl"
+                save_jsonl(window_list_rows(ranked["rows"], ranked["video_idx"], ranked["window_starts"],
+                                            ranked["scores"]), os.path.join(partial, window_file))
+                split_metrics["window_list"] = os.path.join(out_dir, window_file)
             if ranked["faiss_recall"] is not None:
                 split_metrics["faiss_recall_at_100_vs_exact"] = round(ranked["faiss_recall"], 4)
             if split != "test_public":
@@ -292,15 +321,20 @@ def parse_args(argv=None):
     parser.add_argument("--eval_top", type=int, default=EVAL_TOP, help="videos per val / test_public query")
     parser.add_argument("--max_vcmr_video", type=int, default=10,
                         help="CONQUER's candidate count: the metrics report the share of GT videos in this top")
-    parser.add_argument("--video_bsz", type=int, default=64, help="videos encoded per batch")
+    parser.add_argument("--video_bsz", type=int, default=64,
+                        help="windows encoded per batch (videos, for a run without --window_stride)")
     parser.add_argument("--query_chunk", type=int, default=1024, help="queries scored per matrix product")
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers reading features")
     parser.add_argument("--faiss", action="store_true",
-                        help="approximate search: a FAISS index of per-video summaries, then exact scoring")
+                        help="approximate search: a FAISS index of per-window summaries (per video without "
+                             "windows), then exact scoring of their videos")
     parser.add_argument("--faiss_n_probe", type=int, default=512, help="inverted lists probed per query")
     parser.add_argument("--faiss_candidates", type=int, default=2000,
-                        help="videos taken per query and modality from the index and scored exactly "
-                             "(at least the list length)")
+                        help="windows (videos without windows) taken per query and modality from the index, "
+                             "their videos scored exactly (at least the list length)")
+    parser.add_argument("--window_lists", action="store_true",
+                        help="also write <list>_windows.jsonl per split: the start clip of the best window of "
+                             "every listed video")
     args = parser.parse_args(argv)
     for name in ("train_top", "eval_top", "max_vcmr_video", "video_bsz", "query_chunk", "faiss_n_probe",
                  "faiss_candidates"):

@@ -15,6 +15,13 @@ re-rank them on their cached encodings (method/search_index.py), all in one batc
 ranked and (optionally) suppressed by temporal NMS by the same functions as inference. So for a desc_id, with
 the same candidates and scores, the moments are the VCMR predictions inference.py writes for that query.
 
+Long videos: the index rows are windows (the runs' --window_stride, utils/windows.py). A learned first stage
+scores every window and a video scores its best window; the max_vcmr_video best videos are taken (it counts
+videos, as in evaluation) and CONQUER re-ranks every window of each of them (one padded batch), ranked by
+`rank_windowed_batch` as inference ranks windows: moments found in overlapping windows merged, start and end in
+seconds of the whole video. An index in which every video is one window runs exactly the code (and gives the
+results) of the search without windows.
+
 First stages: a learned dual encoder (a run dir; its video embeddings are in the index and every query is
 scored against all of them), or `--first_stage ranklist`: the corpus's stored ranklists, the candidates
 inference reads (desc_id queries only; for tests and for looking at a trained CONQUER without a first stage).
@@ -39,8 +46,8 @@ from easydict import EasyDict
 from method.checkpoint import load_trained_model
 from method.dataset import build_eval_dataset, query_inputs
 from method.evaluation import nms_submission, ranked_rows_needed, top_n_submission
-from method.first_stage import top_videos
-from method.scoring import prediction_results, rank_batch
+from method.first_stage import top_videos, video_max
+from method.scoring import prediction_results, rank_batch, rank_windowed_batch
 from method import search_index
 from method.search_index import (RANKLIST_FIRST_STAGE, SearchIndex, SearchIndexError, build_index,
                                  conquer_options, describe, first_stage_checkpoint, sha256_file)
@@ -82,8 +89,8 @@ class RanklistFirstStage:
         self.row_of_desc_id = {row["desc_id"]: row for row in dataset.query_data}
 
     def candidates(self, queries, query_batch):
-        """-> index rows (B, k) int64 numpy, first-stage scores (B, k) float32 tensor."""
-        rows, scores = [], []
+        """-> video positions in the index (B, k) int64 numpy, first-stage scores (B, k) float32 tensor."""
+        positions, scores = [], []
         for query in queries:
             if query.desc_id is None:
                 raise QueryError(f"the {RANKLIST_FIRST_STAGE} first stage answers desc_id queries only (it reads "
@@ -92,18 +99,18 @@ class RanklistFirstStage:
                 names, query_scores = self.dataset._read_candidates(self.row_of_desc_id[query.desc_id])
             except (FeatureStoreError, DatasetError) as e:
                 raise SearchIndexError(f"desc_id {query.desc_id}: {e}") from None
-            missing = [name for name in names[1:] if name not in self.index.row_of]
+            missing = [name for name in names[1:] if name not in self.index.position_of]
             if missing:
                 raise SearchIndexError(f"search index {self.index.path}: ranked video {missing[0]!r} of desc_id "
                                        f"{query.desc_id} is not indexed; update the index (build --update)")
-            rows.append([self.index.row_of[name] for name in names[1:]])
+            positions.append([self.index.position_of[name] for name in names[1:]])
             scores.append(query_scores)
-        return np.array(rows, dtype=np.int64), torch.stack(scores)
+        return np.array(positions, dtype=np.int64), torch.stack(scores)
 
 
 class EmbeddingFirstStage:
-    """A learned dual encoder: every query embedding is scored against every indexed video embedding (exact),
-    streaming the index chunk by chunk; the k best videos, ties by index row."""
+    """A learned dual encoder: every query embedding is scored against every indexed window embedding (exact),
+    streaming the index chunk by chunk; a video scores its best window; the k best videos, ties by position."""
 
     def __init__(self, model, index, k, device):
         self.model = model
@@ -112,14 +119,17 @@ class EmbeddingFirstStage:
         self.device = device
 
     def candidates(self, queries, query_batch):
+        """-> video positions in the index (B, k) int64 numpy, their scores (B, k) float32 tensor."""
         query = query_batch["query"]
         query_embedding = self.model.encode_queries(query["feat"], query["feat_mask"])
         clips, masks = self.index.arrays["first_stage.clips"], self.index.arrays["first_stage.clip_mask"]
         scores = torch.cat([self.model.score(query_embedding, {"clips": _tensor(c, self.device),
                                                                "clip_mask": _tensor(m, self.device)})
                             for c, m in zip(clips.chunks, masks.chunks)], dim=1)
-        values, rows = top_videos(scores.float().cpu(), self.k)
-        return rows.numpy(), values
+        video_scores = video_max(scores.float().cpu(), torch.from_numpy(self.index.row_video),
+                                 len(self.index.video_names))
+        values, positions = top_videos(video_scores, self.k)
+        return positions.numpy(), values
 
 
 def _tensor(array, device):
@@ -127,6 +137,29 @@ def _tensor(array, device):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch warns that the array is not writable
         return torch.from_numpy(array).to(device)
+
+
+class WindowSlots(NamedTuple):
+    """The index rows CONQUER re-ranks for a batch of queries: every window of each query's k candidate videos,
+    in candidate then start order, padded to the batch's largest count N."""
+    rows: np.ndarray  # (B, N) int64 index rows; a padding slot repeats the query's first row (computed, ignored)
+    video: np.ndarray  # (B, N) int64: c in 1..k = the query's candidate c (first-stage order), -1 = padding
+    start: np.ndarray  # (B, N) int64: the window's first clip in its video
+
+
+def window_slots(video_rows, row_start, positions):
+    """video_rows (V + 1,) (video v's rows are video_rows[v]:video_rows[v + 1]), row_start (W,), candidate video
+    positions (B, k) -> WindowSlots. With one row per video, rows are the videos' rows and N = k."""
+    counts = video_rows[positions + 1] - video_rows[positions]  # (B, k) windows per candidate
+    n_slots = int(counts.sum(axis=1).max())
+    rows = np.empty((len(positions), n_slots), dtype=np.int64)
+    video = np.full((len(positions), n_slots), -1, dtype=np.int64)
+    for i, (query_positions, query_counts) in enumerate(zip(positions, counts)):
+        query_rows = np.concatenate([np.arange(video_rows[p], video_rows[p + 1]) for p in query_positions])
+        n = len(query_rows)
+        rows[i, :n], rows[i, n:] = query_rows, query_rows[0]
+        video[i, :n] = np.repeat(np.arange(1, len(query_positions) + 1), query_counts)
+    return WindowSlots(rows, video, row_start[rows])
 
 
 def _check_run(recorded, given, flag, checkpoint_of):
@@ -225,11 +258,13 @@ class Searcher:
             batch = {"query": {key: value.to(self.device) for key, value in torch.utils.data.default_collate(
                 [query_inputs(q.features, self.opt.max_desc_len) for q in prepared]).items()}}
             timing["query"] = _lap(started, timing)
-            rows, first_stage_scores = self.first_stage.candidates(prepared, batch)
+            positions, first_stage_scores = self.first_stage.candidates(prepared, batch)
             timing["first_stage"] = _lap(started, timing)
-            outputs = self._rerank(batch["query"], rows)
+            slots = window_slots(self.index.video_rows, self.index.row_start, positions)
+            outputs, slot_length = self._rerank(batch["query"], slots.rows)
             timing["conquer"] = _lap(started, timing)
-            moments = self._moments(prepared, rows, first_stage_scores, outputs, top_k, nms_thd)
+            moments = self._moments(prepared, positions, slots, slot_length, first_stage_scores, outputs, top_k,
+                                    nms_thd)
             timing["post"] = _lap(started, timing)
         return moments, timing
 
@@ -286,37 +321,47 @@ class Searcher:
         return query._replace(features=query.features[:limit])
 
     def _rerank(self, query, rows):
-        """CONQUER's query-dependent layers on the cached encodings of each query's candidates, one call."""
+        """CONQUER's query-dependent layers on the cached encodings of the index rows (B, N) of each query, one
+        call; only these rows are read -> (outputs of `score_encoded` over the (B, N) slots, real clips (B, N)
+        int64 numpy of each row)."""
         flat = rows.reshape(-1)
         encoded = {modality: _tensor(self.index.arrays[f"conquer.{modality}"].gather(flat), self.device)
                    for modality in self.model.video_modality}
         video_mask = _tensor(self.index.arrays["conquer.video_mask"].gather(flat), self.device)
-        return self.model.score_encoded(self.model.encode_query(query), query["feat_mask"], encoded, video_mask,
-                                        rows.shape[1])
+        outputs = self.model.score_encoded(self.model.encode_query(query), query["feat_mask"], encoded, video_mask,
+                                           rows.shape[1])
+        return outputs, video_mask.sum(dim=1).reshape(rows.shape).long().cpu().numpy()
 
-    def _moments(self, prepared, rows, first_stage_scores, outputs, top_k, nms_thd):
-        """Rank as inference: rank_batch, prediction rows, the 100-row submission, optional NMS; then top_k."""
-        video_scores, begin_logits, end_logits = (None if x is None else _with_placeholder_video(x)
-                                                  for x in outputs)
+    def _moments(self, prepared, positions, slots, slot_length, first_stage_scores, outputs, top_k, nms_thd):
+        """Rank as inference: rank_batch (rank_windowed_batch when a video has several windows), prediction rows,
+        the 100-row submission, optional NMS; then top_k."""
         opt = EasyDict(self.opt, nms_thd=-1 if nms_thd is None else nms_thd)
-        ranked = rank_batch(opt.similarity_measure, begin_logits, end_logits, tasks=("VCMR",),
-                            max_before_nms=ranked_rows_needed(opt, MAX_PREDICTIONS_PER_QUERY),
-                            min_pred_l=opt.min_pred_l, max_pred_l=opt.max_pred_l, video_scores=video_scores,
-                            first_stage_scores=first_stage_scores.to(begin_logits.device),
-                            use_internal_vr_scores=opt.use_interal_vr_scores)
+        ranking = dict(tasks=("VCMR",), max_before_nms=ranked_rows_needed(opt, MAX_PREDICTIONS_PER_QUERY),
+                       min_pred_l=opt.min_pred_l, max_pred_l=opt.max_pred_l,
+                       first_stage_scores=first_stage_scores.to(outputs[1].device),
+                       use_internal_vr_scores=opt.use_interal_vr_scores)
+        if self.index.reads_windows:
+            video_scores, begin_logits, end_logits = outputs
+            ranked = rank_windowed_batch(opt.similarity_measure, begin_logits, end_logits, slots.video, slots.start,
+                                         slot_length, video_scores=video_scores, **ranking)
+        else:
+            video_scores, begin_logits, end_logits = (None if x is None else _with_placeholder_video(x)
+                                                      for x in outputs)
+            ranked = rank_batch(opt.similarity_measure, begin_logits, end_logits, video_scores=video_scores,
+                                **ranking)
         names = self.index.video_names
-        metas = [dict(desc_id=q.desc_id, desc=q.desc, sample_vid_name_list=[names[r] for r in query_rows])
-                 for q, query_rows in zip(prepared, rows.tolist())]
-        submission = top_n_submission(prediction_results([ranked], metas, self.index.row_of, opt.clip_length),
+        metas = [dict(desc_id=q.desc_id, desc=q.desc, sample_vid_name_list=[names[p] for p in query_positions])
+                 for q, query_positions in zip(prepared, positions.tolist())]
+        submission = top_n_submission(prediction_results([ranked], metas, self.index.position_of, opt.clip_length),
                                       MAX_PREDICTIONS_PER_QUERY)
         if nms_thd is not None:
             submission = nms_submission(submission, submission, nms_thd, opt.max_before_nms,
                                         MAX_PREDICTIONS_PER_QUERY)
         moments = []
-        for query, query_rows in zip(submission["VCMR"], rows.tolist()):
-            rank_of = {row: rank for rank, row in enumerate(query_rows, start=1)}
-            moments.append([Moment(names[row], float(st), float(ed), float(score), rank_of[row])
-                            for row, st, ed, score in query["predictions"][:top_k]])
+        for query, query_positions in zip(submission["VCMR"], positions.tolist()):
+            rank_of = {position: rank for rank, position in enumerate(query_positions, start=1)}
+            moments.append([Moment(names[position], float(st), float(ed), float(score), rank_of[position])
+                            for position, st, ed, score in query["predictions"][:top_k]])
         return moments
 
 
@@ -348,15 +393,16 @@ def _parser():
 
     build = commands.add_parser("build", help="index a corpus split for a pair of trained runs")
     build.add_argument("--first_stage", required=True,
-                       help=f"first-stage run dir, or '{RANKLIST_FIRST_STAGE}': the corpus's stored ranklists "
-                            "(desc_id queries only)")
+                       help=f"first-stage run dir (trained with the --window_stride and --max_ctx_len of --conquer), "
+                            f"or '{RANKLIST_FIRST_STAGE}': the corpus's stored ranklists (desc_id queries only)")
     build.add_argument("--conquer", required=True, help="CONQUER run dir (opt.json + model.ckpt)")
     build.add_argument("--dataset_config", required=True, help="data config of the corpus")
     build.add_argument("--split", default="val", choices=SPLITS)
     build.add_argument("--out_dir", required=True, help="index folder")
     build.add_argument("--update", action="store_true", help="extend an existing index with the corpus's new videos")
     build.add_argument("--overwrite", action="store_true", help="rebuild an existing index from scratch")
-    build.add_argument("--batch_size", type=int, default=32, help="videos encoded per forward pass")
+    build.add_argument("--batch_size", type=int, default=32,
+                       help="windows encoded per forward pass (videos, for runs without --window_stride)")
     build.add_argument("--device", type=int, default=-1, help="CUDA device id, -1 = CPU")
 
     query = commands.add_parser("query", help="search an index")
@@ -393,8 +439,8 @@ def main(argv=None):
         summary = build_index(args.out_dir, args.conquer, args.first_stage, args.dataset_config, args.split,
                               update=args.update, overwrite=args.overwrite, batch_size=args.batch_size,
                               device=args.device)
-        print(f"index {summary['out_dir']}: {summary['n_videos']} videos ({summary['n_encoded']} encoded now), "
-              f"{summary['nbytes'] / 2 ** 20:.1f} MiB")
+        print(f"index {summary['out_dir']}: {summary['n_videos']} videos in {summary['n_windows']} windows "
+              f"({summary['n_encoded']} videos encoded now), {summary['nbytes'] / 2 ** 20:.1f} MiB")
         return summary
     searcher = Searcher(args.index, conquer=args.conquer, first_stage=args.first_stage, device=args.device)
     if args.command == "serve":

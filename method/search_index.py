@@ -1,22 +1,29 @@
 """The search index of a corpus split: everything about its videos that does not depend on the query.
 
-For a pair of trained run directories (a first stage and CONQUER) and one split of a corpus, the index holds
-CONQUER's video encodings V̂, Ŝ (V, L, H) and visual masks (V, L), and for a learned first stage its video
-embeddings ("clips" (V, M, L', D), "clip_mask" (V, L')). Arrays are stored in chunks of at most
-`chunk_videos` videos, one `.npy` file per array and chunk, opened memory-mapped, so the index may be larger
-than RAM: a query reads only the rows it re-ranks (and, for a learned first stage, streams the embeddings).
+For a pair of trained run directories (a first stage and CONQUER) and one split of a corpus, the index holds one
+row per window (utils/windows.py: a video longer than CONQUER's max_ctx_len L clips is read as windows of L clips
+every --window_stride clips, the run's; a video that fits, or any video without windows, is one window at clip 0):
+CONQUER's encodings V̂, Ŝ (W, L, H) and visual masks (W, L) of each window, and for a learned first stage its
+embeddings of each window ("clips" (W, M, L', D), "clip_mask" (W, L')). Arrays are stored in chunks of the windows
+of at most `chunk_videos` videos, one `.npy` file per array and chunk, opened memory-mapped, so the index may be
+larger than RAM: a query reads only the rows it re-ranks (and, for a learned first stage, streams the embeddings).
 
 Layout of INDEX/:
 
     CURRENT                 name of the live version folder (written atomically, last)
-    v000001/manifest.json   run dirs and checkpoint sha256, corpus data config and split, array shapes,
-                            chunk sizes, package versions
-    v000001/videos.json     video names in row order
+    v000001/manifest.json   run dirs and checkpoint sha256, their windows (window_stride, max_ctx_len), corpus
+                            data config and split, array shapes, rows per chunk, package versions
+    v000001/windows.json    [video name, start clip] of every row, in row order: the windows of a video together,
+                            in start order
     v000001/<array>.<chunk>.npy
 
 A build writes a new version folder under a temporary name, renames it, then points CURRENT at it and removes
 the old version; an interrupted build leaves the previous index untouched. An update (`--update`) hard-links
-the previous version's chunks and encodes only the videos the corpus gained.
+the previous version's chunks and encodes only the windows of the videos the corpus gained.
+
+Format version 2 (rows are windows) replaced version 1 (rows were videos, videos.json); a version-1 index is
+refused with a line asking to rebuild it: its manifest does not record the windows its runs read, and a rebuild
+costs only the encoding of the split.
 """
 import datetime
 import hashlib
@@ -38,14 +45,15 @@ from method.rank_first_stage import load_first_stage
 from utils import run_dir as run_dirs
 from utils.errors import ConquerError
 from utils.io_utils import atomic_write, load_json, save_json
+from utils.windows import Window
 
 logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = "conquer-search-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CURRENT_FILENAME = "CURRENT"
 MANIFEST_FILENAME = "manifest.json"
-VIDEOS_FILENAME = "videos.json"
+WINDOWS_FILENAME = "windows.json"
 VERSION_PREFIX = "v"
 PARTIAL_PREFIX = ".partial-"
 # `--first_stage ranklist`: no learned first stage; candidates come from the corpus's stored ranklists.
@@ -83,6 +91,31 @@ def run_identity(run_dir, checkpoint_path):
 
 def first_stage_checkpoint(run_dir):
     return os.path.join(run_dirs.locate_model_dir(run_dir), run_dirs.CKPT_FILENAME)
+
+
+def run_windows(opt):
+    """How a run reads videos, from its options or opt.json: {"window_stride", "max_ctx_len"}."""
+    return dict(window_stride=opt.get("window_stride", 0), max_ctx_len=opt["max_ctx_len"])
+
+
+def first_stage_windows(run_dir):
+    return run_windows(load_json(os.path.join(run_dirs.locate_model_dir(run_dir), run_dirs.OPT_FILENAME)))
+
+
+def check_windows_agree(conquer_opt, conquer_run_dir, first_stage):
+    """A learned first stage must read the videos as CONQUER does: the index has one row per window, embedded by
+    both stages. Two runs without windows agree whatever their max_ctx_len (the first stage reads CONQUER's first
+    clips, as before windows); with windows, stride and max_ctx_len (the window length) must both match."""
+    if first_stage == RANKLIST_FIRST_STAGE:
+        return
+    first, second = first_stage_windows(first_stage), run_windows(conquer_opt)
+    if first["window_stride"] == second["window_stride"] == 0 or first == second:
+        return
+    raise SearchIndexError(
+        f"--first_stage {first_stage} was trained with --window_stride {first['window_stride']} --max_ctx_len "
+        f"{first['max_ctx_len']} but --conquer {conquer_run_dir} with --window_stride {second['window_stride']} "
+        f"--max_ctx_len {second['max_ctx_len']}: the index holds one set of windows for both stages; use runs "
+        "trained with the same --window_stride and --max_ctx_len")
 
 
 def load_first_stage_model(run_dir, device):
@@ -126,16 +159,28 @@ def chunk_filename(array_name, chunk_id):
 
 
 class SearchIndex:
-    """An opened index (read-only): `manifest`, `video_names` (row order), `row_of` {name: row}, `arrays`
-    {name: ChunkedArray}."""
+    """An opened index (read-only). Rows are windows: `windows` [Window(video_name, start)] in row order, the
+    windows of a video together and in start order; `video_names` the videos in row order, `position_of`
+    {name: video position}; `video_rows` (V + 1,) int64: video v's rows are video_rows[v]:video_rows[v + 1];
+    `row_start` (W,) int64 each row's start clip; `row_video` (W,) int64 each row's video position; `row_of`
+    {name: the row of its first window} (its only row when it fits); `arrays` {name: ChunkedArray of W rows}."""
 
-    def __init__(self, path, version_dir, manifest, video_names, arrays):
+    def __init__(self, path, version_dir, manifest, windows, arrays):
         self.path = path
         self.version_dir = version_dir
         self.manifest = manifest
-        self.video_names = video_names
-        self.row_of = {name: row for row, name in enumerate(video_names)}
+        self.windows = windows
+        self.video_names, self.video_rows = video_layout(windows)
+        self.position_of = {name: position for position, name in enumerate(self.video_names)}
+        self.row_start = np.array([window.start for window in windows], dtype=np.int64)
+        self.row_video = np.repeat(np.arange(len(self.video_names)), np.diff(self.video_rows))
+        self.row_of = {name: int(self.video_rows[position]) for position, name in enumerate(self.video_names)}
         self.arrays = arrays
+
+    @property
+    def reads_windows(self):
+        """Whether a video has more than one window (else every row is a whole video, as without windows)."""
+        return len(self.windows) > len(self.video_names)
 
     @property
     def nbytes(self):
@@ -161,17 +206,48 @@ class SearchIndex:
         if manifest.get("format") != INDEX_FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise SearchIndexError(f"search index {manifest_path}: format {manifest.get('format')!r} version "
                                    f"{manifest.get('format_version')!r}, expected {INDEX_FORMAT!r} version "
-                                   f"{FORMAT_VERSION}")
-        video_names = _load_json(os.path.join(version_dir, VIDEOS_FILENAME), list)
+                                   f"{FORMAT_VERSION} (rows are windows); rebuild it (build --overwrite)")
+        windows_path = os.path.join(version_dir, WINDOWS_FILENAME)
+        windows = _read_windows(windows_path)
         chunk_sizes = manifest["chunks"]
-        if len(video_names) != sum(chunk_sizes) or len(set(video_names)) != len(video_names):
-            raise SearchIndexError(f"search index {version_dir}: {VIDEOS_FILENAME} lists {len(video_names)} names "
-                                   f"(distinct: {len(set(video_names))}) but the chunks hold {sum(chunk_sizes)} "
-                                   "videos: corrupt index; rebuild it")
+        if len(windows) != sum(chunk_sizes):
+            raise SearchIndexError(f"search index {windows_path}: {len(windows)} windows but the chunks hold "
+                                   f"{sum(chunk_sizes)} rows: corrupt index; rebuild it")
         arrays = {name: ChunkedArray(name, [_open_chunk(version_dir, name, chunk_id, n, spec)
                                             for chunk_id, n in enumerate(chunk_sizes)])
                   for name, spec in manifest["arrays"].items()}
-        return cls(path, version_dir, manifest, video_names, arrays)
+        return cls(path, version_dir, manifest, windows, arrays)
+
+
+def video_layout(windows):
+    """Windows in row order -> (video names in row order, video_rows (V + 1,) int64: video v's rows are
+    video_rows[v]:video_rows[v + 1]); ValueError unless each video's windows are together, distinct and in start
+    order."""
+    names, firsts = [], []
+    for row, (name, start) in enumerate(windows):
+        if names and name == names[-1]:
+            if start <= windows[row - 1].start:
+                raise ValueError(f"row {row}: window ({name!r}, {start}) after start {windows[row - 1].start}")
+            continue
+        names.append(name)
+        firsts.append(row)
+    if len(set(names)) != len(names):
+        raise ValueError("the windows of a video are not together")
+    return names, np.array(firsts + [len(windows)], dtype=np.int64)
+
+
+def _read_windows(path):
+    rows = _load_json(path, list)
+    if not all(isinstance(row, list) and len(row) == 2 and isinstance(row[0], str) and isinstance(row[1], int)
+               and not isinstance(row[1], bool) and row[1] >= 0 for row in rows):
+        raise SearchIndexError(f"search index file {path}: expected a list of [video name, start clip]; rebuild "
+                               "the index")
+    windows = [Window(name, start) for name, start in rows]
+    try:
+        video_layout(windows)
+    except ValueError as e:
+        raise SearchIndexError(f"search index file {path}: {e}: corrupt index; rebuild it") from None
+    return windows
 
 
 def _load_json(path, expected_type):
@@ -206,7 +282,7 @@ def _environment():
 
 
 def encode_video_batch(model, first_stage_model, video_inputs):
-    """Index rows of one batch of dataset video inputs {"visual": {...} (n, L, ·), "sub": ...}
+    """Index rows of one batch of dataset window inputs {"visual": {...} (n, L, ·), "sub": ...}
     -> {array name: (n, ...) numpy}."""
     encoded = model.encode_videos(video_inputs)
     arrays = {f"conquer.{modality}": encoded[modality] for modality in model.video_modality}
@@ -219,15 +295,17 @@ def encode_video_batch(model, first_stage_model, video_inputs):
 
 
 def index_identity(conquer_opt, conquer_run_dir, first_stage, split):
-    """The manifest entries an update must agree with: runs, corpus and the settings of the encodings."""
+    """The manifest entries an update must agree with: runs, corpus and the settings of the encodings (the
+    windows the rows are: CONQUER's window_stride and max_ctx_len, and the first stage's)."""
     if first_stage == RANKLIST_FIRST_STAGE:
         first = dict(kind=RANKLIST_FIRST_STAGE)
     else:
-        first = dict(kind="model", **run_identity(first_stage, first_stage_checkpoint(first_stage)))
+        first = dict(kind="model", **run_identity(first_stage, first_stage_checkpoint(first_stage)),
+                     **first_stage_windows(first_stage))
     return dict(conquer=run_identity(conquer_run_dir, conquer_opt.ckpt_filepath), first_stage=first,
                 corpus=dict(data_config=os.path.realpath(conquer_opt.dataset_config), split=split,
                             dset_name=conquer_opt.dset_name, ctx_mode=conquer_opt.ctx_mode,
-                            max_ctx_len=conquer_opt.max_ctx_len))
+                            **run_windows(conquer_opt)))
 
 
 def _identity_difference(old, new):
@@ -241,14 +319,17 @@ def _identity_difference(old, new):
 
 def build_index(out_dir, conquer, first_stage, dataset_config, split="val", update=False, overwrite=False,
                 batch_size=32, chunk_videos=1024, device=-1):
-    """Build (or with `update`, extend) the index of `split` at `out_dir` -> summary dict.
+    """Build (or with `update`, extend) the index of `split` at `out_dir` -> summary dict {"out_dir", "n_videos",
+    "n_windows" (rows), "n_encoded" (videos encoded now), "nbytes"}.
 
-    first_stage: a first-stage run dir, or RANKLIST_FIRST_STAGE. An existing `out_dir` is an error unless
-    `update` (encode only videos the index lacks; the runs and corpus must be the ones it was built from)
-    or `overwrite` (rebuild everything).
+    first_stage: a first-stage run dir (trained with CONQUER's windows), or RANKLIST_FIRST_STAGE. An existing
+    `out_dir` is an error unless `update` (encode only videos the index lacks; the runs and corpus must be the
+    ones it was built from) or `overwrite` (rebuild everything). batch_size: windows per forward pass;
+    chunk_videos: videos per chunk file (with all their windows).
     """
     out_dir = os.fspath(out_dir)
     opt = conquer_options(conquer, dataset_config, split, device)
+    check_windows_agree(opt, conquer, first_stage)
     identity = index_identity(opt, conquer, first_stage, split)
     previous = _previous_index(out_dir, identity, update, overwrite)
     dataset = build_eval_dataset(opt, read_ranklists=False)
@@ -262,7 +343,8 @@ def build_index(out_dir, conquer, first_stage, dataset_config, split="val", upda
     new_names = [name for name in names if name not in known]
     if previous is not None and not new_names:
         logger.info("search index %s is up to date (%d videos)", out_dir, len(reused))
-        return dict(out_dir=out_dir, n_videos=len(reused), n_encoded=0, nbytes=previous.nbytes)
+        return dict(out_dir=out_dir, n_videos=len(reused), n_windows=len(previous.windows), n_encoded=0,
+                    nbytes=previous.nbytes)
 
     model = load_trained_model(opt).eval()
     first_stage_model = (None if first_stage == RANKLIST_FIRST_STAGE
@@ -271,32 +353,37 @@ def build_index(out_dir, conquer, first_stage, dataset_config, split="val", upda
     try:
         chunk_sizes = list(previous.manifest["chunks"]) if previous is not None else []
         arrays = dict(previous.manifest["arrays"]) if previous is not None else {}
+        windows = list(previous.windows) if previous is not None else []
         if previous is not None:
             for name in arrays:
                 for chunk_id in range(len(chunk_sizes)):
                     _link_or_copy(os.path.join(previous.version_dir, chunk_filename(name, chunk_id)),
                                   os.path.join(staging, chunk_filename(name, chunk_id)))
-        with torch.inference_mode(), tqdm(total=len(new_names), desc="Indexing videos") as bar:
-            for start in range(0, len(new_names), chunk_videos):
-                chunk_names = new_names[start:start + chunk_videos]
-                specs = _write_chunk(staging, len(chunk_sizes), chunk_names, dataset, model, first_stage_model,
+        new_windows = [[Window(name, start) for name in new_names[first:first + chunk_videos]
+                        for start in dataset.window_starts(name)]
+                       for first in range(0, len(new_names), chunk_videos)]
+        with torch.inference_mode(), tqdm(total=sum(map(len, new_windows)), desc="Indexing windows") as bar:
+            for chunk_windows in new_windows:
+                specs = _write_chunk(staging, len(chunk_sizes), chunk_windows, dataset, model, first_stage_model,
                                      opt.device, batch_size, bar)
                 if arrays and specs != arrays:
                     raise SearchIndexError(f"search index {out_dir}: new videos encode to arrays {specs}, the index "
                                            f"holds {arrays}; rebuild it with --overwrite")
                 arrays = specs
-                chunk_sizes.append(len(chunk_names))
-        save_json(reused + new_names, os.path.join(staging, VIDEOS_FILENAME))
+                chunk_sizes.append(len(chunk_windows))
+                windows += chunk_windows
+        save_json([list(window) for window in windows], os.path.join(staging, WINDOWS_FILENAME))
         manifest = dict(format=INDEX_FORMAT, format_version=FORMAT_VERSION, created=_now(), **identity,
-                        n_videos=len(reused) + len(new_names), chunks=chunk_sizes, arrays=arrays,
-                        environment=_environment())
+                        n_videos=len(reused) + len(new_names), n_windows=len(windows), chunks=chunk_sizes,
+                        arrays=arrays, environment=_environment())
         save_json(manifest, os.path.join(staging, MANIFEST_FILENAME), save_pretty=True)
         _publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     index = SearchIndex.open(out_dir)
-    return dict(out_dir=out_dir, n_videos=len(index.video_names), n_encoded=len(new_names), nbytes=index.nbytes)
+    return dict(out_dir=out_dir, n_videos=len(index.video_names), n_windows=len(index.windows),
+                n_encoded=len(new_names), nbytes=index.nbytes)
 
 
 def _previous_index(out_dir, identity, update, overwrite):
@@ -342,15 +429,16 @@ def _link_or_copy(source, target):
         shutil.copy2(source, target)
 
 
-def _write_chunk(staging, chunk_id, names, dataset, model, first_stage_model, device, batch_size, bar):
-    """Encode `names` into the chunk files `chunk_id` in `staging` -> {array name: {"shape", "dtype"}}."""
+def _write_chunk(staging, chunk_id, windows, dataset, model, first_stage_model, device, batch_size, bar):
+    """Encode `windows` (Window rows) into the chunk files `chunk_id` in `staging` -> {array name: {"shape",
+    "dtype"}}."""
     files = None
-    for start in range(0, len(names), batch_size):
-        batch = default_collate([dataset.get_video_inputs(name) for name in names[start:start + batch_size]])
+    for start in range(0, len(windows), batch_size):
+        batch = default_collate([dataset.get_video_inputs(*window) for window in windows[start:start + batch_size]])
         rows = encode_video_batch(model, first_stage_model, prepare_batch_inputs(batch, device))
         if files is None:
             files = {name: np.lib.format.open_memmap(os.path.join(staging, chunk_filename(name, chunk_id)), mode="w+",
-                                                     dtype=value.dtype, shape=(len(names),) + value.shape[1:])
+                                                     dtype=value.dtype, shape=(len(windows),) + value.shape[1:])
                      for name, value in rows.items()}
         for name, value in rows.items():
             files[name][start:start + len(value)] = value
@@ -397,6 +485,6 @@ def _write_current(index_dir, version):
 def describe(index):
     """A short JSON-able summary of an opened index."""
     manifest = index.manifest
-    return dict(path=index.path, n_videos=len(index.video_names), nbytes=index.nbytes,
+    return dict(path=index.path, n_videos=len(index.video_names), n_windows=len(index.windows), nbytes=index.nbytes,
                 conquer=manifest["conquer"]["run_dir"], first_stage=manifest["first_stage"],
                 corpus=manifest["corpus"], created=manifest["created"])

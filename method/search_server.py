@@ -9,6 +9,9 @@
     GET /video/<name>  the video file, when the corpus's data config names a folder of videos ("video_dir",
                   relative to root_path; files <video_name>.mp4/.webm/.mkv/.mov); the page seeks to the moment
 
+A moment's start and end are seconds of the whole video, also for a long video read as windows (the ranking
+maps window clips back to video clips): the page shows them and seeks the whole video file to them as they are.
+
 Flask + waitress: the search is synchronous, CPU-bound torch code, so an async framework would gain nothing;
 waitress is a pure-Python production WSGI server with a request thread pool. The model is loaded once per
 process (the `Searcher`); requests are parsed and validated concurrently and the searches run one at a time
@@ -104,7 +107,7 @@ def create_app(searcher):
 
     @app.get("/video/<name>")
     def video(name):
-        if videos is None or name not in searcher.index.row_of:
+        if videos is None or name not in searcher.index.position_of:
             raise NotFound(f"no video {name!r}")
         for extension in VIDEO_EXTENSIONS:
             if os.path.isfile(os.path.join(videos, name + extension)):
@@ -164,10 +167,12 @@ const $ = (id) => document.getElementById(id);
 let canPlay = false;
 fetch("/info").then(r => r.json()).then(info => {
   canPlay = info.videos;
-  $("about").textContent = `${info.n_videos} videos` + (info.text_queries ? "" : " (no text encoder: query by desc_id)");
+  $("about").textContent = `${info.n_videos} videos`
+    + (info.n_windows > info.n_videos ? ` (${info.n_windows} windows)` : "")
+    + (info.text_queries ? "" : " (no text encoder: query by desc_id)");
   if (!info.text_queries) { $("kind").value = "desc_id"; }
 });
-function play(m) {
+function play(m) {  // m.start, m.end: seconds of the whole video file
   const player = $("player");
   player.src = `/video/${encodeURIComponent(m.video_name)}#t=${m.start},${m.end}`;
   player.style.display = "block";

@@ -142,7 +142,7 @@ def run(args):
         return dict(
             machine=f"{machine_info(device)['cpu']}, {torch.get_num_threads()} threads, {device}",
             date=time.strftime("%Y-%m-%d"), load_average=[load_start[0], os.getloadavg()[0]], quick=bool(args.quick),
-            n_videos=summary["n_videos"],
+            n_videos=summary["n_videos"], n_windows=summary["n_windows"],
             n_queries_timed=len(totals), videos_reranked=searcher.k, build_seconds=build_seconds,
             index_mib=summary["nbytes"] / 2 ** 20,
             latency_ms={"total": _percentiles(totals), **{stage: _percentiles(v) for stage, v in stages.items()}},
@@ -161,7 +161,8 @@ def _percentiles(seconds):
 def table_rows(results):
     """The results as table lines."""
     latency = results["latency_ms"]
-    rows = [f"search over {results['n_videos']} videos, top {results['videos_reranked']} re-ranked "
+    rows = [f"search over {results['n_videos']} videos ({results['n_windows']} windows), top "
+            f"{results['videos_reranked']} videos re-ranked "
             f"({results['machine']}, {results['date']}, load average {results['load_average'][0]:.1f} at the "
             f"start, {results['load_average'][1]:.1f} at the end)",
             f"  index build {results['build_seconds']:.1f} s, {results['index_mib']:.0f} MiB"]

@@ -20,6 +20,7 @@ from utils.errors import ConquerError
 from utils.feature_stores import RanklistStore, write_video_store
 from utils.io_utils import load_json, load_jsonl, save_json, save_jsonl
 from utils.run_dir import REPO_ROOT
+from utils.synthetic_tvr import generate_corpus
 from utils.tvr_format import SPLIT_FILE_KEYS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -229,3 +230,122 @@ def test_existing_out_dir_is_an_error(run_dir, ranked):
                             cwd=REPO_ROOT, env=CHILD_ENV, capture_output=True, text=True)
     assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].endswith("exists; remove it or pass "
                                                                                     "another --out_dir")
+
+
+# ----------------------------------------------------------------------------------------------------
+# long videos read as windows (--window_stride)
+
+WINDOW_L, WINDOW_STRIDE = 20, 10
+
+
+@pytest.fixture(scope="module")
+def long_corpus(tiny_corpus_kwargs, tmp_path_factory):
+    """Videos of 40-80 clips (60-120 s): 3 to 7 windows of 20 clips every 10; twice the training queries of the
+    tiny corpus and less query noise, so that a few seconds of training learn the planted signal."""
+    kwargs = dict(tiny_corpus_kwargs, n_train_queries=96, min_duration=60.0, max_duration=120.0, noise=0.5)
+    return generate_corpus(tmp_path_factory.mktemp("long_videos"), **kwargs)
+
+
+def set_flag(flags, name, value):
+    flags = list(flags)
+    flags[flags.index(name) + 1] = value
+    return flags
+
+
+@pytest.fixture(scope="module")
+def window_run(long_corpus, model_config, tiny_corpus_kwargs, tmp_path_factory):
+    """10 epochs without evaluation (the kept checkpoint is the last: 20 val videos are too few to pick one)."""
+    flags = first_stage_flags(long_corpus, model_config, tiny_corpus_kwargs, tmp_path_factory.mktemp("window_runs"),
+                              n_epoch=10)
+    for name, value in (("--max_ctx_len", str(WINDOW_L)), ("--hidden_dim", "32"), ("--lr", "3e-3")):
+        flags = set_flag(flags, name, value)
+    return train.main(flags + ["--window_stride", str(WINDOW_STRIDE), "--disable_eval"])
+
+
+@pytest.fixture(scope="module")
+def window_ranked(window_run, tmp_path_factory):
+    """{"windows": lists ranked with the run's windows (--window_lists), "truncated": the same model reading only
+    the first 20 clips of a video (its opt.json with window_stride 0), train split only}."""
+    root = tmp_path_factory.mktemp("window_ranked")
+    rank_main(["--model_dir", window_run, "--out_dir", str(root / "windows"), "--window_lists"])
+    truncated_run = root / "truncated_run"
+    shutil.copytree(window_run, truncated_run)
+    save_json(dict(load_json(truncated_run / "opt.json"), window_stride=0), truncated_run / "opt.json")
+    rank_main(["--model_dir", str(truncated_run), "--out_dir", str(root / "truncated"), "--splits", "train"])
+    return {"windows": str(root / "windows"), "truncated": str(root / "truncated")}
+
+
+def brute_force_windows(run_dir, config_path, split):
+    """{desc_id: {video_idx: (score, best start)}}: every window of every video encoded alone (unpadded) and
+    scored against each query on its own; a video's score is its best window's (the earliest on ties)."""
+    from method.first_stage import QueryItems, VideoItems, split_queries, split_videos
+    from utils.windows import window_starts
+    model, opt = load_first_stage(run_dir, torch.device("cpu"))
+    config = load_data_config(config_path)
+    rows, video2idx = split_queries(config, split), split_videos(config, split)
+    videos = VideoItems(config, list(video2idx), opt["max_ctx_len"], opt["ctx_mode"], window_stride=WINDOW_STRIDE)
+    queries = QueryItems(config, rows, opt["max_desc_len"])
+    with torch.no_grad():
+        query_embs = [model.encode_queries(queries[i]["feat"][None], queries[i]["feat_mask"][None])
+                      for i in range(len(rows))]
+        best = {row["desc_id"]: {} for row in rows}
+        for name in videos.names:
+            features = videos.read_video(name)
+            assert len(features["visual"]) > WINDOW_L  # every video is read as several windows
+            for start in window_starts(len(features["visual"]), WINDOW_L, WINDOW_STRIDE):
+                window = {m: torch.from_numpy(f[start:start + WINDOW_L])[None] for m, f in features.items()}
+                mask = torch.ones(1, WINDOW_L, dtype=torch.int64)
+                emb = model.encode_videos({m: {"feat": f, "feat_mask": mask} for m, f in window.items()})
+                for row, q in zip(rows, query_embs):
+                    score = float(model.score(q, emb))
+                    if score > best[row["desc_id"]].get(video2idx[name], (float("-inf"), None))[0]:
+                        best[row["desc_id"]][video2idx[name]] = (score, start)
+    return rows, best
+
+
+def test_window_ranklists_are_the_best_window_scores(window_ranked, window_run, long_corpus):
+    assert load_json(os.path.join(window_run, "opt.json"))["window_stride"] == WINDOW_STRIDE
+    out = window_ranked["windows"]
+    config = load_json(os.path.join(out, "data_config.json"))
+    rows, best = brute_force_windows(window_run, long_corpus, "val")
+    store = RanklistStore(config[SPLIT_FILE_KEYS["val"][1]])
+    window_lists = {line["desc_id"]: line["windows"]
+                    for line in load_jsonl(os.path.join(out, "val_top100_windows.jsonl"))}
+    assert sorted(window_lists) == sorted(row["desc_id"] for row in rows)
+    for row in rows:
+        written, expected = store.get(row["desc_id"]), best[row["desc_id"]]
+        assert sorted(idx for idx, _ in written) == sorted(expected)  # one entry per video (20 val videos)
+        assert [s for _, s in written] == pytest.approx(sorted((s for s, _ in expected.values()), reverse=True),
+                                                         abs=1e-5)
+        assert all(abs(expected[idx][0] - score) < 1e-5 for idx, score in written)
+        windows = window_lists[row["desc_id"]]
+        assert [[idx, score] for idx, _, score in windows] == [list(pair) for pair in written]
+        assert all(start == expected[idx][1] for idx, start, _ in windows)
+    metrics = load_json(os.path.join(out, "metrics.json"))
+    assert metrics["val"]["window_list"] == os.path.join(out, "val_top100_windows.jsonl")
+    assert {name for name in os.listdir(out) if name.endswith("_windows.jsonl")} == {
+        "train_top2000_windows.jsonl", "val_top100_windows.jsonl", "test_public_top100_windows.jsonl"}
+    assert check_data.main(["--dataset_config", os.path.join(out, "data_config.json")]) == 0
+
+
+def test_windows_rank_videos_by_moments_past_the_first_window(window_ranked, long_corpus, window_run):
+    """Training queries whose moment starts past clip 20: read truncated, their GT video is ranked by chance
+    (mean rank ~11.5 of 24); read as windows it is found (mean rank ~3: 0.24-0.31 of the truncated one on three
+    corpus seeds), and its best window mostly overlaps the moment."""
+    config = load_data_config(long_corpus)
+    video2idx = {name: idx for name, (_, idx) in load_json(config.video_duration_idx_path)["train"].items()}
+    late = [row for row in load_jsonl(config.train_data_path) if row["ts"][0] // 1.5 >= WINDOW_L]
+    assert len(late) > 30
+    mean_rank = {}
+    for kind, out in window_ranked.items():
+        store = RanklistStore(load_json(os.path.join(out, "data_config.json"))[SPLIT_FILE_KEYS["train"][1]])
+        ranks = [[idx for idx, _ in store.get(row["desc_id"])].index(video2idx[row["vid_name"]]) for row in late]
+        mean_rank[kind] = sum(ranks) / len(ranks)
+    assert mean_rank["windows"] < 0.6 * mean_rank["truncated"], mean_rank
+    lists = {line["desc_id"]: line["windows"]
+             for line in load_jsonl(os.path.join(window_ranked["windows"], "train_top2000_windows.jsonl"))}
+    overlapping = 0
+    for row in late:
+        (start,) = [start for idx, start, _ in lists[row["desc_id"]] if idx == video2idx[row["vid_name"]]]
+        overlapping += start <= row["ts"][1] // 1.5 and row["ts"][0] // 1.5 < start + WINDOW_L
+    assert overlapping > 0.5 * len(late)

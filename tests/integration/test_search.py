@@ -1,7 +1,9 @@
 """method/search.py end to end on the tiny synthetic corpus: the moments equal inference's, the index
 (build, update, bad folders), the learned first stage (a stand-in that follows the first-stage contract),
 queries by text / features / desc_id, the CLI, the HTTP endpoint under concurrent clients, and the search
-page in a headless browser."""
+page in a headless browser. Then long videos read as windows (--window_stride), on a corpus of videos up to
+2.5 windows long: the index rows, inference's moments, the learned first stage's best window, updates, runs
+whose windows disagree, and the page playing a moment past the first window."""
 import json
 import os
 import shutil
@@ -14,15 +16,22 @@ import requests
 import torch
 
 import inference
+import train
 from method import search, search_index
 from method.checkpoint import build_model, save_checkpoint
-from method.dataset import query_inputs
+from method.dataset import prepare_batch_inputs, query_inputs
+from method.rank_first_stage import load_first_stage
 from method.search import QueryError, Searcher
 from method.search_index import SearchIndex, SearchIndexError, build_index
 from text_model_fixtures import save_tiny_text_model
-from utils.feature_stores import write_ranklist_store
+from utils.data_config import load_data_config
+from utils.feature_stores import VideoFeatureStore, write_ranklist_store
 from utils.io_utils import load_json, load_jsonl, save_json
 from utils.run_dir import CKPT_FILENAME, OPT_FILENAME, REPO_ROOT
+from utils.synthetic_tvr import generate_corpus
+from utils.windows import Window, window_clip_count, window_starts
+
+from tests.conftest import TINY_MODEL_CONFIG
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -288,16 +297,20 @@ def test_http_endpoint_concurrent_and_validated(server, learned):
     assert requests.get(server + "/video/not_a_video", timeout=60).status_code == 404
 
 
-def test_search_page_in_a_headless_browser(server, learned):
+def headless_chromium():
     from selenium import webdriver
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--autoplay-policy=no-user-gesture-required"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")),
-                              options=options)
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")),
+                            options=options)
+
+
+def test_search_page_in_a_headless_browser(server, learned):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    driver = headless_chromium()
     try:
         driver.get(server + "/")
         wait = WebDriverWait(driver, 30)
@@ -321,3 +334,236 @@ def test_search_page_in_a_headless_browser(server, learned):
         wait.until(lambda d: d.find_element(By.ID, "error").text == "empty query text")
     finally:
         driver.quit()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Long videos read as windows: L = 20 clips of 1.5 s (30 s) every 10 clips; videos of 15-75 s, so some fit in
+# one window and the others have 2-4.
+
+LONG_CORPUS_KWARGS = dict(n_train_videos=16, n_val_videos=12, n_test_videos=10, n_train_queries=32,
+                          n_val_queries=12, n_test_queries=4, visual_dim=12, text_dim=8, query_dim=8,
+                          min_duration=15.0, max_duration=75.0, max_clips=50, seed=5)
+MAX_CTX_LEN, STRIDE, CLIP_LENGTH = 20, 10, 1.5
+WINDOW_FLAGS = ["--max_ctx_len", str(MAX_CTX_LEN), "--window_stride", str(STRIDE)]
+
+
+def long_run_flags(data_config, results_root, exp_id):
+    k = LONG_CORPUS_KWARGS
+    return ["--dataset_config", data_config, "--visual_dim", str(k["visual_dim"]), "--text_dim", str(k["text_dim"]),
+            "--query_dim", str(k["query_dim"]), "--device", "-1", "--num_workers", "0", "--bsz", "8", "--lr", "1e-3",
+            "--n_epoch", "1", "--disable_eval", "--no_eval_untrained", "--results_root", str(results_root),
+            "--exp_id", exp_id] + WINDOW_FLAGS
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    """The long corpus, a CONQUER run (exclusive: its video scores are merged over windows) and a first stage,
+    each trained 1 epoch with windows, and an index of the val split for each first stage."""
+    root = tmp_path_factory.mktemp("windowed")
+    corpus = generate_corpus(root / "corpus", **LONG_CORPUS_KWARGS)
+    save_json(dict(load_json(corpus), video_dir="videos"), corpus)  # the page test writes the video files
+    conquer = train.main(long_run_flags(corpus, root / "runs", "conquer") + [
+        "--model_config", TINY_MODEL_CONFIG, "--hidden_dim", "32", "--similarity_measure", "exclusive"])
+    first_stage = train.main(long_run_flags(corpus, root / "runs", "first_stage") + [
+        "--model", "first_stage", "--model_config", os.path.join(REPO_ROOT, "config", "first_stage_config.json"),
+        "--hidden_dim", "16"])
+    indexes = {kind: build_index(root / kind, conquer, kind if kind == "ranklist" else first_stage, corpus, "val",
+                                 batch_size=6, chunk_videos=5)["out_dir"] for kind in ("ranklist", "learned")}
+    return dict(corpus=corpus, conquer=conquer, first_stage=first_stage, indexes=indexes,
+                ranklist=Searcher(indexes["ranklist"]), learned=Searcher(indexes["learned"]))
+
+
+def every_window(data_config, names):
+    """[Window] of every video of `names`, from the clip counts in the corpus's video store."""
+    store = VideoFeatureStore(load_data_config(data_config).vid_feat_path)
+    return [Window(name, start) for name in names
+            for start in window_starts(store.clip_count(name), MAX_CTX_LEN, STRIDE)]
+
+
+def test_windowed_index_rows_are_every_window(windowed):
+    index = SearchIndex.open(windowed["indexes"]["learned"])
+    val_videos = list(load_json(load_data_config(windowed["corpus"]).video_duration_idx_path)["val"])
+    assert sorted(index.video_names) == sorted(val_videos)
+    assert index.windows == every_window(windowed["corpus"], index.video_names)
+    counts = np.diff(index.video_rows)
+    assert counts.min() == 1 and counts.max() >= 3 and index.reads_windows
+    manifest = index.manifest
+    assert (manifest["corpus"]["window_stride"], manifest["corpus"]["max_ctx_len"]) == (STRIDE, MAX_CTX_LEN)
+    assert (manifest["first_stage"]["window_stride"], manifest["n_windows"]) == (STRIDE, len(index.windows))
+    # Each row holds its own window's encodings: the last window of the longest video, encoded on its own.
+    searcher = windowed["learned"]
+    row = int(index.video_rows[np.argmax(counts) + 1]) - 1
+    name, start = index.windows[row]
+    inputs = prepare_batch_inputs(torch.utils.data.default_collate([searcher.dataset.get_video_inputs(name, start)]),
+                                  torch.device("cpu"))
+    with torch.no_grad():
+        encoded = searcher.model.encode_videos(inputs)
+    n_clips = VideoFeatureStore(load_data_config(windowed["corpus"]).vid_feat_path).clip_count(name)
+    assert start == n_clips - MAX_CTX_LEN > 0
+    assert index.arrays["conquer.video_mask"].gather([row]).sum() == window_clip_count(n_clips, start, MAX_CTX_LEN)
+    for modality in searcher.model.video_modality:
+        np.testing.assert_allclose(index.arrays[f"conquer.{modality}"].gather([row]), encoded[modality].numpy(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("nms_thd", [None, 0.5])
+def test_windowed_search_equals_inference(windowed, tmp_path, nms_thd):
+    """The ranklist first stage gives videos; every window of each is re-ranked: the moments are inference's."""
+    searcher = windowed["ranklist"]
+    desc_ids = [row["desc_id"] for row in searcher.dataset.query_data]
+    expected = inference_vcmr(windowed["conquer"], windowed["corpus"], tmp_path, nms_thd)
+    found = searcher.search_many(desc_ids, top_k=100, nms_thd=nms_thd, batch_size=5)
+    for desc_id, moments in zip(desc_ids, found):
+        rows = expected[desc_id]
+        assert [(m.video_name, m.start, m.end) for m in moments] == [row[:3] for row in rows]
+        np.testing.assert_allclose([m.score for m in moments], [row[3] for row in rows], rtol=1e-5, atol=1e-9)
+    first_window_seconds = MAX_CTX_LEN * CLIP_LENGTH
+    late = [m for moments in found for m in moments if m.start >= first_window_seconds]  # past the first L clips
+    assert late and max(m.end for m in late) > 2 * first_window_seconds
+    ranklist = searcher.dataset.eval_candidates[0][0][1:]
+    assert all(ranklist[m.first_stage_rank - 1] == m.video_name for m in found[0])
+
+
+def test_windowed_learned_first_stage_scores_a_video_by_its_best_window(windowed, tmp_path):
+    """Learned first stage over windows == the stored-ranklist first stage given the ranking of every video by
+    its best window, each window embedded on its own."""
+    searcher = windowed["learned"]
+    dataset = searcher.dataset
+    model = load_first_stage(windowed["first_stage"], "cpu")[0]
+    names = list(dataset.video2idx)
+    desc_ids = [row["desc_id"] for row in dataset.query_data]
+    queries = torch.utils.data.default_collate([query_inputs(dataset.query_store.get(d), dataset.max_desc_len)
+                                                for d in desc_ids])
+    with torch.no_grad():
+        query_emb = model.encode_queries(queries["feat"], queries["feat_mask"])
+        scores = torch.stack([torch.cat([model.score(query_emb, model.encode_videos(torch.utils.data.default_collate(
+            [dataset.get_video_inputs(name, start)]))) for start in dataset.window_starts(name)], dim=1).amax(dim=1)
+            for name in names], dim=1)  # (Q, V): each video's best window
+    best_scores, best = torch.sort(scores, dim=1, descending=True, stable=True)
+    corpus = tmp_path / "corpus"
+    shutil.copytree(os.path.dirname(windowed["corpus"]), corpus)
+    config = load_json(corpus / "tvr_data_config.json")
+    config["root_path"] = str(corpus)
+    save_json(config, corpus / "tvr_data_config.json")
+    ranklist_path = corpus / config["eval_first_VR_ranklist_path_hero"]
+    shutil.rmtree(ranklist_path)
+    write_ranklist_store(str(ranklist_path), {
+        desc_id: [(dataset.video2idx[names[v]], float(s)) for v, s in zip(row.tolist(), row_scores.tolist())]
+        for desc_id, row, row_scores in zip(desc_ids, best, best_scores)})
+    reference = Searcher(build_index(tmp_path / "index", windowed["conquer"], "ranklist",
+                                     str(corpus / "tvr_data_config.json"), "val")["out_dir"])
+    for got, want in zip(searcher.search_many(desc_ids, top_k=30), reference.search_many(desc_ids, top_k=30)):
+        assert [m[:3] + m[4:] for m in got] == [m[:3] + m[4:] for m in want]
+        np.testing.assert_allclose([m.score for m in got], [m.score for m in want], rtol=1e-5)
+    # The first stage's own scores of the top videos are their best windows'.
+    with torch.no_grad():
+        positions, values = searcher.first_stage.candidates(searcher._prepare(desc_ids, truncate=False),
+                                                            {"query": queries})
+    np.testing.assert_allclose(values.numpy(), best_scores[:, :searcher.k].numpy(), rtol=1e-5, atol=1e-6)
+    assert [[names[p] for p in row] for row in positions.tolist()] == \
+        [[names[v] for v in row] for row in best[:, :searcher.k].tolist()]
+
+
+def test_windowed_update_equals_a_fresh_build(windowed, tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(os.path.dirname(windowed["corpus"]), corpus)
+    config_path = str(corpus / "tvr_data_config.json")
+    config = load_json(config_path)
+    config["root_path"] = str(corpus)
+    save_json(config, config_path)
+    video_table, val_file = corpus / config["video_duration_idx_path"], corpus / config["eval_data_path"]
+    full_table, full_val = load_json(video_table), load_jsonl(val_file)
+    kept = dict(list(full_table["val"].items())[:5])
+    save_json(dict(full_table, val=kept), video_table)
+    with open(val_file, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in full_val if row["vid_name"] in kept)
+    out = tmp_path / "index"
+    first = build_index(out, windowed["conquer"], windowed["first_stage"], config_path, chunk_videos=2, batch_size=4)
+    save_json(full_table, video_table)
+    with open(val_file, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in full_val)
+    summary = build_index(out, windowed["conquer"], windowed["first_stage"], config_path, update=True,
+                          chunk_videos=2, batch_size=4)
+    updated, fresh = SearchIndex.open(out), SearchIndex.open(windowed["indexes"]["learned"])
+    assert (summary["n_encoded"], summary["n_windows"]) == (12 - 5, len(fresh.windows)) and first["n_videos"] == 5
+    assert updated.video_names[:5] == list(kept) and sorted(updated.windows) == sorted(fresh.windows)
+    rows = [updated.windows.index(window) for window in fresh.windows]
+    for name, array in fresh.arrays.items():
+        np.testing.assert_allclose(updated.arrays[name].gather(rows), array.gather(np.arange(len(fresh.windows))),
+                                   rtol=1e-5, atol=1e-6)
+    desc_ids = [row["desc_id"] for row in full_val[:4]]
+    assert Searcher(out).search_many(desc_ids, top_k=20) == windowed["learned"].search_many(desc_ids, top_k=20)
+
+
+def test_runs_whose_windows_disagree_are_refused(windowed, tmp_path):
+    def first_stage_copy(name, **changes):
+        run = tmp_path / name
+        shutil.copytree(windowed["first_stage"], run)
+        save_json(dict(load_json(run / OPT_FILENAME), **changes), run / OPT_FILENAME)
+        return str(run)
+
+    for run, given in ((first_stage_copy("no_windows", window_stride=0), "--window_stride 0 --max_ctx_len 20"),
+                       (first_stage_copy("stride_5", window_stride=5), "--window_stride 5 --max_ctx_len 20"),
+                       (first_stage_copy("length_30", max_ctx_len=30), "--window_stride 10 --max_ctx_len 30")):
+        argv = ["build", "--first_stage", run, "--conquer", windowed["conquer"], "--dataset_config",
+                windowed["corpus"], "--out_dir", str(tmp_path / "index")]
+        with pytest.raises(SearchIndexError) as error:
+            search.main(argv)
+        assert str(error.value) == (
+            f"--first_stage {run} was trained with {given} but --conquer {windowed['conquer']} with --window_stride "
+            "10 --max_ctx_len 20: the index holds one set of windows for both stages; use runs trained with the "
+            "same --window_stride and --max_ctx_len")
+    assert not os.path.exists(tmp_path / "index")
+
+
+def test_an_index_of_the_previous_format_asks_for_a_rebuild(windowed, tmp_path):
+    index = tmp_path / "index"
+    shutil.copytree(windowed["indexes"]["ranklist"], index)
+    manifest_path = os.path.join(SearchIndex.open(index).version_dir, "manifest.json")
+    save_json(dict(load_json(manifest_path), format_version=1), manifest_path)
+    with pytest.raises(SearchIndexError, match=r"version 1, expected 'conquer-search-index' version 2 \(rows are "
+                                               r"windows\); rebuild it \(build --overwrite\)$"):
+        Searcher(index)
+
+
+def test_search_page_plays_a_moment_past_the_first_window(windowed):
+    """The page shows whole-video seconds and seeks the whole video file to a moment of a later window."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from waitress.server import create_server
+
+    from method.search_server import create_app
+    searcher = windowed["ranklist"]
+    videos = os.path.join(os.path.dirname(windowed["corpus"]), "videos")
+    os.makedirs(videos)
+    for name, (duration, _) in load_json(load_data_config(windowed["corpus"]).video_duration_idx_path)["val"].items():
+        write_webm(os.path.join(videos, f"{name}.webm"), seconds=int(np.ceil(duration)) + 2)
+    desc_id, rank, moment = next((row["desc_id"], rank, m) for row in searcher.dataset.query_data
+                                 for rank, m in enumerate(searcher.search(row["desc_id"], top_k=100))
+                                 if m.start >= MAX_CTX_LEN * CLIP_LENGTH)
+    httpd = create_server(create_app(searcher), host="127.0.0.1", port=0, threads=2)
+    threading.Thread(target=httpd.run, daemon=True).start()
+    driver = headless_chromium()
+    try:
+        driver.get(f"http://127.0.0.1:{httpd.effective_port}/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: "12 videos (28 windows)" in d.find_element(By.ID, "about").text)
+        assert driver.find_element(By.ID, "kind").get_attribute("value") == "desc_id"
+        driver.find_element(By.ID, "query").send_keys(str(desc_id))
+        top_k = driver.find_element(By.ID, "top_k")
+        top_k.clear()
+        top_k.send_keys("100")
+        driver.find_element(By.ID, "go").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.moment")) > rank)
+        row = driver.find_elements(By.CSS_SELECTOR, "tr.moment")[rank]
+        assert [c.text for c in row.find_elements(By.TAG_NAME, "td")[1:4]] == [
+            moment.video_name, f"{moment.start:.2f}", f"{moment.end:.2f}"]
+        row.click()
+        player = driver.find_element(By.ID, "player")
+        wait.until(lambda d: d.execute_script("return arguments[0].readyState >= 1 && "
+                                              "arguments[0].currentTime >= arguments[1] - 0.01", player, moment.start))
+        assert moment.video_name in player.get_attribute("src")
+        assert abs(driver.execute_script("return arguments[0].currentTime", player) - moment.start) < 1.0
+    finally:
+        driver.quit()
+        httpd.close()
