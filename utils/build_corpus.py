@@ -7,7 +7,9 @@
 
 Writes under DIR: the annotation jsonl of every split, `<name>_video2dur_idx.json`, the video, subtitle and
 query LMDB stores in the release encodings, and DIR/data_config.json (root_path = DIR); then prints the
-train.py flags for the corpus.
+train.py flags for the corpus. When videos are longer than the model's max_ctx_len clips, it says how many
+and the longest, and the flags include `--window_stride N` (this command's --window_stride, default half a
+window), so that training and evaluation read them as overlapping windows rather than their first clips.
 
 * Video features: each `--video_features` PATH is one feature set (a folder of per-video .npy / .npz / .pt
   files or one .h5 keyed by video name). Several sets are L2-normalised row-wise (unless
@@ -47,6 +49,7 @@ from utils.errors import run_cli
 from utils.feature_stores import StoreWriter, encode_npz_features, encode_video_features
 from utils.io_utils import load_json, save_json, save_jsonl
 from utils.tvr_format import SPLITS
+from utils.windows import WindowError, check_stride
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,30 @@ def release_layout(name, clip_length):
 def model_max_clips():
     """Clips per video the default model config can take (its video position embeddings)."""
     return int(load_json(MODEL_CONFIG_PATH)["bert_config"]["max_position_embeddings"])
+
+
+def default_window_stride(max_ctx_len):
+    """Half a window: then every moment of up to half a window lies wholly inside some window."""
+    return max(1, max_ctx_len // 2)
+
+
+def training_window_stride(window_stride, max_ctx_len, n_long_videos):
+    """The --window_stride to train with: 0 (no flag) when every video fits in max_ctx_len clips, where windows
+    change nothing; else the one given, or half a window."""
+    if not n_long_videos:
+        return 0
+    return default_window_stride(max_ctx_len) if window_stride is None else window_stride
+
+
+def check_window_stride(window_stride):
+    """Raise CorpusInputError unless --window_stride is None (the default) or valid for the model's limit (the
+    max_ctx_len of any corpus with videos longer than it)."""
+    if window_stride is None:
+        return
+    try:
+        check_stride(window_stride, model_max_clips())
+    except WindowError as e:
+        raise CorpusInputError(str(e)) from None
 
 
 class _Warnings:
@@ -216,11 +243,16 @@ def _encoder(name_or_path, device, dtype, batch_size):
 def build_corpus(out_dir, annotation_format, annotations, video_features, clip_length, video_feature_clip_lengths=None,
                  sub_features=None, subtitles=None, query_features=None, text_encoder=None, text_encoder_device=None,
                  text_encoder_dtype="float32", text_batch_size=64, durations=None, dset_name=None, l2_normalize=True,
-                 max_clip_count_diff=2, progress=True):
-    """Build the corpus in out_dir (see the module docstring) -> summary dict (dims, counts, flags, warnings)."""
+                 max_clip_count_diff=2, window_stride=None, progress=True):
+    """Build the corpus in out_dir (see the module docstring) -> summary dict (dims, counts, flags, warnings).
+
+    window_stride: the --window_stride of the printed training flags when some videos are longer than the model's
+    max_ctx_len clips (default: half a window); 0 trains on their first max_ctx_len clips, as the original.
+    """
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir):
         raise CorpusInputError(f"--out_dir {out_dir}: already exists (choose a new folder or remove it)")
+    check_window_stride(window_stride)
     if not clip_length > 0:
         raise CorpusInputError(f"--clip_length must be positive, found {clip_length}")
     if sub_features and subtitles:
@@ -299,7 +331,9 @@ def build_corpus(out_dir, annotation_format, annotations, video_features, clip_l
 
         max_clips = max(n_clips_by_video.values())
         max_ctx_len = min(max_clips, model_max_clips())
-        n_truncated = sum(n > max_ctx_len for n in n_clips_by_video.values())
+        n_long = sum(n > max_ctx_len for n in n_clips_by_video.values())
+        longest = max(n_clips_by_video, key=n_clips_by_video.get)
+        longest_duration = next(video2dur[split][longest][0] for split in SPLITS if longest in video2dur[split])
         data_config = dict(
             dset_name=dset_name, root_path=out_dir, **layout, ctx_mode=ctx_mode, clip_length=clip_length,
             video_feature_sets=[dict(path=os.path.abspath(p), clip_length=c, dim=d, l2_normalized=l2_normalize)
@@ -318,7 +352,9 @@ def build_corpus(out_dir, annotation_format, annotations, video_features, clip_l
     os.rename(partial, out_dir)
 
     return dict(data_config=os.path.join(out_dir, DATA_CONFIG_NAME), dset_name=dset_name, ctx_mode=ctx_mode,
-                clip_length=clip_length, max_ctx_len=max_ctx_len, n_truncated_videos=n_truncated,
+                clip_length=clip_length, max_ctx_len=max_ctx_len, n_long_videos=n_long,
+                longest_video=dict(name=longest, clips=max_clips, seconds=longest_duration),
+                window_stride=training_window_stride(window_stride, max_ctx_len, n_long),
                 dims=dims, queries={split: len(records_by_split[split]) for split in SPLITS},
                 videos={split: len(videos_by_split[split]) for split in SPLITS},
                 warnings=warnings.lines(), seconds=round(time.time() - started, 1))
@@ -392,11 +428,28 @@ def training_flags(summary):
     """The train.py flags for a built corpus (its training set must follow the options, unlike the original's)."""
     flags = ["--dataset_config", summary["data_config"], "--dset_name", summary["dset_name"], "--train_set_honours_options",
              "--ctx_mode", summary["ctx_mode"], "--clip_length", f"{summary['clip_length']:g}",
-             "--max_ctx_len", str(summary["max_ctx_len"]), "--visual_dim", str(summary["dims"]["visual"]),
-             "--query_dim", str(summary["dims"]["query"])]
+             "--max_ctx_len", str(summary["max_ctx_len"])]
+    if summary["window_stride"]:
+        flags += ["--window_stride", str(summary["window_stride"])]
+    flags += ["--visual_dim", str(summary["dims"]["visual"]), "--query_dim", str(summary["dims"]["query"])]
     if summary["dims"]["text"] is not None:
         flags += ["--text_dim", str(summary["dims"]["text"])]
     return flags
+
+
+def long_video_note(summary):
+    """The line printed about videos longer than max_ctx_len clips, or None when there is none."""
+    if not summary["n_long_videos"]:
+        return None
+    limit, longest = summary["max_ctx_len"], summary["longest_video"]
+    head = (f"note: {summary['n_long_videos']} videos have more than {limit} clips, the model's limit (longest: "
+            f"{longest['name']!r}, {longest['clips']} clips = {longest['seconds']:g} s); ")
+    if summary["window_stride"]:
+        return head + (f"they are read as overlapping windows of {limit} clips every {summary['window_stride']} "
+                       f"clips (--window_stride {summary['window_stride']} below; --window_stride 0 would read "
+                       f"their first {limit} clips only)")
+    return head + (f"with --window_stride 0 training and evaluation see their first {limit} clips only (a "
+                   f"positive --window_stride reads them as overlapping windows)")
 
 
 def _split_paths(items):
@@ -437,6 +490,9 @@ def main(argv=None):
     parser.add_argument("--dset_name", default=None,
                         help="corpus name in file names and results (default: the annotation format); "
                              "'tvr' requires query types and adds per-type metrics")
+    parser.add_argument("--window_stride", type=int, default=None,
+                        help="the train.py --window_stride printed when videos are longer than the model's "
+                             "max_ctx_len clips (default: max_ctx_len // 2); 0: train on their first clips only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -446,15 +502,16 @@ def main(argv=None):
         subtitles=args.subtitles, query_features=args.query_features, text_encoder=args.text_encoder,
         text_encoder_device=args.text_encoder_device, text_encoder_dtype=args.text_encoder_dtype,
         text_batch_size=args.text_batch_size, durations=args.durations, dset_name=args.dset_name,
-        l2_normalize=not args.no_l2_normalize, max_clip_count_diff=args.max_clip_count_diff)
+        l2_normalize=not args.no_l2_normalize, max_clip_count_diff=args.max_clip_count_diff,
+        window_stride=args.window_stride)
     for line in summary["warnings"]:
         print(line)
     for split in SPLITS:
         print(f"{split}: {summary['queries'][split]} queries, {summary['videos'][split]} videos")
     print(f"Wrote {summary['data_config']} in {summary['seconds']} s ({summary['ctx_mode']} corpus)")
-    if summary["n_truncated_videos"]:
-        print(f"note: {summary['n_truncated_videos']} videos have more than {summary['max_ctx_len']} clips (the "
-              f"model's limit); training and evaluation see their first {summary['max_ctx_len']} clips only")
+    note = long_video_note(summary)
+    if note:
+        print(note)
     print("No first-stage ranklists were written: train the first-stage retriever on this corpus "
           "(scripts/train_first_stage.sh, then scripts/rank_first_stage.sh) before training on it.")
     print("Train with: " + " ".join(training_flags(summary)))

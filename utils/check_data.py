@@ -4,13 +4,16 @@
 
 Checks: the data config loads; every store opens; every annotation is well formed (fields, type, unique
 desc_id, 0 <= start <= end); every train and val moment gives clip labels start <= end on its video, as
-training computes them (--max_ctx_len, --clip_length: the training set's, 100 and 1.5 as in the original);
+training computes them (--max_ctx_len, --clip_length: the training set's, 100 and 1.5 as in the original;
+--window_stride: the run's, 0 labels on the first --max_ctx_len clips, a stride on the whole video);
 every desc_id has query features and a ranklist; ranklists reference only
 videos of their split, hold at least --max_vcmr_video entries on val/test_public and (train) rank the GT in
 the top 100 (--no_ranklists skips the ranklists: a corpus the first stage has not ranked yet); every annotated or ranked video has visual (and subtitle) features; feature values are finite
 and dims agree across keys. What the original accepts but may be a mistake (no `duration`, moments ending
-after the video, videos with zero feature rows) is reported as warnings with counts. Exit status 0 when no
-problem is found (warnings allowed), 2 otherwise (as every command on bad input).
+after the video, videos with zero feature rows) is reported as warnings with counts. Per split it also
+counts the videos longer than --max_ctx_len clips: train.py reads them as overlapping windows with
+--window_stride N, and only their first --max_ctx_len clips without. Exit status 0 when no problem is found
+(warnings allowed), 2 otherwise (as every command on bad input).
 """
 import argparse
 import collections
@@ -19,12 +22,13 @@ import sys
 from tqdm import tqdm
 
 from utils.data_config import DataConfigError, load_data_config
-from utils.errors import CLI_ERROR_EXIT_STATUS, run_cli
+from utils.errors import CLI_ERROR_EXIT_STATUS, OptionError, run_cli
 from utils.feature_stores import (FeatureStoreError, QueryFeatureStore, RanklistStore, SubtitleFeatureStore,
                                   VideoFeatureStore)
 from utils.io_utils import DataFileError, load_json, load_jsonl
 from utils.tvr_format import (CTX_MODES, FIRST_STAGE_TOP, SPLIT_FILE_KEYS, SPLITS, DatasetError, annotation_problems,
                               annotation_warnings, moment_problem, moments_of, st_ed_label)
+from utils.windows import WindowError, check_stride
 
 
 class _FeatureCheck:
@@ -70,9 +74,14 @@ def _open(store_class, path, problems):
 
 
 def check_corpus(dataset_config, splits=SPLITS, max_vcmr_video=10, ctx_mode="visual_sub", ranklists=True,
-                 max_ctx_len=100, clip_length=1.5):
-    """-> (counts per split {split: {"queries", "videos", "problems"}}, list of problem messages,
-    {warning: (count, first key)})."""
+                 max_ctx_len=100, clip_length=1.5, window_stride=0):
+    """-> (counts per split {split: {"queries", "videos", "problems", "long_videos", "longest_clips"}}, list of
+    problem messages, {warning: (count, first key)}). long_videos counts the split's videos with more than
+    max_ctx_len visual rows; longest_clips is the most rows of a video of the split (0 without a video store)."""
+    try:
+        check_stride(window_stride, max_ctx_len)
+    except WindowError as e:
+        raise OptionError(str(e)) from None
     problems = []
     warnings = {}
     try:
@@ -93,7 +102,8 @@ def check_corpus(dataset_config, splits=SPLITS, max_vcmr_video=10, ctx_mode="vis
         data_key, ranklist_key = SPLIT_FILE_KEYS[split]
         if split not in video_splits:
             problems.append(f"{config.video_duration_idx_path}: no split {split!r}")
-            counts[split] = dict(queries=0, videos=0, problems=len(problems) - n_before)
+            counts[split] = dict(queries=0, videos=0, problems=len(problems) - n_before, long_videos=0,
+                                 longest_clips=0)
             continue
         video2idx = {name: int(dur_idx[1]) for name, dur_idx in video_splits[split].items()}
         idx2video = {idx: name for name, idx in video2idx.items()}
@@ -118,10 +128,16 @@ def check_corpus(dataset_config, splits=SPLITS, max_vcmr_video=10, ctx_mode="vis
         for name in tqdm(sorted(videos), desc=f"{split}: video features", disable=not videos):
             for feature_check in feature_checks:
                 feature_check.check(name, problems)
+        clip_counts = {}  # video -> visual rows, for the videos read without problem
+        if video_store is not None:
+            clip_counts = {name: feature_checks[0].n_rows[name] for name in videos
+                           if feature_checks[0].n_rows.get(name) is not None}
         if split != "test_public" and video_store is not None:
-            problems.extend(_label_problems(rows, config[data_key], feature_checks[0].n_rows, max_ctx_len,
-                                            clip_length))
-        counts[split] = dict(queries=len(rows), videos=len(videos), problems=len(problems) - n_before)
+            problems.extend(_label_problems(rows, config[data_key], clip_counts,
+                                            max_ctx_len if window_stride == 0 else None, clip_length))
+        counts[split] = dict(queries=len(rows), videos=len(videos), problems=len(problems) - n_before,
+                             long_videos=sum(n > max_ctx_len for n in clip_counts.values()),
+                             longest_clips=max(clip_counts.values(), default=0))
 
     for check in feature_checks + ([query_check] if query_check else []):
         problems.extend(check.dim_problems())
@@ -135,7 +151,8 @@ def check_corpus(dataset_config, splits=SPLITS, max_vcmr_video=10, ctx_mode="vis
 def _label_problems(rows, path, n_visual_rows, max_ctx_len, clip_length):
     """Moments whose training labels are not 0 <= st <= ed on their GT video (e.g. a zero-length moment on
     a clip boundary): training (and its eval-loss pass on val) stops on them. The label is that of the
-    first moment, as training takes it."""
+    first moment, as training takes it: on the first max_ctx_len clips (truncation), or on the whole video
+    (max_ctx_len None: windows, which take the label's window afterwards)."""
     problems = []
     for i, row in enumerate(rows):
         n_rows = n_visual_rows.get(row.get("vid_name"))
@@ -145,7 +162,7 @@ def _label_problems(rows, path, n_visual_rows, max_ctx_len, clip_length):
         if moment_problem(label) is not None:
             continue  # reported by annotation_problems
         try:
-            st_ed_label(label, min(n_rows, max_ctx_len), clip_length)
+            st_ed_label(label, n_rows if max_ctx_len is None else min(n_rows, max_ctx_len), clip_length)
         except DatasetError as e:
             problems.append(f"{path}: row {i} (desc_id {row['desc_id']}): training cannot label it: {e}")
     return problems
@@ -173,6 +190,18 @@ def _ranklist_problems(store, row, split, idx2video, max_vcmr_video, problems):
     return names
 
 
+def long_videos_line(split, count, max_ctx_len, clip_length, window_stride):
+    """What the split's videos longer than max_ctx_len clips become in training and evaluation (None: none)."""
+    if not count["long_videos"]:
+        return None
+    head = (f"  {split}: {count['long_videos']} of {count['videos']} videos are longer than --max_ctx_len "
+            f"{max_ctx_len} clips (longest {count['longest_clips']} clips = {count['longest_clips'] * clip_length:g} s)")
+    if window_stride:
+        return head + f": read as overlapping windows of {max_ctx_len} clips with --window_stride {window_stride}"
+    return head + (f": read as overlapping windows with train.py --window_stride N, truncated to their first "
+                   f"{max_ctx_len} clips without it")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset_config", required=True, help="data config JSON (e.g. config/tvr_data_config.json)")
@@ -187,13 +216,19 @@ def main(argv=None):
                         help="clips per video of the training set (the original's training set: 100)")
     parser.add_argument("--clip_length", type=float, default=1.5,
                         help="seconds per clip of the training set (the original's training set: 1.5)")
+    parser.add_argument("--window_stride", type=int, default=0,
+                        help="train.py's --window_stride: 0 labels moments on the first --max_ctx_len clips (the "
+                             "original's truncation), a stride on the whole video (overlapping windows)")
     args = parser.parse_args(argv)
 
     counts, problems, warnings = check_corpus(args.dataset_config, args.splits, args.max_vcmr_video, args.ctx_mode,
                                               ranklists=not args.no_ranklists, max_ctx_len=args.max_ctx_len,
-                                              clip_length=args.clip_length)
+                                              clip_length=args.clip_length, window_stride=args.window_stride)
     for split, count in counts.items():
         print(f"{split}: {count['queries']} queries, {count['videos']} videos, {count['problems']} problems")
+        line = long_videos_line(split, count, args.max_ctx_len, args.clip_length, args.window_stride)
+        if line:
+            print(line)
     if warnings:
         print(f"\n{len(warnings)} warning(s) (accepted, as by the original):")
         for warning, (count, first) in warnings.items():

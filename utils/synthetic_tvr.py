@@ -2,6 +2,8 @@
 
     python -m utils.synthetic_tvr --out_dir /tmp/tvr_synth           # a few seconds, small dims
     python -m utils.synthetic_tvr --out_dir /tmp/tvr_real_scale --real_annotations /path/to/tvr
+    python -m utils.synthetic_tvr --out_dir /tmp/tvr_long --min_duration 300 --max_duration 900 --max_clips 600
+                                                                     # 5-15 minute videos (long-video windows)
 
 Layout: the release's relative paths (utils/tvr_format.py) below `out_dir`, plus `out_dir/tvr_data_config.json`
 whose root_path is `out_dir` (pass it as --dataset_config, with the printed --visual_dim/--text_dim/--query_dim).
@@ -16,6 +18,12 @@ t: subtitle, vt: both), plus Gaussian noise of std `noise`; about a quarter of t
 the queries, in the top 10 for ~1/2, in the top 100 for ~97%; the training file keeps only queries with
 the GT in the top 100 (as the release's select100 file).
 
+Durations are uniform in [--min_duration, --max_duration], capped at --max_clips clips (100 by default, the
+model's limit, as TVR's videos); a GT moment (2-8 clips) starts at a uniformly drawn clip of its video, so in
+a corpus of videos longer than train.py's --max_ctx_len clips most moments lie past the first window. The
+printed flags then include `--window_stride` (half of --max_ctx_len 100), which reads such videos as
+overlapping windows.
+
 `--real_annotations DIR` takes val and test_public from the real files in DIR (tvr_val_release.jsonl,
 tvr_test_public_release.jsonl, tvr_video2dur_idx.json: real names, durations, global indices and moments)
 and plants synthetic features for them; test_public queries have no GT, so their features are noise.
@@ -28,8 +36,9 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from utils.data_config import PATH_KEYS
-from utils.errors import run_cli
+from utils.build_corpus import default_window_stride
+from utils.data_config import PATH_KEYS, load_data_config
+from utils.errors import OptionError, run_cli
 from utils.feature_stores import StoreWriter, encode_npz_features, encode_ranklist, encode_video_features
 from utils.io_utils import load_json, load_jsonl, save_json, save_jsonl
 from utils.tvr_format import DUMMY_TEST_PUBLIC_VIDEO, release_data_config, st_ed_label
@@ -43,6 +52,7 @@ MIN_QUERY_TOKENS, MAX_QUERY_TOKENS = 8, 20
 FILLER_TOKEN_PROB = 0.25
 PROTOTYPE_WEIGHT, UNIQUE_WEIGHT, CLIP_JITTER = 0.7, 0.7, 0.35
 N_PROTOTYPES = 64
+TRAIN_MAX_CTX_LEN = 100  # train.py's default --max_ctx_len: longer videos need --window_stride to be read whole
 
 
 def _durations(rng, n, min_duration, max_duration):
@@ -177,10 +187,12 @@ def generate_corpus(out_dir, n_train_videos=150, n_val_videos=150, n_test_videos
     out_dir = os.path.abspath(out_dir)
     layout = release_data_config(out_dir)
     rng = np.random.default_rng(seed)
-    max_duration = min(max_duration, max_clips * clip_length)
-    if not 0 < min_duration <= max_duration:
-        raise ValueError(f"durations: expected 0 < min_duration <= max_duration (after the max_clips cap), "
-                         f"found min_duration={min_duration}, max_duration={max_duration}")
+    capped = min(max_duration, max_clips * clip_length)
+    if not 0 < min_duration <= capped:
+        raise OptionError(f"--min_duration {min_duration:g}: expected in (0, {capped:g}], the --max_duration "
+                          f"{max_duration:g} s capped at --max_clips {max_clips} x --clip_length {clip_length:g} s "
+                          f"(raise --max_clips for longer videos)")
+    max_duration = capped
 
     if real_annotations:
         videos, video_idx, val_rows, test_rows = _real_splits(real_annotations, n_train_videos)
@@ -201,8 +213,8 @@ def generate_corpus(out_dir, n_train_videos=150, n_val_videos=150, n_test_videos
         hidden_test_gt = True
     for split, n_videos in (("val", len(videos["val"])), ("test_public", len(videos["test_public"]))):
         if n_videos < 10:
-            raise ValueError(f"split {split!r} has {n_videos} videos; evaluation ranklists need at least 10 "
-                             f"(max_vcmr_video)")
+            raise OptionError(f"split {split!r} has {n_videos} videos; evaluation ranklists need at least 10 "
+                              f"(max_vcmr_video): raise --n_val_videos / --n_test_videos")
     gt_rows = train_rows + val_rows + (test_rows if hidden_test_gt else [])
     for row in gt_rows:
         if row["ts"] is None:  # a synthetic query (real ones keep their moment)
@@ -286,8 +298,23 @@ def main(argv=None):
                              "tvr_video2dur_idx.json: val and test_public are built from them")
     args = vars(parser.parse_args(argv))
     config_path = generate_corpus(**args, progress=True)
-    print(f"Wrote {config_path}\nUse: --dataset_config {config_path} --visual_dim {args['visual_dim']} "
-          f"--text_dim {args['text_dim']} --query_dim {args['query_dim']}")
+    flags = (f"--dataset_config {config_path} --visual_dim {args['visual_dim']} --text_dim {args['text_dim']} "
+             f"--query_dim {args['query_dim']}")
+    longest = longest_video_clips(config_path, args["clip_length"])
+    print(f"Wrote {config_path}")
+    if longest > TRAIN_MAX_CTX_LEN:
+        stride = default_window_stride(TRAIN_MAX_CTX_LEN)
+        print(f"note: videos of up to {longest} clips, longer than --max_ctx_len {TRAIN_MAX_CTX_LEN}: "
+              f"--window_stride {stride} reads them as overlapping windows (without it, their first "
+              f"{TRAIN_MAX_CTX_LEN} clips only)")
+        flags += f" --window_stride {stride}"
+    print(f"Use: {flags}")
+
+
+def longest_video_clips(config_path, clip_length):
+    """Clips of the longest video of a written corpus (the dummy test_challenge video included)."""
+    video2dur = load_json(load_data_config(config_path).video_duration_idx_path)
+    return max(_n_clips(duration, clip_length) for videos in video2dur.values() for duration, _ in videos.values())
 
 
 if __name__ == "__main__":

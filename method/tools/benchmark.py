@@ -25,6 +25,9 @@ slower than fp32 (bf16 on a CPU without AVX512-BF16 or AMX) is not run at full s
 Output: a table on stdout and JSON at --out (written atomically). The run checks its own results (every
 ratio, rate, time and size finite and positive) and exits with status 1 when one is not.
 
+A section module that sets SMOKE_BY_DEFAULT = False (long_videos: it trains eight runs) is left out of a --quick run
+unless named in --sections.
+
 Section modules expose `run(args) -> dict` (JSON-serialisable; may hold "targets": {name: bool} and "ratios")
 and `table_rows(results) -> list[str]`; optionally `add_arguments(parser)` for flags named --<name>_...,
 and REQUIRES = {python module: setup.py extra}, checked before any section runs. They import only core
@@ -487,8 +490,9 @@ def parse_args(argv, modules):
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every code path")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default="benchmark_results/benchmark.json", help="JSON results file")
-    parser.add_argument("--sections", nargs="+", default=sections, choices=sections, metavar="SECTION",
-                        help=f"sections to run, of {', '.join(sections)} (default: all)")
+    parser.add_argument("--sections", nargs="+", default=None, choices=sections, metavar="SECTION",
+                        help=f"sections to run, of {', '.join(sections)} (default: all; with --quick, those "
+                             "whose module does not set SMOKE_BY_DEFAULT = False)")
     parser.add_argument("--amp", nargs="*", default=None, choices=["bf16", "fp16"],
                         help="AMP modes measured besides fp32 (default: bf16 on the CPU, bf16 and fp16 on CUDA)")
     parser.add_argument("--force_amp", action="store_true",
@@ -502,6 +506,9 @@ def parse_args(argv, modules):
         if hasattr(module, "add_arguments"):
             module.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.sections is None:
+        args.sections = [name for name in sections
+                         if not (args.quick and not getattr(modules.get(name), "SMOKE_BY_DEFAULT", True))]
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available to torch")
     args.amp = (["bf16", "fp16"] if args.device == "cuda" else ["bf16"]) if args.amp is None else args.amp

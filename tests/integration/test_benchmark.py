@@ -23,8 +23,27 @@ def quick_run(tmp_path_factory):
 def test_smoke_run_passes_its_own_checks_for_every_section(quick_run):
     status, results = quick_run
     assert status == 0, results["sanity_problems"]
-    sections = set(CORE_SECTIONS) | {"corpus", "extract"} | set(section_modules())
+    modules = section_modules()
+    sections = set(CORE_SECTIONS) | {"corpus", "extract"} | {name for name, module in modules.items()
+                                                              if getattr(module, "SMOKE_BY_DEFAULT", True)}
     assert set(results["meta"]["sections"]) == sections and sections <= set(results)
+    assert "long_videos" in modules and "long_videos" not in sections  # eight training runs: only when named
+
+
+def test_long_video_recall_is_split_by_where_the_moment_starts(tmp_path):
+    from method.tools.benchmark_long_videos import moment_subsets, vcmr_by_subset
+    from utils.io_utils import save_json
+    rows = [dict(desc_id=i, vid_name="v", duration=300.0, ts=[start, start + 6.0], desc="", type="v")
+            for i, start in enumerate([10.0, 140.0, 150.0, 200.0])]
+    subsets = moment_subsets(rows, 150.0)
+    assert subsets == {"first window": [0, 1], "after": [2, 3]}
+    # Queries 0 and 2 are found at rank 1, queries 1 and 3 not at all.
+    found = {0: [[5, 10.0, 16.0, 1.0]], 1: [[5, 0.0, 3.0, 1.0]], 2: [[5, 150.0, 156.0, 1.0]], 3: [[6, 200.0, 206.0, 1.0]]}
+    path = tmp_path / "submission.json"
+    save_json({"video2idx": {"v": 5, "w": 6}, "VCMR": [dict(desc_id=i, desc="", predictions=p) for i, p in found.items()]},
+              path)
+    metrics = vcmr_by_subset(str(path), rows, subsets)
+    assert metrics["first window"]["0.5-r1"] == metrics["after"]["0.5-r1"] == 50.0
 
 
 def test_fast_formulations_give_the_plain_results(quick_run):

@@ -156,7 +156,7 @@ def test_didemo_corpus_labels_durations_and_clipping(tmp_path):
     assert summary["warnings"] == ["warning: 1 moments outside their video, clipped to it "
                                    "(first: desc_id 11: [25.0, 30.0] on 22.5 s)"]
     counts, problems, _ = check_corpus(summary["data_config"], ranklists=False, ctx_mode="visual")
-    assert problems == [] and counts["val"] == dict(queries=2, videos=1, problems=0)
+    assert problems == [] and counts["val"] == dict(queries=2, videos=1, problems=0, long_videos=0, longest_clips=9)
 
 
 def assert_fails_cleanly(tmp_path, match, **kwargs):
@@ -213,6 +213,52 @@ def test_cli_prints_counts_and_training_flags(tmp_path, capsys):
     assert (f"Train with: --dataset_config {tmp_path}/c/data_config.json --dset_name didemo "
             "--train_set_honours_options --ctx_mode visual "
             f"--clip_length 2.5 --max_ctx_len 12 --visual_dim 4 --query_dim 5") in printed
+    assert "--window_stride" not in printed and "note:" not in printed  # every video fits: no windows
+
+
+def long_video_corpus(tmp_path, n_clips):
+    """A TVR-format corpus whose val videos have `n_clips` clips each; the training video has 4."""
+    feats, queries = tmp_path / "feats", tmp_path / "queries"
+    feats.mkdir()
+    queries.mkdir()
+    annotations = {}
+    for split, clip_counts in (("train", [4]), ("val", n_clips)):
+        rows = []
+        for v, n in enumerate(clip_counts):
+            name = f"{split}_{v}"
+            raw_video(feats, name, n, 3, seed=v)
+            desc_id = len(list(queries.iterdir()))
+            raw_video(queries, str(desc_id), 2, 4, seed=desc_id)
+            rows.append(dict(desc_id=desc_id, desc="q", vid_name=name, duration=n * CLIP, ts=[0.0, 3.0], type="v"))
+        annotations[split] = write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    return ["--annotation_format", "tvr", "--annotations", f"train={annotations['train']}",
+            f"val={annotations['val']}", "--video_features", str(feats), "--clip_length", str(CLIP),
+            "--query_features", str(queries)]
+
+
+def test_cli_prints_window_flags_for_videos_longer_than_the_model_limit(tmp_path, capsys):
+    inputs = long_video_corpus(tmp_path, [250, 100, 130])
+    summary = main(["--out_dir", str(tmp_path / "c")] + inputs)
+    printed = capsys.readouterr().out
+    assert ("note: 2 videos have more than 100 clips, the model's limit (longest: 'val_0', 250 clips = 375 s); they "
+            "are read as overlapping windows of 100 clips every 50 clips (--window_stride 50 below") in printed
+    assert "--max_ctx_len 100 --window_stride 50 --visual_dim 3 --query_dim 4" in printed
+    assert summary["longest_video"] == dict(name="val_0", clips=250, seconds=375.0) and summary["n_long_videos"] == 2
+
+    main(["--out_dir", str(tmp_path / "c20"), "--window_stride", "20"] + inputs)
+    assert "--max_ctx_len 100 --window_stride 20 --visual_dim" in capsys.readouterr().out
+    main(["--out_dir", str(tmp_path / "c0"), "--window_stride", "0"] + inputs)
+    printed = capsys.readouterr().out
+    assert "--window_stride" not in printed.split("Train with: ")[1]
+    assert "with --window_stride 0 training and evaluation see their first 100 clips only" in printed
+
+
+def test_bad_window_stride_stops_before_building(tmp_path):
+    inputs = long_video_corpus(tmp_path, [120])
+    for stride in ("-1", "101"):
+        with pytest.raises(CorpusInputError, match=rf"--window_stride {stride}: expected 0 .* \[1, --max_ctx_len 100\]"):
+            main(["--out_dir", str(tmp_path / "c"), "--window_stride", stride] + inputs)
+        assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
 
 
 @pytest.mark.parametrize("name, clip_length", [("didemo", 2.5), ("anet", 3.0)])

@@ -140,3 +140,64 @@ def test_checker_reports_a_missing_store_and_a_bad_config(tmp_path, tiny_corpus)
     assert len(problems) == 1 and "video store" in problems[0] and "resnet_slowfast_1.5" in problems[0]
     missing = tmp_path / "nope.json"
     assert check_data.check_corpus(str(missing))[1] == [f"data config {missing}: file not found"]
+
+
+@pytest.fixture(scope="module")
+def long_video_corpus(tmp_path_factory):
+    """A corpus of 40-80-clip videos (60-120 s at 1.5 s) with moments anywhere in them -> data config path."""
+    return synthetic_tvr.generate_corpus(
+        tmp_path_factory.mktemp("long_videos"), n_train_videos=10, n_val_videos=10, n_test_videos=10,
+        n_train_queries=20, n_val_queries=20, n_test_queries=4, visual_dim=4, text_dim=4, query_dim=4,
+        min_duration=60.0, max_duration=120.0, seed=0)
+
+
+def clip_counts(config_path, split):
+    return [int(np.ceil(duration / 1.5)) for duration, _ in
+            load_json(load_data_config(config_path).video_duration_idx_path)[split].values()]
+
+
+def test_videos_longer_than_max_ctx_len_are_counted_per_split(long_video_corpus, capsys):
+    counts, problems, _ = check_data.check_corpus(long_video_corpus, max_ctx_len=60)
+    assert problems == []
+    for split in ("train", "val", "test_public"):
+        clips = clip_counts(long_video_corpus, split)
+        assert counts[split]["long_videos"] == sum(n > 60 for n in clips) > 0
+        assert counts[split]["longest_clips"] == max(clips)
+    longest = counts["val"]["longest_clips"]
+
+    assert check_data.main(["--dataset_config", long_video_corpus, "--max_ctx_len", "60"]) == 0
+    out = capsys.readouterr().out
+    assert (f"  val: {counts['val']['long_videos']} of 10 videos are longer than --max_ctx_len 60 clips (longest "
+            f"{longest} clips = {longest * 1.5:g} s): read as overlapping windows with train.py --window_stride N, "
+            f"truncated to their first 60 clips without it") in out
+    assert check_data.main(["--dataset_config", long_video_corpus, "--max_ctx_len", "60", "--window_stride", "30"]) == 0
+    assert "read as overlapping windows of 60 clips with --window_stride 30" in capsys.readouterr().out
+    assert check_data.main(["--dataset_config", long_video_corpus]) == 0  # max_ctx_len 100: every video fits
+    assert "longer than" not in capsys.readouterr().out
+
+
+def test_windows_label_moments_on_the_whole_video(tmp_path, long_video_corpus):
+    """A zero-length moment on a clip boundary past the first max_ctx_len clips: truncation clamps it to the last
+    clip read (a usable label), windows label it on the whole video, where it is st > ed."""
+    root = tmp_path / "copy"
+    shutil.copytree(os.path.dirname(long_video_corpus), root)
+    saved = json.load(open(root / "tvr_data_config.json"))
+    json.dump(dict(saved, root_path=str(root)), open(root / "tvr_data_config.json", "w"))
+    config_path = str(root / "tvr_data_config.json")
+    config = load_data_config(config_path)
+    val = load_jsonl(config.eval_data_path)
+    val[0]["ts"] = [30 * 1.5, 30 * 1.5]  # clip boundary 30; every video has at least 40 clips
+    save_jsonl(val, config.eval_data_path)
+    assert check_data.check_corpus(config_path, splits=["val"], max_ctx_len=20, ranklists=False)[1] == []
+    _, problems, _ = check_data.check_corpus(config_path, splits=["val"], max_ctx_len=20, ranklists=False,
+                                             window_stride=10)
+    assert len(problems) == 1 and f"(desc_id {val[0]['desc_id']}): training cannot label it: ts [45.0, 45.0]" in \
+        problems[0] and "gives (st, ed) = (30, 29)" in problems[0]
+
+
+def test_bad_window_stride_is_a_one_line_error():
+    result = subprocess.run([sys.executable, "-m", "utils.check_data", "--dataset_config", "unused.json",
+                             "--max_ctx_len", "60", "--window_stride", "61"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("error: --window_stride 61: expected 0 (read only the first --max_ctx_len clips, as the "
+                             "original) or a clip count in [1, --max_ctx_len 60]\n")

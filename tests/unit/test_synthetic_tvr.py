@@ -2,14 +2,17 @@
 import filecmp
 import json
 import os
+import time
 
 import lmdb
 import numpy as np
+import pytest
 
 from method.dataset import StartEndDataset
 from utils import check_data, synthetic_tvr
 from utils.data_config import PATH_KEYS, load_data_config
 from utils.feature_stores import QueryFeatureStore, RanklistStore, SubtitleFeatureStore, VideoFeatureStore, close_store
+from utils.errors import OptionError
 from utils.io_utils import load_json, load_jsonl
 from utils.run_dir import REPO_ROOT as REPO
 from utils.tvr_format import DUMMY_TEST_PUBLIC_VIDEO, st_ed_label
@@ -173,3 +176,46 @@ def test_real_annotations_mode(tmp_path):
     assert problems == [] and counts["val"]["queries"] == 50
     item = StartEndDataset(config, mode="test_public", is_eval=True)[0]
     assert item["model_inputs"]["visual"]["feat_mask"][0].sum() == 62  # the dummy (91.56 s) is stored
+
+
+def test_long_videos_have_moments_anywhere_and_are_fast(tmp_path):
+    """5-15 minute videos (200-600 clips): the moments start uniformly over the whole video, not only in its
+    first clips; ~70 videos take a few seconds."""
+    start = time.time()
+    config = load_data_config(synthetic_tvr.generate_corpus(
+        tmp_path, n_train_videos=40, n_val_videos=20, n_test_videos=10, n_train_queries=1000, n_val_queries=1000,
+        n_test_queries=5, visual_dim=4, text_dim=4, query_dim=4, min_duration=300.0, max_duration=900.0,
+        max_clips=600))
+    assert time.time() - start < 10
+    durations = {name: duration for split in ("train", "val", "test_public")
+                 for name, (duration, _) in load_json(config.video_duration_idx_path)[split].items()}
+    assert 300.0 <= min(durations.values()) and max(durations.values()) <= 900.0
+    assert max(durations.values()) > 800.0
+    video = VideoFeatureStore(config.vid_feat_path)
+    assert all(len(video.get(name)) == int(np.ceil(d / 1.5)) for name, d in list(durations.items())[:5])
+
+    rows = load_jsonl(config.train_data_path) + load_jsonl(config.eval_data_path)
+    position = np.array([row["ts"][0] / row["duration"] for row in rows])  # start, as a fraction of the video
+    quarters = np.histogram(position, bins=4, range=(0, 1))[0] / len(rows)
+    assert np.all(np.abs(quarters - 0.25) < 0.05), quarters  # ~2000 moments: the standard error is ~0.01
+    # Past the first 100 clips (150 s): 1 - E[150 / duration] = 1 - 150 ln(3) / 600, about 0.73.
+    assert 0.65 < np.mean([row["ts"][0] >= 150.0 for row in rows]) < 0.8
+    assert all(row["ts"][1] <= row["duration"] for row in rows)
+
+
+def test_cli_prints_window_flags_for_long_videos(tmp_path, capsys):
+    sizes = ["--n_train_videos", "10", "--n_val_videos", "10", "--n_test_videos", "10", "--n_train_queries", "10",
+             "--n_val_queries", "10", "--n_test_queries", "2", "--visual_dim", "4"]
+    synthetic_tvr.main(["--out_dir", str(tmp_path / "long"), "--min_duration", "300", "--max_duration", "900",
+                        "--max_clips", "600"] + sizes)
+    out = capsys.readouterr().out
+    assert "longer than --max_ctx_len 100: --window_stride 50 reads them as overlapping windows" in out
+    assert out.rstrip().endswith("--query_dim 32 --window_stride 50")
+    synthetic_tvr.main(["--out_dir", str(tmp_path / "short")] + sizes)
+    assert "--window_stride" not in capsys.readouterr().out  # TVR-length videos fit in 100 clips
+
+
+def test_durations_beyond_the_clip_cap_are_a_flag_error(tmp_path):
+    with pytest.raises(OptionError, match=r"^--min_duration 300: expected in \(0, 150\], the --max_duration 900 s "
+                                          r"capped at --max_clips 100 x --clip_length 1.5 s \(raise --max_clips"):
+        synthetic_tvr.generate_corpus(tmp_path, min_duration=300.0, max_duration=900.0)
