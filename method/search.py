@@ -3,7 +3,7 @@
     python -m method.search build --first_stage RUN_DIR --conquer RUN_DIR --dataset_config CFG --split val \
         --out_dir INDEX [--update | --overwrite]
     python -m method.search query --index INDEX [--desc_id N | --text "a query"] [--top_k 10] [--nms_thd 0.7] [--json]
-    python -m method.search serve --index INDEX [--host 127.0.0.1 --port 8000]
+    python -m method.search serve --index INDEX [--host 127.0.0.1 --port 8000] [--max_queue 4 --request_timeout 30]
 
     searcher = Searcher("INDEX")                      # loads the index and both models once
     searcher.search("a man opens a door", top_k=10)   # or a desc_id (int), or token features (Lq, Dq)
@@ -59,6 +59,8 @@ from utils.tvr_format import MAX_PREDICTIONS_PER_QUERY, SPLITS, DatasetError
 logger = logging.getLogger(__name__)
 
 MAX_TOP_K = MAX_PREDICTIONS_PER_QUERY  # inference keeps this many moments per query
+# `serve`: request threads, requests that may wait for the running search, seconds one may wait (search_server).
+SERVE_THREADS, SERVE_MAX_QUEUE, SERVE_REQUEST_TIMEOUT = 8, 4, 30.0
 
 
 class QueryError(ConquerError):
@@ -292,10 +294,9 @@ class Searcher:
         if desc_id not in self.desc_of:
             raise QueryError(f"desc_id {desc_id} is not a query of split {self.opt.eval_split_name!r} of "
                              f"{self.opt.dataset_config}")
-        try:
-            features = self.dataset.query_store.get(desc_id)  # cut to max_desc_len, as in inference
-        except FeatureStoreError as e:
-            raise QueryError(str(e)) from None
+        # Cut to max_desc_len, as in inference. A FeatureStoreError here is the corpus's fault, not the query's:
+        # it is not turned into a QueryError (the HTTP server answers it 500, not 400).
+        features = self.dataset.query_store.get(desc_id)
         return PreparedQuery(desc_id, self.desc_of[desc_id], features)
 
     def _features(self, query):
@@ -421,7 +422,12 @@ def _parser():
     serve.add_argument("--index", required=True)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--threads", type=int, default=8, help="request threads of the server")
+    serve.add_argument("--threads", type=int, default=SERVE_THREADS,
+                       help="request threads of the server (at least --max_queue + 2)")
+    serve.add_argument("--max_queue", type=int, default=SERVE_MAX_QUEUE,
+                       help="requests that may wait for the running search; more are answered 503 + Retry-After")
+    serve.add_argument("--request_timeout", type=float, default=SERVE_REQUEST_TIMEOUT,
+                       help="seconds a request may wait for the model before it is answered 503 + Retry-After")
     _add_common(serve)
     return parser
 
@@ -442,11 +448,14 @@ def main(argv=None):
         print(f"index {summary['out_dir']}: {summary['n_videos']} videos in {summary['n_windows']} windows "
               f"({summary['n_encoded']} videos encoded now), {summary['nbytes'] / 2 ** 20:.1f} MiB")
         return summary
+    if args.command == "serve":  # bad server flags stop before the models load
+        from method.search_server import check_server_options
+        check_server_options(args.threads, args.max_queue, args.request_timeout)
     searcher = Searcher(args.index, conquer=args.conquer, first_stage=args.first_stage, device=args.device)
     if args.command == "serve":
         from method.search_server import serve
-        logger.info("index %s", json.dumps(describe(searcher.index)))
-        return serve(searcher, args.host, args.port, args.threads)
+        logger.info("index %s: %s", args.index, json.dumps(describe(searcher.index)))
+        return serve(searcher, args.host, args.port, args.threads, args.max_queue, args.request_timeout)
     query = args.text if args.text is not None else args.desc_id
     if args.features is not None:
         query = _load_features(args.features)

@@ -19,7 +19,9 @@ Layout of INDEX/:
 
 A build writes a new version folder under a temporary name, renames it, then points CURRENT at it and removes
 the old version; an interrupted build leaves the previous index untouched. An update (`--update`) hard-links
-the previous version's chunks and encodes only the windows of the videos the corpus gained.
+the previous version's chunks, rewrites a chunk with only its kept rows when some of its videos left the split,
+and encodes only the windows of the videos the corpus gained. Folders get the umask's permissions, so that a
+server running as another user can read the index.
 
 Format version 2 (rows are windows) replaced version 1 (rows were videos, videos.json); a version-1 index is
 refused with a line asking to rebuild it: its manifest does not record the windows its runs read, and a rebuild
@@ -30,8 +32,8 @@ import hashlib
 import logging
 import os
 import platform
+import secrets
 import shutil
-import tempfile
 
 import numpy as np
 import torch
@@ -58,6 +60,10 @@ VERSION_PREFIX = "v"
 PARTIAL_PREFIX = ".partial-"
 # `--first_stage ranklist`: no learned first stage; candidates come from the corpus's stored ranklists.
 RANKLIST_FIRST_STAGE = "ranklist"
+# Manifest entries that opening an index and loading a Searcher read: section -> its keys (() = a plain value).
+MANIFEST_KEYS = {"created": (), "chunks": (), "arrays": (), "conquer": ("run_dir", "checkpoint", "sha256"),
+                 "corpus": ("data_config", "split"), "first_stage": ("kind",)}
+MODEL_FIRST_STAGE_KEYS = ("run_dir", "checkpoint", "sha256")
 
 
 class SearchIndexError(ConquerError):
@@ -207,6 +213,9 @@ class SearchIndex:
             raise SearchIndexError(f"search index {manifest_path}: format {manifest.get('format')!r} version "
                                    f"{manifest.get('format_version')!r}, expected {INDEX_FORMAT!r} version "
                                    f"{FORMAT_VERSION} (rows are windows); rebuild it (build --overwrite)")
+        missing = missing_manifest_key(manifest)
+        if missing:
+            raise SearchIndexError(f"search index file {manifest_path}: no key {missing!r}: corrupt index; rebuild it")
         windows_path = os.path.join(version_dir, WINDOWS_FILENAME)
         windows = _read_windows(windows_path)
         chunk_sizes = manifest["chunks"]
@@ -217,6 +226,28 @@ class SearchIndex:
                                             for chunk_id, n in enumerate(chunk_sizes)])
                   for name, spec in manifest["arrays"].items()}
         return cls(path, version_dir, manifest, windows, arrays)
+
+
+def missing_manifest_key(manifest):
+    """The first entry (dotted key) of MANIFEST_KEYS, a model first stage's keys or an array's shape and dtype that
+    `manifest` lacks, or None."""
+    for section, keys in MANIFEST_KEYS.items():
+        if section not in manifest:
+            return section
+        for key in keys:
+            if not isinstance(manifest[section], dict) or key not in manifest[section]:
+                return f"{section}.{key}"
+    if manifest["first_stage"]["kind"] != RANKLIST_FIRST_STAGE:
+        missing = [key for key in MODEL_FIRST_STAGE_KEYS if key not in manifest["first_stage"]]
+        if missing:
+            return f"first_stage.{missing[0]}"
+    if not isinstance(manifest["arrays"], dict):
+        return "arrays"
+    for name, spec in manifest["arrays"].items():
+        for key in ("shape", "dtype"):
+            if not isinstance(spec, dict) or key not in spec:
+                return f"arrays.{name}.{key}"
+    return None
 
 
 def video_layout(windows):
@@ -323,8 +354,9 @@ def build_index(out_dir, conquer, first_stage, dataset_config, split="val", upda
     "n_windows" (rows), "n_encoded" (videos encoded now), "nbytes"}.
 
     first_stage: a first-stage run dir (trained with CONQUER's windows), or RANKLIST_FIRST_STAGE. An existing
-    `out_dir` is an error unless `update` (encode only videos the index lacks; the runs and corpus must be the
-    ones it was built from) or `overwrite` (rebuild everything). batch_size: windows per forward pass;
+    `out_dir` is an error unless `update` (encode only videos the index lacks and drop those no longer in the
+    split; the runs and corpus must be the ones it was built from) or `overwrite` (rebuild everything; a missing
+    or empty `out_dir` is simply built). batch_size: windows per forward pass;
     chunk_videos: videos per chunk file (with all their windows).
     """
     out_dir = os.fspath(out_dir)
@@ -334,31 +366,29 @@ def build_index(out_dir, conquer, first_stage, dataset_config, split="val", upda
     previous = _previous_index(out_dir, identity, update, overwrite)
     dataset = build_eval_dataset(opt, read_ranklists=False)
     names = list(dataset.video2idx)
-    reused = previous.video_names if previous is not None else []
-    if previous is not None and not set(reused) <= set(names):
-        logger.warning("%d indexed videos are no longer in split %s: re-encoding every video",
-                       len(set(reused) - set(names)), split)
-        previous, reused = None, []
-    known = set(reused)
-    new_names = [name for name in names if name not in known]
-    if previous is not None and not new_names:
-        logger.info("search index %s is up to date (%d videos)", out_dir, len(reused))
-        return dict(out_dir=out_dir, n_videos=len(reused), n_windows=len(previous.windows), n_encoded=0,
+    in_split = set(names)
+    kept = [name for name in previous.video_names if name in in_split] if previous is not None else []
+    n_removed = len(previous.video_names) - len(kept) if previous is not None else 0
+    kept_set = set(kept)
+    new_names = [name for name in names if name not in kept_set]
+    if previous is not None and not new_names and not n_removed:
+        logger.info("search index %s is up to date (%d videos)", out_dir, len(kept))
+        return dict(out_dir=out_dir, n_videos=len(kept), n_windows=len(previous.windows), n_encoded=0,
                     nbytes=previous.nbytes)
+    if n_removed:
+        logger.info("%d indexed videos are no longer in split %s: their rows are dropped", n_removed, split)
 
-    model = load_trained_model(opt).eval()
-    first_stage_model = (None if first_stage == RANKLIST_FIRST_STAGE
-                         else load_first_stage_model(first_stage, opt.device))
-    staging = _staging_dir(out_dir, previous is not None or overwrite)
+    # Models are loaded only to encode new videos: an update that only drops videos copies rows.
+    model = load_trained_model(opt).eval() if new_names else None
+    first_stage_model = (load_first_stage_model(first_stage, opt.device)
+                         if new_names and first_stage != RANKLIST_FIRST_STAGE else None)
+    # A new version goes inside an existing index (CURRENT switches to it); anything else is renamed into place.
+    staging = _staging_dir(out_dir, os.path.isfile(os.path.join(out_dir, CURRENT_FILENAME)))
     try:
-        chunk_sizes = list(previous.manifest["chunks"]) if previous is not None else []
-        arrays = dict(previous.manifest["arrays"]) if previous is not None else {}
-        windows = list(previous.windows) if previous is not None else []
+        chunk_sizes, windows, arrays = [], [], {}
         if previous is not None:
-            for name in arrays:
-                for chunk_id in range(len(chunk_sizes)):
-                    _link_or_copy(os.path.join(previous.version_dir, chunk_filename(name, chunk_id)),
-                                  os.path.join(staging, chunk_filename(name, chunk_id)))
+            chunk_sizes, windows = _carry_rows(previous, kept_set, staging)
+            arrays = dict(previous.manifest["arrays"])
         new_windows = [[Window(name, start) for name in new_names[first:first + chunk_videos]
                         for start in dataset.window_starts(name)]
                        for first in range(0, len(new_names), chunk_videos)]
@@ -374,7 +404,7 @@ def build_index(out_dir, conquer, first_stage, dataset_config, split="val", upda
                 windows += chunk_windows
         save_json([list(window) for window in windows], os.path.join(staging, WINDOWS_FILENAME))
         manifest = dict(format=INDEX_FORMAT, format_version=FORMAT_VERSION, created=_now(), **identity,
-                        n_videos=len(reused) + len(new_names), n_windows=len(windows), chunks=chunk_sizes,
+                        n_videos=len(kept) + len(new_names), n_windows=len(windows), chunks=chunk_sizes,
                         arrays=arrays, environment=_environment())
         save_json(manifest, os.path.join(staging, MANIFEST_FILENAME), save_pretty=True)
         _publish(staging, out_dir)
@@ -416,10 +446,44 @@ def _staging_dir(out_dir, inside):
         for stale in os.listdir(out_dir):
             if stale.startswith(PARTIAL_PREFIX):  # left by an interrupted build
                 shutil.rmtree(os.path.join(out_dir, stale), ignore_errors=True)
-        return tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=out_dir)
+        return _new_dir(out_dir, PARTIAL_PREFIX)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}{PARTIAL_PREFIX}", dir=parent)
+    return _new_dir(parent, f".{os.path.basename(os.path.abspath(out_dir))}{PARTIAL_PREFIX}")
+
+
+def _new_dir(parent, prefix):
+    """A new folder `parent/prefix<random>` with the umask's permissions: tempfile.mkdtemp's are 0700, and the
+    staged folder becomes the index or a version of it, which a server running as another user must read."""
+    while True:
+        path = os.path.join(parent, prefix + secrets.token_hex(4))
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def _carry_rows(previous, keep, staging):
+    """Write the previous version's rows of the videos in `keep` into `staging` as chunks 0, 1, ...: a chunk that
+    keeps all its rows is hard-linked, one that keeps some is rewritten with them, one that keeps none is dropped
+    -> (rows per chunk, windows in row order)."""
+    chunk_sizes, windows = [], []
+    offsets = np.cumsum([0] + list(previous.manifest["chunks"]))
+    for old_id, (first, last) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        rows = [row for row in range(first, last) if previous.windows[row].video_name in keep]
+        if not rows:
+            continue
+        new_id = len(chunk_sizes)
+        for name, array in previous.arrays.items():
+            target = os.path.join(staging, chunk_filename(name, new_id))
+            if len(rows) == last - first:
+                _link_or_copy(os.path.join(previous.version_dir, chunk_filename(name, old_id)), target)
+            else:
+                np.save(target, array.chunks[old_id][np.asarray(rows) - first])
+        chunk_sizes.append(len(rows))
+        windows += [previous.windows[row] for row in rows]
+    return chunk_sizes, windows
 
 
 def _link_or_copy(source, target):
@@ -468,7 +532,7 @@ def _publish(staging, out_dir):
 
 def _as_first_version(staging, version):
     """Move the staged files into `staging/version` and point CURRENT at it -> staging."""
-    inner = tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=staging)
+    inner = _new_dir(staging, PARTIAL_PREFIX)
     for name in os.listdir(staging):
         if os.path.join(staging, name) != inner:
             os.rename(os.path.join(staging, name), os.path.join(inner, name))
@@ -483,8 +547,17 @@ def _write_current(index_dir, version):
 
 
 def describe(index):
-    """A short JSON-able summary of an opened index."""
+    """A short JSON-able summary of an opened index: names and ids, no paths (it is shown to HTTP clients)."""
     manifest = index.manifest
-    return dict(path=index.path, n_videos=len(index.video_names), n_windows=len(index.windows), nbytes=index.nbytes,
-                conquer=manifest["conquer"]["run_dir"], first_stage=manifest["first_stage"],
-                corpus=manifest["corpus"], created=manifest["created"])
+    return dict(index=os.path.basename(os.path.normpath(index.path)), version=os.path.basename(index.version_dir),
+                n_videos=len(index.video_names), n_windows=len(index.windows), nbytes=index.nbytes,
+                conquer=_run_summary(manifest["conquer"]), first_stage=_run_summary(manifest["first_stage"]),
+                corpus={key: value for key, value in manifest["corpus"].items() if key != "data_config"},
+                created=manifest["created"])
+
+
+def _run_summary(recorded):
+    """A manifest's run entry -> {"kind"?, "run": run dir name, "sha256"} (or {"kind": "ranklist"})."""
+    if recorded.get("kind") == RANKLIST_FIRST_STAGE:
+        return dict(kind=RANKLIST_FIRST_STAGE)
+    return dict(run=os.path.basename(os.path.normpath(recorded["run_dir"])), sha256=recorded["sha256"])

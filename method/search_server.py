@@ -3,9 +3,13 @@
     POST /search  {"text": "a query"} | {"desc_id": 123} | {"features": [[...], ...]}
                   optional "top_k" (1..100, default 10), "nms_thd" (0..1 or null), "truncate" (bool)
         200 {"results": [{"video_name", "start", "end", "score", "first_stage_rank"}, ...], "timing": {...}}
-        4xx {"error": "<what is wrong>"}
+        400 {"error": "<what is wrong>"}  a bad query or body (names the field); 413 a body over 8 MiB
+        500 {"error": "..."}              the server cannot answer (index out of date, unreadable store); logged
+        503 {"error": "..."} + Retry-After  overloaded: the queue is full, or the request waited too long
+    GET /health   200 {"status": "ok", "index", "version", "n_videos", "searching", "waiting", "max_queue"}
     GET /         a page to type a query and see the ranked moments (and play them, see below)
-    GET /info     the index: videos, runs, whether text queries and video playback are available
+    GET /info     the index: names and ids of the index, runs and corpus (no server paths), whether text queries
+                  and video playback are available
     GET /video/<name>  the video file, when the corpus's data config names a folder of videos ("video_dir",
                   relative to root_path; files <video_name>.mp4/.webm/.mkv/.mov); the page seeks to the moment
 
@@ -15,19 +19,29 @@ maps window clips back to video clips): the page shows them and seeks the whole 
 Flask + waitress: the search is synchronous, CPU-bound torch code, so an async framework would gain nothing;
 waitress is a pure-Python production WSGI server with a request thread pool. The model is loaded once per
 process (the `Searcher`); requests are parsed and validated concurrently and the searches run one at a time
-(each uses every core). Bad requests get a 4xx with a one-line message; an unexpected failure is logged
-with its traceback and answered 500 {"error": "internal error"}, never with the traceback.
+(each uses every core). Load is bounded: at most `max_queue` requests wait for the running search, each at most
+`request_timeout` seconds; past either bound a request is answered 503 with a Retry-After at once, instead of
+holding a thread and a connection while the queue grows. The limit is on the wait: a started search finishes.
+Waitress refuses a body over MAX_REQUEST_BYTES before buffering it (its own default is 1 GiB). Bad requests
+get a 400 with a one-line message; server-side failures a 500 (the one-line cause is logged, the client is not
+shown server paths); an unexpected failure is logged with its traceback and answered 500
+{"error": "internal error"}, never with the traceback.
 """
+import contextlib
+import json
 import logging
+import math
 import os
+import threading
+import time
 
 import numpy as np
 from flask import Flask, Response, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException, NotFound
 
-from method.search import MAX_TOP_K
+from method.search import MAX_TOP_K, SERVE_MAX_QUEUE, SERVE_REQUEST_TIMEOUT, SERVE_THREADS, QueryError
 from method.search_index import describe
-from utils.errors import ConquerError
+from utils.errors import ConquerError, OptionError
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +53,69 @@ OPTION_KEYS = ("top_k", "nms_thd", "truncate")
 
 class RequestError(ConquerError):
     """A request body that is not a valid search request; the message names the field."""
+
+
+class Overloaded(Exception):
+    """The server is too busy for this request now; `retry_after` seconds is a fair wait before retrying."""
+
+    def __init__(self, message, retry_after):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def retry_after_seconds(pending, search_seconds):
+    """Whole seconds until `pending` searches of `search_seconds` each are likely done (at least 1)."""
+    return max(1, math.ceil(pending * search_seconds))
+
+
+class SearchQueue:
+    """Runs searches one at a time with at most `max_queue` requests waiting, each for at most `timeout` seconds;
+    a request past either bound gets `Overloaded` at once rather than joining an unbounded line."""
+
+    def __init__(self, max_queue, timeout):
+        self.max_queue, self.timeout = max_queue, timeout
+        self._model = threading.Lock()
+        self._counts = threading.Lock()
+        self.pending = 0  # running + waiting
+        self.last_search_seconds = 0.0
+
+    @property
+    def waiting(self):
+        return max(self.pending - 1, 0)
+
+    @contextlib.contextmanager
+    def turn(self):
+        """Hold the model for one search, or raise Overloaded."""
+        with self._counts:
+            if self.pending > self.max_queue:
+                raise Overloaded(f"server busy: {self.waiting} requests already wait for the model (--max_queue "
+                                 f"{self.max_queue}); retry later", self._retry_after())
+            self.pending += 1
+        try:
+            if not self._model.acquire(timeout=self.timeout):
+                raise Overloaded(f"server busy: waited {self.timeout:g} s for the model (--request_timeout "
+                                 f"{self.timeout:g}); retry later", self._retry_after())
+            started = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.last_search_seconds = time.perf_counter() - started
+                self._model.release()
+        finally:
+            with self._counts:
+                self.pending -= 1
+
+    def _retry_after(self):
+        return retry_after_seconds(self.pending, self.last_search_seconds)
+
+
+def parse_json_body(data):
+    """Request body bytes -> JSON value; RequestError when it is not JSON."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the decoder's stack
+        raise RequestError("the request body must be JSON (Content-Type: application/json), nested at most a "
+                           "few hundred levels") from None
 
 
 def parse_request(body):
@@ -63,7 +140,7 @@ def parse_request(body):
             raise RequestError("'features' must be a non-empty list of token feature rows")
         try:
             query = np.array(query, dtype=np.float32)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             raise RequestError("'features' must be a rectangular list of lists of numbers") from None
     top_k = body.get("top_k", 10)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
@@ -84,26 +161,34 @@ def video_folder(searcher):
     return os.path.join(searcher.data_config.root_path, folder) if folder else None
 
 
-def create_app(searcher):
+def create_app(searcher, max_queue=SERVE_MAX_QUEUE, request_timeout=SERVE_REQUEST_TIMEOUT):
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.json.sort_keys = False  # rows keep their field order: video_name, start, end, score, first_stage_rank
     videos = video_folder(searcher)
+    queue = SearchQueue(max_queue, request_timeout)
+    summary = describe(searcher.index)
 
     @app.post("/search")
     def search():
-        body = request.get_json(silent=True)
-        if body is None:
+        if not request.is_json:
             raise RequestError("the request body must be JSON (Content-Type: application/json)")
-        query, top_k, nms_thd, truncate = parse_request(body)
-        moments, timing = searcher.search_batch([query], top_k, nms_thd, truncate)
+        query, top_k, nms_thd, truncate = parse_request(parse_json_body(request.get_data(cache=False)))
+        with queue.turn():
+            moments, timing = searcher.search_batch([query], top_k, nms_thd, truncate)
         return jsonify(results=[m._asdict() for m in moments[0]],
                        timing={stage: round(seconds, 6) for stage, seconds in timing.items()})
 
+    @app.get("/health")
+    def health():  # answered without the model lock: it reports a busy server instead of queueing behind it
+        return jsonify(status="ok", index=summary["index"], version=summary["version"],
+                       n_videos=summary["n_videos"], searching=queue.pending > 0, waiting=queue.waiting,
+                       max_queue=max_queue)
+
     @app.get("/info")
     def info():
-        return jsonify(**describe(searcher.index), text_queries=searcher.text_encoder is not None,
-                       videos=videos is not None, max_top_k=MAX_TOP_K, max_query_tokens=searcher.max_query_tokens)
+        return jsonify(**summary, text_queries=searcher.text_encoder is not None, videos=videos is not None,
+                       max_top_k=MAX_TOP_K, max_query_tokens=searcher.max_query_tokens)
 
     @app.get("/video/<name>")
     def video(name):
@@ -112,15 +197,29 @@ def create_app(searcher):
         for extension in VIDEO_EXTENSIONS:
             if os.path.isfile(os.path.join(videos, name + extension)):
                 return send_from_directory(videos, name + extension, conditional=True)
-        raise NotFound(f"video {name!r} has no file in {videos}")
+        raise NotFound(f"video {name!r} has no file in the server's video folder")
 
     @app.get("/")
     def page():
         return Response(PAGE, mimetype="text/html")
 
-    @app.errorhandler(ConquerError)
-    def bad_input(error):
+    @app.errorhandler(QueryError)
+    @app.errorhandler(RequestError)
+    def bad_request(error):
         return jsonify(error=str(error)), 400
+
+    @app.errorhandler(ConquerError)
+    @app.errorhandler(OSError)
+    def server_failure(error):
+        # Not the client's fault (index out of date, a store that cannot be read): a 5xx, and its cause, which
+        # names server paths, goes to the log only.
+        logger.error("search request failed: %s: %s", type(error).__name__, error)
+        return jsonify(error=f"the server cannot answer ({type(error).__name__}: its index or corpus is "
+                             "unreadable or out of date); see the server log"), 500
+
+    @app.errorhandler(Overloaded)
+    def overloaded(error):
+        return jsonify(error=str(error)), 503, {"Retry-After": str(error.retry_after)}
 
     @app.errorhandler(HTTPException)
     def http_error(error):
@@ -134,11 +233,33 @@ def create_app(searcher):
     return app
 
 
-def serve(searcher, host="127.0.0.1", port=8000, threads=8):
+def check_server_options(threads, max_queue, request_timeout):
+    """OptionError naming the flag unless the settings can work: searches hold at most max_queue + 1 threads and
+    one more must stay free to answer 503 and /health."""
+    if max_queue < 0:
+        raise OptionError(f"--max_queue {max_queue}: must be >= 0")
+    if not request_timeout > 0:
+        raise OptionError(f"--request_timeout {request_timeout}: must be > 0 seconds")
+    if threads < max_queue + 2:
+        raise OptionError(f"--threads {threads} must be at least --max_queue {max_queue} + 2 (one running search, "
+                          f"{max_queue} waiting, one thread free to answer the others)")
+
+
+def make_server(searcher, host="127.0.0.1", port=8000, threads=SERVE_THREADS, max_queue=SERVE_MAX_QUEUE,
+                request_timeout=SERVE_REQUEST_TIMEOUT):
+    """The waitress server of `create_app(searcher, ...)` (port 0: a free port, see `.effective_port`)."""
+    from waitress.server import create_server
+    check_server_options(threads, max_queue, request_timeout)
+    return create_server(create_app(searcher, max_queue, request_timeout), host=host, port=port, threads=threads,
+                         max_request_body_size=MAX_REQUEST_BYTES)
+
+
+def serve(searcher, host="127.0.0.1", port=8000, threads=SERVE_THREADS, max_queue=SERVE_MAX_QUEUE,
+          request_timeout=SERVE_REQUEST_TIMEOUT):
     """Serve `create_app(searcher)` until interrupted."""
-    from waitress import serve as waitress_serve
-    logger.info("serving %d videos on http://%s:%d/", len(searcher.index.video_names), host, port)
-    waitress_serve(create_app(searcher), host=host, port=port, threads=threads)
+    server = make_server(searcher, host, port, threads, max_queue, request_timeout)
+    logger.info("serving %d videos on http://%s:%d/", len(searcher.index.video_names), host, server.effective_port)
+    server.run()
 
 
 PAGE = """<!doctype html>

@@ -200,6 +200,50 @@ def test_index_build_update_and_interruption(runs, tiny_corpus, tmp_path, monkey
     assert sorted(os.listdir(out)) == ["CURRENT", os.path.basename(updated.version_dir)]
 
 
+def test_update_after_videos_left_the_split_and_overwrite_of_missing_or_empty_folders(runs, ranklist_indexes,
+                                                                                        tiny_corpus, tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(os.path.dirname(tiny_corpus), corpus)
+    config_path = str(corpus / "tvr_data_config.json")
+    config = load_json(config_path)
+    config["root_path"] = str(corpus)
+    save_json(config, config_path)
+    video_table, val_file = corpus / config["video_duration_idx_path"], corpus / config["eval_data_path"]
+    full_table, full_val = load_json(video_table), load_jsonl(val_file)
+    names = list(full_table["val"])
+
+    def use_videos(chosen):
+        save_json(dict(full_table, val={name: full_table["val"][name] for name in chosen}), video_table)
+        with open(val_file, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in full_val if row["vid_name"] in chosen)
+
+    umask = os.umask(0o022)
+    try:
+        use_videos(names[:12])
+        out = tmp_path / "index"
+        build_index(out, runs["general"], "ranklist", config_path, chunk_videos=5)
+        # 4 videos leave (chunk 0 keeps 1 of its 5 rows), 8 arrive: only those are encoded.
+        use_videos(names[4:])
+        summary = build_index(out, runs["general"], "ranklist", config_path, update=True, chunk_videos=5)
+        index = SearchIndex.open(out)
+        assert (summary["n_videos"], summary["n_encoded"]) == (16, 8)
+        assert index.video_names == names[4:12] + names[12:] and index.manifest["chunks"] == [1, 5, 2, 5, 3]
+        reference = SearchIndex.open(ranklist_indexes["general"])
+        for name, array in reference.arrays.items():
+            np.testing.assert_allclose(index.arrays[name].gather(np.arange(16)),
+                                       array.gather([reference.row_of[v] for v in index.video_names]),
+                                       rtol=1e-5, atol=1e-6)
+        assert {os.stat(path).st_mode & 0o777 for path in (out, index.version_dir)} == {0o755}
+        # --overwrite of a folder that is missing or empty builds it.
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        for folder in (tmp_path / "missing", empty):
+            assert build_index(folder, runs["general"], "ranklist", config_path, overwrite=True)["n_videos"] == 16
+            assert os.stat(SearchIndex.open(folder).version_dir).st_mode & 0o777 == 0o755
+    finally:
+        os.umask(umask)
+
+
 def test_bad_index_folders_give_one_line_errors(runs, ranklist_indexes, tmp_path):
     index = tmp_path / "index"
     shutil.copytree(ranklist_indexes["general"], index)
@@ -208,6 +252,15 @@ def test_bad_index_folders_give_one_line_errors(runs, ranklist_indexes, tmp_path
     with pytest.raises(SearchIndexError, match="the index was built with --first_stage ranklist"):
         Searcher(index, first_stage=runs["general"])
     version_dir = SearchIndex.open(index).version_dir
+    manifest_path = os.path.join(version_dir, "manifest.json")
+    manifest = load_json(manifest_path)
+    for key, broken in (("conquer.sha256", dict(manifest, conquer={"run_dir": "r", "checkpoint": "c"})),
+                        ("chunks", {k: v for k, v in manifest.items() if k != "chunks"})):
+        save_json(broken, manifest_path)
+        with pytest.raises(SearchIndexError) as error:
+            SearchIndex.open(index)
+        assert str(error.value) == f"search index file {manifest_path}: no key {key!r}: corrupt index; rebuild it"
+    save_json(manifest, manifest_path)
     chunk = os.path.join(version_dir, "conquer.visual.00001.npy")
     with open(chunk, "r+b") as f:
         f.truncate(os.path.getsize(chunk) - 100)
@@ -245,15 +298,13 @@ def test_cli_build_and_query(runs, tiny_corpus, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def server(learned):
-    from waitress.server import create_server
-
-    from method.search_server import create_app
+    from method.search_server import make_server
     searcher = learned["searcher"]
     videos = learned["corpus"] / "videos"
     videos.mkdir()
     for name in searcher.index.video_names:
         write_webm(videos / f"{name}.webm", seconds=40)
-    httpd = create_server(create_app(searcher), host="127.0.0.1", port=0, threads=4)
+    httpd = make_server(searcher, host="127.0.0.1", port=0, threads=8, max_queue=6)  # 6 clients below: no 503
     thread = threading.Thread(target=httpd.run, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.effective_port}"
@@ -295,6 +346,89 @@ def test_http_endpoint_concurrent_and_validated(server, learned):
     assert requests.post(server + "/search", data="not json", timeout=60).status_code == 400
     assert requests.get(server + "/search", timeout=60).status_code == 405
     assert requests.get(server + "/video/not_a_video", timeout=60).status_code == 404
+    info = requests.get(server + "/info", timeout=60).json()
+    assert "/" not in json.dumps(info)  # names and ids, no server paths
+    assert (info["index"], info["conquer"]["run"], info["first_stage"]["run"]) == (
+        os.path.basename(learned["index"]), os.path.basename(searcher.index.manifest["conquer"]["run_dir"]),
+        os.path.basename(learned["run"]))
+    assert requests.get(server + "/health", timeout=60).json()["status"] == "ok"
+
+
+def test_http_body_over_the_limit_is_refused_by_waitress(server):
+    """A body over 8 MiB is refused from its Content-Length, before waitress buffers it (its default is 1 GiB)."""
+    import socket
+    host, port = server.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 100000000\r\n\r\n{")
+        assert connection.recv(100).split(b"\r\n")[0] == b"HTTP/1.1 413 Request Entity Too Large"
+
+
+def post(client, body, **kwargs):
+    return client.post("/search", data=body if isinstance(body, str) else json.dumps(body),
+                       content_type="application/json", **kwargs)
+
+
+def test_http_server_side_failures_are_5xx_and_bad_bodies_400(learned, monkeypatch):
+    from method.search_server import create_app
+    from utils.feature_stores import FeatureStoreError
+    searcher = learned["searcher"]
+    client = create_app(searcher).test_client()
+    desc_id = searcher.dataset.query_data[0]["desc_id"]
+    assert post(client, "[" * 100000 + "]" * 100000).status_code == 400
+    answer = post(client, {"features": [[[[0.0]]]]})
+    assert answer.status_code == 400 and "features" in answer.json["error"]
+    for error in (FeatureStoreError("/srv/store: unreadable"), SearchIndexError("/srv/index: out of date"),
+                  OSError("/srv/disk: I/O error")):
+        def fail(*args, error=error):
+            raise error
+        monkeypatch.setattr(searcher.dataset.query_store, "get", fail)
+        answer = post(client, {"desc_id": desc_id})
+        assert answer.status_code == 500 and type(error).__name__ in answer.json["error"], answer.json
+        assert "/srv" not in answer.json["error"]
+    assert client.get("/health").json["status"] == "ok"
+
+
+def test_http_queue_is_bounded_in_length_and_time(learned, monkeypatch):
+    """One search holds the model; one request may wait (--max_queue 1), for 0.5 s (--request_timeout): a third
+    gets 503 at once, the waiting one 503 after 0.5 s, both with Retry-After; /health answers meanwhile."""
+    from method.search_server import create_app
+    searcher = learned["searcher"]
+    client = create_app(searcher, max_queue=1, request_timeout=0.5).test_client()
+    desc_id = searcher.dataset.query_data[0]["desc_id"]
+    release, search_batch = threading.Event(), searcher.search_batch
+    monkeypatch.setattr(searcher, "search_batch", lambda *args: release.wait(30) and search_batch(*args))
+
+    def wait_for(**state):
+        for _ in range(300):
+            health = client.get("/health").json
+            if all(health[key] == value for key, value in state.items()):
+                return health
+            threading.Event().wait(0.01)
+        raise AssertionError(f"server never reached {state}: {health}")
+
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(post, client, {"desc_id": desc_id})
+        wait_for(searching=True, waiting=0)
+        waiting = pool.submit(post, client, {"desc_id": desc_id})
+        assert wait_for(waiting=1)["max_queue"] == 1
+        refused = post(client, {"desc_id": desc_id})
+        assert refused.status_code == 503 and "--max_queue 1" in refused.json["error"]
+        timed_out = waiting.result(timeout=30)
+        assert timed_out.status_code == 503 and "--request_timeout 0.5" in timed_out.json["error"]
+        assert all(int(answer.headers["Retry-After"]) >= 1 for answer in (refused, timed_out))
+        release.set()
+        assert running.result(timeout=30).status_code == 200
+    assert wait_for(searching=False, waiting=0)["status"] == "ok"
+    assert post(client, {"desc_id": desc_id}).json["results"] == [m._asdict() for m in search_batch([desc_id])[0][0]]
+
+
+def test_serve_flags_are_checked_before_the_model_loads(tmp_path):
+    from utils.errors import OptionError
+    with pytest.raises(OptionError, match=r"^--threads 8 must be at least --max_queue 7 \+ 2"):
+        search.main(["serve", "--index", str(tmp_path / "nothing"), "--max_queue", "7"])
+    with pytest.raises(OptionError, match=r"^--request_timeout 0.0: must be > 0 seconds$"):
+        search.main(["serve", "--index", str(tmp_path / "nothing"), "--request_timeout", "0"])
 
 
 def headless_chromium():
