@@ -32,8 +32,9 @@ from utils.feature_stores import (FeatureStoreError, QueryFeatureStore, Ranklist
                                   VideoFeatureStore)
 from utils.io_utils import load_jsonl
 from utils.tvr_format import (DUMMY_TEST_PUBLIC_VIDEO, FIRST_STAGE_TOP, SPLIT_FILE_KEYS, SPLITS, DatasetError,
-                              annotation_problems, is_number, split_video_indices, st_ed_label)
-from utils.windows import Window, WindowError, check_stride, gt_window, overlaps_moment, window_starts
+                              annotation_problems, is_number, moments_of, split_video_indices, st_ed_label)
+from utils.windows import (Window, WindowError, check_stride, choose_one, gt_window, overlaps_moment,
+                           window_starts)
 
 logger = logging.getLogger(__name__)
 
@@ -196,14 +197,14 @@ class StartEndDataset(Dataset):
         n_clips = self.clip_count(gt_name)
         starts = self.window_starts(gt_name)
         video_st, video_ed = st_ed_label(_first_moment(row), n_clips, self.clip_length)
-        gt_start, (st, ed), _ = gt_window(starts, self.max_ctx_len, video_st, video_ed, _choice)
+        gt_start, (st, ed), _ = gt_window(starts, self.max_ctx_len, video_st, video_ed, random.choice)
         negative_names = meta["sample_vid_name_list"]
         windows = [Window(gt_name, gt_start)]
         apart = [start for start in starts if not overlaps_moment(start, self.max_ctx_len, video_st, video_ed)]
         if apart and negative_names:
             negative_names = negative_names[:-1]
-            windows.append(Window(gt_name, _choice(apart)))
-        windows += [Window(name, _choice(self.window_starts(name))) for name in negative_names]
+            windows.append(Window(gt_name, choose_one(apart)))
+        windows += [Window(name, choose_one(self.window_starts(name))) for name in negative_names]
         meta["sample_vid_name_list"] = [window.video_name for window in windows[1:]]
         meta["windows"] = windows
         model_inputs["visual"], _ = self._video_inputs(windows, self.video_store, VISUAL_TOKEN_ID, False)
@@ -368,15 +369,9 @@ def build_eval_dataset(opt, read_ranklists=True):
         read_ranklists=read_ranklists, window_stride=opt.get("window_stride", 0))
 
 
-def _choice(options):
-    """random.choice, drawing nothing for a single option: a corpus without long videos then trains with windows
-    exactly as without."""
-    return options[0] if len(options) == 1 else random.choice(options)
-
-
 def _first_moment(row):
     """The training label of an annotation row: its moment, or the first of a multi-moment (DiDeMo) row."""
-    return row["ts"][0] if isinstance(row["ts"][0], (list, tuple)) else row["ts"]
+    return moments_of(row["ts"])[0]
 
 
 def query_inputs(features, max_desc_len):

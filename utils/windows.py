@@ -9,6 +9,7 @@ of the video's features, never stored separately.
 Clip indices inside a window are relative to its start; `to_video_clips` maps them back to the video. Moments
 are (st, ed) clip pairs with ed inclusive, as the labels of utils/tvr_format.py.
 """
+import random
 from typing import NamedTuple
 
 
@@ -74,10 +75,16 @@ def gt_window(starts, max_ctx_len, st, ed, choose):
     """
     containing = containing_starts(starts, max_ctx_len, st, ed)
     if containing:
-        start = containing[0] if len(containing) == 1 else choose(containing)
+        start = choose_one(containing, choose)
         return start, (st - start, ed - start), False
     start = most_covering_start(starts, max_ctx_len, st, ed)
     return start, (max(st - start, 0), min(ed - start, max_ctx_len - 1)), True
+
+
+def choose_one(options, choose=random.choice):
+    """One of `options` by `choose`; a single option is taken without calling it, so that a corpus whose videos
+    fit one window draws the same random numbers with windows as without."""
+    return options[0] if len(options) == 1 else choose(options)
 
 
 def to_video_clips(start, st, ed):
