@@ -21,9 +21,8 @@ window). Training shows a window of the GT video that holds the whole GT moment,
 negative.
 
 Also here: the datasets (training items; the queries and the videos of a split), the encoding of a split's
-windows (`encode_video_bank`), exact ranking (`score_all`, `top_videos`; `best_windows`: the best window of each
-listed video), the VR metrics of a ranking, and the recipe that lets train.py train this model
-(`TRAINING_RECIPE`).
+windows (`encode_video_bank`), exact ranking (`rank_videos`: the top k per query chunk; `score_all`, `top_videos`;
+`best_windows`: the best window of each listed video), the VR metrics of a ranking, and the recipe that lets train.py train this model (`TRAINING_RECIPE`).
 """
 import copy
 import logging
@@ -136,11 +135,11 @@ class FirstStageRetriever(nn.Module):
                                                                dropout) for m in self.modalities})
         self.video_output = nn.ModuleDict({m: nn.Linear(hidden_dim, hidden_dim) for m in self.modalities})
 
-        initial = math.log(1.0 / cfg["init_temperature"])
         if cfg["temperature"] == "learned":
-            self.logit_scale = nn.Parameter(torch.tensor(initial))
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / positive_setting(cfg, "init_temperature"))))
         else:
-            self.register_buffer("logit_scale", torch.tensor(math.log(1.0 / float(cfg["temperature"]))))
+            fixed = positive_setting(cfg, "temperature", alternative='"learned"')
+            self.register_buffer("logit_scale", torch.tensor(math.log(1.0 / fixed)))
 
     def encode_queries(self, query_feat, query_mask):
         """query_feat (Q, Lq, Dq), query_mask (Q, Lq) -> {"query": (Q, M, D) L2-normalised per modality,
@@ -210,6 +209,20 @@ class FirstStageRetriever(nn.Module):
         values = (query_to_video, video_to_query, loss)
         loss_dict = {name: float(value.detach()) for name, value in zip(LOSS_NAMES, values)}
         return loss * world_size, loss_dict
+
+
+def positive_setting(cfg, key, alternative=None):
+    """cfg[key] (a number or a numeric string) as a positive float; a FirstStageError naming the key otherwise
+    (`alternative`: the other value the key accepts, named in the message), not a traceback from math.log."""
+    value = cfg[key]
+    try:
+        number = None if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not 0 < number < math.inf:
+        expected = f"{alternative} or a positive number" if alternative else "a positive number"
+        raise FirstStageError(f"first-stage model config: key {key!r} must be {expected}, found {value!r}")
+    return number
 
 
 def gather_around_local(tensor):
@@ -678,6 +691,19 @@ def score_all(query_emb, bank, query_chunk=1024, video_bucket=512, progress=True
 
 
 @torch.inference_mode()
+def rank_videos(query_emb, bank, top_k, query_chunk=1024, video_bucket=512, progress=True):
+    """As `top_videos(score_all(...), top_k)`, one query chunk at a time -> (values (Q, k), positions (Q, k)) on the
+    CPU, k = min(top_k, V). Only a chunk's (chunk, W) window scores are held besides the (Q, k) result, so memory
+    does not grow with the split's queries (87k x 17k scores on TVR train would be 6 GB)."""
+    n_queries, k = query_emb["query"].shape[0], min(top_k, len(bank))
+    values, positions = torch.empty(n_queries, k), torch.empty(n_queries, k, dtype=torch.int64)
+    for start, stop, window_scores in window_score_chunks(query_emb, bank, query_chunk, video_bucket, progress):
+        chunk_values, chunk_positions = top_videos(video_max(window_scores, bank.window_video, len(bank)), k)
+        values[start:stop], positions[start:stop] = chunk_values.cpu(), chunk_positions.cpu()
+    return values, positions
+
+
+@torch.inference_mode()
 def best_windows(query_emb, bank, positions, query_chunk=1024, video_bucket=512, progress=True):
     """The best window of each listed video: positions (Q, k) bank video positions (e.g. of `top_videos`) ->
     (starts (Q, k) int64 first clip of the window in the video, scores (Q, k) its score = the video's score),
@@ -792,9 +818,8 @@ class SplitRanking:
         device = next(model.parameters()).device
         bank = encode_video_bank(model, self.videos, device, batch_size=opt.eval_query_bsz * 8)
         query_emb = encode_query_bank(model, self.queries, device)
-        _, positions = top_videos(score_all(query_emb, bank), max(RECALL_TOPK))
-        return vr_metrics(bank.video_idx.to(positions.device)[positions], self.gt_video_idx.to(positions.device),
-                          opt.max_vcmr_video)
+        _, positions = rank_videos(query_emb, bank, max(RECALL_TOPK))
+        return vr_metrics(bank.video_idx[positions], self.gt_video_idx, opt.max_vcmr_video)
 
 
 TRAINING_RECIPE = FirstStageRecipe

@@ -6,18 +6,35 @@
 
 RUN_DIR is a first-stage run of train.py (--model first_stage); its model.ckpt is read, and its opt.json gives
 max_ctx_len and window_stride: videos are read as the run was trained (windows of max_ctx_len clips every
-window_stride clips; 0: the first max_ctx_len clips). Per split, every window of every video is encoded once,
-every query is scored against every video (its best window; exact, chunked matrix products; `--faiss`: an
-approximate index of per-window summaries, see `VideoSummaryIndex`), and the ranklist is written in the release
-layout (LMDB keyed by str(desc_id), msgpack [[global_video_idx, score], ...] best first; one entry per video,
-whatever its windows: CONQUER re-ranks all windows of each listed video): train keeps the top --train_top (2000)
-videos, val and test_public the top --eval_top (100). OUT_DIR (default RUN_DIR/first_stage_ranklists) receives
+window_stride clips; 0: the first max_ctx_len clips). The splits ranked are --splits, by default those of the
+data config that have queries (a corpus built without test_public ranks train and val). Per split, every window
+of every video is encoded once, every query is scored against every video (its best window; exact, chunked
+matrix products keeping the top k of each query chunk, so memory does not grow with the queries; `--faiss`: an
+approximate index of per-window summaries instead, see `VideoSummaryIndex`, with exact scoring of a sample of
+--faiss_check_queries queries only to report its recall), and the ranklist is written in the release layout
+(LMDB keyed by str(desc_id), msgpack [[global_video_idx, score], ...] best first; one entry per video, whatever
+its windows: CONQUER re-ranks all windows of each listed video): train keeps the top --train_top (2000, at least
+100: select100 needs the top 100) videos, val and test_public the top --eval_top (100).
+
+The score written is the model's own s (cosine-like, in [-1, 1]), which CONQUER's general measure multiplies
+(s * p_begin * p_end with --use_interal_vr_scores). A positive transform, exp((s - 1) / T) with T the model's
+temperature (its softmax probability up to a constant), was measured against it end to end (method/tools/
+benchmark_first_stage_scores.py) and did not do better: on a synthetic corpus, CONQUER (tiny, general measure)
+evaluated with the same checkpoint and lists, val VCMR 0.5-r1 9.33 with s, 7.67 with the transform (300 queries,
+one query = 0.33). The top lists of a trained first stage hold positive s (0.37-0.64 there), where the sign
+problem does not arise, while exp(s / T) spreads them ~270-fold and lets the first stage's order override the
+moment probabilities.
+
+OUT_DIR (default RUN_DIR/first_stage_ranklists) receives
 
     train_top2000/, val_top100/, test_public_top100/   the ranklist stores of the splits ranked
     train_select100.jsonl    the training queries whose GT video is in the top 100 (what CONQUER trains on)
-    data_config.json         the input data config with only the ranklist and training-annotation paths changed
+    data_config.json         the input data config with only the ranklist and training-annotation paths changed:
+                             the config to train and evaluate CONQUER on (the last line printed names it)
     metrics.json             VR metrics (R@1, 5, 10, 100; share of queries with the GT in the top
-                             --max_vcmr_video) of every written list, beside those of the input config's lists
+                             --max_vcmr_video; list_length, when shorter than 100 R@100 is R@list_length) of
+                             every written list, beside those of the input config's lists; with --faiss the
+                             recall of the approximate lists against exact search on the sampled queries
     <list>_windows.jsonl     only with --window_lists, per ranked split (e.g. val_top100_windows.jsonl): one row
                              per query, {"desc_id", "windows": [[global_video_idx, start_clip, score], ...]}, the
                              best window of each video of its ranklist, in the ranklist's order (the score is the
@@ -28,21 +45,21 @@ Everything is written into a temporary folder renamed to OUT_DIR at the end; an 
 import argparse
 import logging
 import os
-import shutil
 import time
 
 import numpy as np
 import torch
+from easydict import EasyDict
 from tqdm import tqdm
 
 from method.checkpoint import load_model_checkpoint
 from method.first_stage import (FirstStageError, FirstStageRetriever, QueryItems, VideoItems, best_windows,
-                                encode_query_bank, encode_video_bank, score_all, split_queries, split_videos,
+                                encode_query_bank, encode_video_bank, rank_videos, split_queries, split_videos,
                                 top_videos, video_max, vr_metrics)
 from utils.data_config import load_data_config
 from utils.errors import OptionError, run_cli
 from utils.feature_stores import FeatureStoreError, RanklistStore, write_ranklist_store
-from utils.io_utils import load_json, save_json, save_jsonl
+from utils.io_utils import atomic_folder, load_json, save_json, save_jsonl
 from utils.run_dir import CKPT_FILENAME, OPT_FILENAME, locate_model_dir
 from utils.tvr_format import FIRST_STAGE_TOP, SPLIT_FILE_KEYS, SPLITS
 
@@ -150,8 +167,9 @@ def recall_against(exact_positions, approximate_positions):
 # one split
 
 def rank_split(model, config, split, opt, args, device):
-    """-> {"rows", "video_idx" (Q, k) global indices best first, "scores" (Q, k), "faiss_recall" or None,
-    "window_starts" (Q, k) the best window of each listed video (with --window_lists) or None}."""
+    """-> {"rows", "video_idx" (Q, k) global indices best first, "scores" (Q, k), "faiss_check"
+    (see `faiss_check`) or None, "window_starts" (Q, k) the best window of each listed video (with --window_lists)
+    or None}."""
     rows = split_queries(config, split)
     video2idx = split_videos(config, split)
     if not video2idx:
@@ -164,15 +182,17 @@ def rank_split(model, config, split, opt, args, device):
     start = time.time()
     bank = encode_video_bank(model, videos, device, batch_size=args.video_bsz, num_workers=args.num_workers)
     query_emb = encode_query_bank(model, queries, device, num_workers=args.num_workers)
-    exact_values, exact_positions = top_videos(score_all(query_emb, bank, query_chunk=args.query_chunk), top)
-    result = {"rows": rows, "faiss_recall": None}
-    values, positions = exact_values, exact_positions
+    result = {"rows": rows, "faiss_check": None}
     if args.faiss:
         index = VideoSummaryIndex(bank, n_probe=args.faiss_n_probe, n_candidates=max(args.faiss_candidates, top))
         values, positions = index.top_videos(query_emb, top)
-        n = min(FIRST_STAGE_TOP, positions.shape[1])
-        result["faiss_recall"] = recall_against(exact_positions[:, :n].cpu(), positions[:, :n].cpu())
-        logger.info("%s: FAISS recall@%d against exact %.4f", split, n, result["faiss_recall"])
+        result["faiss_check"] = faiss_check(query_emb, bank, positions, args.faiss_check_queries, args.query_chunk)
+        if result["faiss_check"]:
+            logger.info("%s: FAISS recall@%d against exact search on %d sampled queries: %.4f", split,
+                        result["faiss_check"]["k"], result["faiss_check"]["queries_checked"],
+                        result["faiss_check"]["recall"])
+    else:
+        values, positions = rank_videos(query_emb, bank, top, query_chunk=args.query_chunk)
     result["video_idx"] = bank.video_idx[positions.cpu()]
     result["scores"] = values.cpu()
     result["window_starts"] = (best_windows(query_emb, bank, positions, query_chunk=args.query_chunk)[0]
@@ -180,6 +200,21 @@ def rank_split(model, config, split, opt, args, device):
     logger.info("%s: %d queries x %d videos (%d windows) ranked in %.1f s", split, len(rows), len(bank),
                 bank.n_windows, time.time() - start)
     return result
+
+
+def faiss_check(query_emb, bank, positions, n_check, query_chunk):
+    """Recall of approximate lists against exact search on a sample of n_check queries (exact scoring of all
+    queries is what --faiss avoids) -> {"k", "recall", "queries_checked"}, k = min(100, list length); None for
+    n_check 0. The sample is random with a fixed seed, so reruns check the same queries."""
+    if n_check == 0:
+        return None
+    n_queries = positions.shape[0]
+    sample = torch.from_numpy(np.sort(np.random.default_rng(0).permutation(n_queries)[:n_check]))
+    k = min(FIRST_STAGE_TOP, positions.shape[1])
+    exact = rank_videos({key: value[sample.to(value.device)] for key, value in query_emb.items()}, bank, k,
+                        query_chunk=query_chunk, progress=False)[1]
+    return {"k": k, "recall": round(recall_against(exact, positions[sample][:, :k].cpu()), 4),
+            "queries_checked": len(sample)}
 
 
 def window_list_rows(rows, video_idx, window_starts, scores):
@@ -232,40 +267,75 @@ def load_first_stage(model_dir, device, flag="--model_dir"):
     return model.to(device).eval(), opt
 
 
+def splits_to_rank(config, requested):
+    """--splits, or by default the data config's splits that have queries (a built corpus may have no test_public)
+    -> (splits, the log line saying which)."""
+    if requested:
+        return list(requested), f"ranking --splits {' '.join(requested)}"
+    splits = [split for split in SPLITS if has_rows(config[SPLIT_FILE_KEYS[split][0]])]
+    if not splits:
+        raise FirstStageError(f"data config: no split has queries ({', '.join(SPLIT_FILE_KEYS[s][0] for s in SPLITS)} "
+                              f"are missing or empty)")
+    skipped = [split for split in SPLITS if split not in splits]
+    return splits, (f"ranking the splits with queries: {', '.join(splits)}"
+                    + (f" ({', '.join(skipped)}: no queries)" if skipped else ""))
+
+
+def has_rows(path):
+    """Whether the jsonl file at `path` exists and holds a non-blank line (read up to the first one only)."""
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return any(line.strip() for line in f)
+
+
+def check_device(device):
+    """--device -> torch.device; a CUDA index the machine does not have is an OptionError."""
+    if device < 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise OptionError(f"--device {device}: CUDA is not available on this machine; use --device -1 (CPU)")
+    if device >= torch.cuda.device_count():
+        raise OptionError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(f"cuda:{device}")
+
+
 def rank_corpus(args):
-    """Rank the splits and write OUT_DIR -> the metrics written (also in OUT_DIR/metrics.json)."""
+    """Rank the splits and write OUT_DIR -> (OUT_DIR, the metrics written, also in OUT_DIR/metrics.json)."""
     out_dir = os.path.abspath(args.out_dir or os.path.join(args.model_dir, "first_stage_ranklists"))
     if os.path.exists(out_dir):
         raise OptionError(f"--out_dir {out_dir} exists; remove it or pass another --out_dir")
-    device = torch.device("cpu") if args.device < 0 else torch.device(f"cuda:{args.device}")
+    device = check_device(args.device)
     model, opt = load_first_stage(args.model_dir, device)
     config_path = args.dataset_config or opt["dataset_config"]
     config = load_data_config(config_path)
     raw_config = load_json(config_path)
-    for split in args.splits:  # bad input stops the run before any ranking
+    # The built corpus's note that it has no lists yet (utils/build_corpus.py) is not true of this config.
+    raw_config.pop("first_stage_ranklists", None)
+    splits, line = splits_to_rank(config, args.splits)
+    logger.info(line)
+    for split in splits:  # bad input stops the run before any ranking
         split_queries(config, split)
 
-    partial = f"{out_dir}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    try:
+    with atomic_folder(out_dir) as partial:
         metrics = {}
-        for split in args.splits:
+        for split in splits:
             top = args.train_top if split == "train" else args.eval_top
-            ranked = rank_split(model, config, split, _Options(opt), args, device)
+            ranked = rank_split(model, config, split, EasyDict(opt), args, device)
             store_name = ranklist_name(split, top)
             write_ranklist_store(os.path.join(partial, store_name),
                                  ((row["desc_id"], list(zip(idx.tolist(), score.tolist())))
                                   for row, idx, score in zip(ranked["rows"], ranked["video_idx"], ranked["scores"])))
             raw_config[SPLIT_FILE_KEYS[split][1]] = os.path.join(out_dir, store_name)
-            split_metrics = {"n_queries": len(ranked["rows"]), "ranklist": os.path.join(out_dir, store_name)}
+            split_metrics = {"n_queries": len(ranked["rows"]), "ranklist": os.path.join(out_dir, store_name),
+                             "list_length": ranked["video_idx"].shape[1]}
             if ranked["window_starts"] is not None:
                 window_file = f"{store_name}_windows.jsonl"
                 save_jsonl(window_list_rows(ranked["rows"], ranked["video_idx"], ranked["window_starts"],
                                             ranked["scores"]), os.path.join(partial, window_file))
                 split_metrics["window_list"] = os.path.join(out_dir, window_file)
-            if ranked["faiss_recall"] is not None:
-                split_metrics["faiss_recall_at_100_vs_exact"] = round(ranked["faiss_recall"], 4)
+            if ranked["faiss_check"] is not None:
+                split_metrics["faiss_recall_vs_exact"] = ranked["faiss_check"]
             if split != "test_public":
                 gt = gt_indices(ranked["rows"], config, split)
                 split_metrics["first_stage"] = vr_metrics(ranked["video_idx"], gt, args.max_vcmr_video)
@@ -281,32 +351,29 @@ def rank_corpus(args):
             metrics[split] = split_metrics
         save_json(raw_config, os.path.join(partial, "data_config.json"), save_pretty=True)
         save_json(metrics, os.path.join(partial, "metrics.json"), save_pretty=True)
-        os.rename(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return out_dir, metrics
 
 
-class _Options(dict):
-    """A run's opt.json with attribute access."""
-    __getattr__ = dict.__getitem__
-
-
 def format_metrics(metrics):
-    """Lines: split, list, R@1/5/10/100, GT in the top max_vcmr_video."""
+    """Lines: split, list, R@1/5/10/100, GT in the top max_vcmr_video; R@100 is labelled by the list length
+    when the lists are shorter."""
     lines = [f"{'split':12s} {'ranklist':14s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'R@100':>6s} {'in top k':>8s}"]
     for split, split_metrics in metrics.items():
         for name in ("first_stage", "input_ranklist"):
             m = split_metrics.get(name)
             if m:
+                short = name == "first_stage" and split_metrics["list_length"] < FIRST_STAGE_TOP
                 lines.append(f"{split:12s} {name:14s} {m['r1']:6.2f} {m['r5']:6.2f} {m['r10']:6.2f} {m['r100']:6.2f} "
-                             f"{m['gt_in_top_max_vcmr_video']:8.2f}")
+                             f"{m['gt_in_top_max_vcmr_video']:8.2f}"
+                             + (f"  (lists of {split_metrics['list_length']}: R@100 is "
+                                f"R@{split_metrics['list_length']})" if short else ""))
         if "select100" in split_metrics:
             s = split_metrics["select100"]
             lines.append(f"{split:12s} select100: {s['kept']} queries kept, {s['dropped']} dropped")
-        if "faiss_recall_at_100_vs_exact" in split_metrics:
-            lines.append(f"{split:12s} FAISS recall@100 vs exact: {split_metrics['faiss_recall_at_100_vs_exact']}")
+        check = split_metrics.get("faiss_recall_vs_exact")
+        if check:
+            lines.append(f"{split:12s} FAISS recall@{check['k']} vs exact ({check['queries_checked']} sampled "
+                         f"queries): {check['recall']}")
     return lines
 
 
@@ -314,24 +381,29 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_dir", required=True, help="first-stage run directory (opt.json, model.ckpt)")
     parser.add_argument("--dataset_config", default=None, help="data config (default: the run's)")
-    parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
+    parser.add_argument("--splits", nargs="+", choices=SPLITS, default=None,
+                        help="splits to rank (default: those of the data config that have queries)")
     parser.add_argument("--out_dir", default=None, help="output folder (default RUN_DIR/first_stage_ranklists)")
     parser.add_argument("--device", type=int, default=-1, help="CUDA device; -1 = CPU")
-    parser.add_argument("--train_top", type=int, default=TRAIN_TOP, help="videos per training query")
+    parser.add_argument("--train_top", type=int, default=TRAIN_TOP,
+                        help=f"videos per training query (at least {FIRST_STAGE_TOP}: train_select100 needs them)")
     parser.add_argument("--eval_top", type=int, default=EVAL_TOP, help="videos per val / test_public query")
     parser.add_argument("--max_vcmr_video", type=int, default=10,
                         help="CONQUER's candidate count: the metrics report the share of GT videos in this top")
     parser.add_argument("--video_bsz", type=int, default=64,
                         help="windows encoded per batch (videos, for a run without --window_stride)")
-    parser.add_argument("--query_chunk", type=int, default=1024, help="queries scored per matrix product")
+    parser.add_argument("--query_chunk", type=int, default=1024,
+                        help="queries scored per matrix product (memory: query_chunk x windows scores)")
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers reading features")
     parser.add_argument("--faiss", action="store_true",
-                        help="approximate search: a FAISS index of per-window summaries (per video without "
-                             "windows), then exact scoring of their videos")
+                        help="approximate search instead of exact scoring: a FAISS index of per-window summaries "
+                             "(per video without windows), then exact scoring of their videos")
     parser.add_argument("--faiss_n_probe", type=int, default=512, help="inverted lists probed per query")
     parser.add_argument("--faiss_candidates", type=int, default=2000,
                         help="windows (videos without windows) taken per query and modality from the index, "
                              "their videos scored exactly (at least the list length)")
+    parser.add_argument("--faiss_check_queries", type=int, default=256,
+                        help="queries per split also ranked exactly to report the recall of --faiss (0: none)")
     parser.add_argument("--window_lists", action="store_true",
                         help="also write <list>_windows.jsonl per split: the start clip of the best window of "
                              "every listed video")
@@ -340,6 +412,11 @@ def parse_args(argv=None):
                  "faiss_candidates"):
         if getattr(args, name) <= 0:
             raise OptionError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.faiss_check_queries < 0:
+        raise OptionError(f"--faiss_check_queries must be >= 0, got {args.faiss_check_queries}")
+    if args.train_top < FIRST_STAGE_TOP:
+        raise OptionError(f"--train_top {args.train_top}: at least {FIRST_STAGE_TOP}, the top that "
+                          f"train_select100 (CONQUER's training queries) is taken from")
     if args.eval_top < args.max_vcmr_video:
         raise OptionError(f"--eval_top {args.eval_top} must be >= --max_vcmr_video {args.max_vcmr_video}")
     return args
@@ -350,7 +427,9 @@ def main(argv=None):
     args = parse_args(argv)
     out_dir, metrics = rank_corpus(args)
     print("\n".join(format_metrics(metrics)))
-    print(f"written: {out_dir}\nCONQUER on these lists: --dataset_config {os.path.join(out_dir, 'data_config.json')}")
+    print(f"written: {out_dir}")
+    # The one place that names the config CONQUER trains on: the corpus's own config has no ranklists.
+    print(f"Train with: --dataset_config {os.path.join(out_dir, 'data_config.json')}")
 
 
 if __name__ == "__main__":

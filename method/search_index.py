@@ -32,7 +32,6 @@ import hashlib
 import logging
 import os
 import platform
-import secrets
 import shutil
 
 import numpy as np
@@ -46,7 +45,7 @@ from method.dataset import build_eval_dataset, prepare_batch_inputs
 from method.rank_first_stage import load_first_stage
 from utils import run_dir as run_dirs
 from utils.errors import ConquerError
-from utils.io_utils import atomic_write, load_json, save_json
+from utils.io_utils import atomic_folder, atomic_write, load_json, save_json
 from utils.windows import Window
 
 logger = logging.getLogger(__name__)
@@ -57,7 +56,6 @@ CURRENT_FILENAME = "CURRENT"
 MANIFEST_FILENAME = "manifest.json"
 WINDOWS_FILENAME = "windows.json"
 VERSION_PREFIX = "v"
-PARTIAL_PREFIX = ".partial-"
 # `--first_stage ranklist`: no learned first stage; candidates come from the corpus's stored ranklists.
 RANKLIST_FIRST_STAGE = "ranklist"
 # Manifest entries that opening an index and loading a Searcher read: section -> its keys (() = a plain value).
@@ -383,18 +381,23 @@ def build_index(out_dir, conquer, first_stage, dataset_config, split="val", upda
     first_stage_model = (load_first_stage_model(first_stage, opt.device)
                          if new_names and first_stage != RANKLIST_FIRST_STAGE else None)
     # A new version goes inside an existing index (CURRENT switches to it); anything else is renamed into place.
-    staging = _staging_dir(out_dir, os.path.isfile(os.path.join(out_dir, CURRENT_FILENAME)))
-    try:
+    inside = os.path.isfile(os.path.join(out_dir, CURRENT_FILENAME))
+    version = _next_version(out_dir) if inside else f"{VERSION_PREFIX}000001"
+    with atomic_folder(os.path.join(out_dir, version) if inside else out_dir,
+                       replace=not inside and os.path.isdir(out_dir)) as staging:
+        version_dir = staging if inside else os.path.join(staging, version)
+        if not inside:
+            os.mkdir(version_dir)
         chunk_sizes, windows, arrays = [], [], {}
         if previous is not None:
-            chunk_sizes, windows = _carry_rows(previous, kept_set, staging)
+            chunk_sizes, windows = _carry_rows(previous, kept_set, version_dir)
             arrays = dict(previous.manifest["arrays"])
         new_windows = [[Window(name, start) for name in new_names[first:first + chunk_videos]
                         for start in dataset.window_starts(name)]
                        for first in range(0, len(new_names), chunk_videos)]
         with torch.inference_mode(), tqdm(total=sum(map(len, new_windows)), desc="Indexing windows") as bar:
             for chunk_windows in new_windows:
-                specs = _write_chunk(staging, len(chunk_sizes), chunk_windows, dataset, model, first_stage_model,
+                specs = _write_chunk(version_dir, len(chunk_sizes), chunk_windows, dataset, model, first_stage_model,
                                      opt.device, batch_size, bar)
                 if arrays and specs != arrays:
                     raise SearchIndexError(f"search index {out_dir}: new videos encode to arrays {specs}, the index "
@@ -402,15 +405,15 @@ def build_index(out_dir, conquer, first_stage, dataset_config, split="val", upda
                 arrays = specs
                 chunk_sizes.append(len(chunk_windows))
                 windows += chunk_windows
-        save_json([list(window) for window in windows], os.path.join(staging, WINDOWS_FILENAME))
+        save_json([list(window) for window in windows], os.path.join(version_dir, WINDOWS_FILENAME))
         manifest = dict(format=INDEX_FORMAT, format_version=FORMAT_VERSION, created=_now(), **identity,
                         n_videos=len(kept) + len(new_names), n_windows=len(windows), chunks=chunk_sizes,
                         arrays=arrays, environment=_environment())
-        save_json(manifest, os.path.join(staging, MANIFEST_FILENAME), save_pretty=True)
-        _publish(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        save_json(manifest, os.path.join(version_dir, MANIFEST_FILENAME), save_pretty=True)
+        if not inside:
+            _write_current(staging, version)
+    if inside:
+        _switch_version(out_dir, version)
     index = SearchIndex.open(out_dir)
     return dict(out_dir=out_dir, n_videos=len(index.video_names), n_windows=len(index.windows),
                 n_encoded=len(new_names), nbytes=index.nbytes)
@@ -438,30 +441,6 @@ def _previous_index(out_dir, identity, update, overwrite):
         raise SearchIndexError(f"--update {out_dir}: the index was built from other inputs ({difference}); "
                                "pass --overwrite to rebuild it, or another --out_dir")
     return previous
-
-
-def _staging_dir(out_dir, inside):
-    """A temporary folder on the index's file system: inside the index (a new version) or beside it."""
-    if inside:
-        for stale in os.listdir(out_dir):
-            if stale.startswith(PARTIAL_PREFIX):  # left by an interrupted build
-                shutil.rmtree(os.path.join(out_dir, stale), ignore_errors=True)
-        return _new_dir(out_dir, PARTIAL_PREFIX)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    return _new_dir(parent, f".{os.path.basename(os.path.abspath(out_dir))}{PARTIAL_PREFIX}")
-
-
-def _new_dir(parent, prefix):
-    """A new folder `parent/prefix<random>` with the umask's permissions: tempfile.mkdtemp's are 0700, and the
-    staged folder becomes the index or a version of it, which a server running as another user must read."""
-    while True:
-        path = os.path.join(parent, prefix + secrets.token_hex(4))
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:
-            continue
 
 
 def _carry_rows(previous, keep, staging):
@@ -512,33 +491,20 @@ def _write_chunk(staging, chunk_id, windows, dataset, model, first_stage_model, 
     return {name: dict(shape=list(array.shape[1:]), dtype=str(array.dtype)) for name, array in files.items()}
 
 
-def _publish(staging, out_dir):
-    """Make the staged version live: a first build renames the whole staged index into place; an update
-    renames the staged version into the index, then switches CURRENT to it and removes the old version."""
-    if os.path.dirname(os.path.abspath(staging)) != os.path.abspath(out_dir):
-        version = f"{VERSION_PREFIX}000001"
-        os.rename(_as_first_version(staging, version), out_dir)
-        return
-    with open(os.path.join(out_dir, CURRENT_FILENAME)) as f:
-        old_version = f.read().strip()
-    existing = [int(name[len(VERSION_PREFIX):]) for name in os.listdir(out_dir)
+def _next_version(index_dir):
+    """The name of the version after the highest one in an index folder."""
+    existing = [int(name[len(VERSION_PREFIX):]) for name in os.listdir(index_dir)
                 if name.startswith(VERSION_PREFIX) and name[len(VERSION_PREFIX):].isdigit()]
-    version = f"{VERSION_PREFIX}{max(existing, default=0) + 1:06d}"
-    os.rename(staging, os.path.join(out_dir, version))
-    _write_current(out_dir, version)
+    return f"{VERSION_PREFIX}{max(existing, default=0) + 1:06d}"
+
+
+def _switch_version(index_dir, version):
+    """Point CURRENT at `version` (atomically), then remove the version it named."""
+    with open(os.path.join(index_dir, CURRENT_FILENAME)) as f:
+        old_version = f.read().strip()
+    _write_current(index_dir, version)
     if old_version and old_version != version:
-        shutil.rmtree(os.path.join(out_dir, old_version), ignore_errors=True)
-
-
-def _as_first_version(staging, version):
-    """Move the staged files into `staging/version` and point CURRENT at it -> staging."""
-    inner = _new_dir(staging, PARTIAL_PREFIX)
-    for name in os.listdir(staging):
-        if os.path.join(staging, name) != inner:
-            os.rename(os.path.join(staging, name), os.path.join(inner, name))
-    os.rename(inner, os.path.join(staging, version))
-    _write_current(staging, version)
-    return staging
+        shutil.rmtree(os.path.join(index_dir, old_version), ignore_errors=True)
 
 
 def _write_current(index_dir, version):

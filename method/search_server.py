@@ -42,11 +42,11 @@ from werkzeug.exceptions import HTTPException, NotFound
 from method.search import MAX_TOP_K, SERVE_MAX_QUEUE, SERVE_REQUEST_TIMEOUT, SERVE_THREADS, QueryError
 from method.search_index import describe
 from utils.errors import ConquerError, OptionError
+from utils.video_decoding import VIDEO_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 8 * 2 ** 20
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov")
 QUERY_KEYS = ("text", "desc_id", "features")
 OPTION_KEYS = ("top_k", "nms_thd", "truncate")
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rank every query of the corpus with a trained first stage; writes the ranklists in the release layout, the
-# select100 training file, a data config for CONQUER and the VR metrics (method/rank_first_stage.py).
-#   bash scripts/rank_first_stage.sh RUN_DIR GPU|cpu [--splits train val test_public] [--out_dir DIR] [--faiss]
+# select100 training file, a data config for CONQUER and the VR metrics (method/rank_first_stage.py). By default
+# the splits that have queries are ranked; the last line printed is "Train with: --dataset_config PATH".
+#   bash scripts/rank_first_stage.sh RUN_DIR GPU|cpu [--splits train val] [--out_dir DIR] [--faiss]
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 if [[ $# -lt 2 ]]; then

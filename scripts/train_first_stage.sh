@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Train the first stage (the video retriever whose ranklists CONQUER re-ranks) with train.py's loop: early
-# stopping on validation VR R@1, run directory, --resume, torchrun, --amp as for CONQUER.
+# Train the first stage (the video retriever whose ranklists CONQUER re-ranks) with train.py's loop: the kept
+# checkpoint and early stopping follow validation VR R@10 + R@100 (what a first stage hands on to CONQUER), run
+# directory, --resume, torchrun, --amp as for CONQUER.
 #   bash scripts/train_first_stage.sh EXP_ID GPU|GPU,GPU,...|cpu [extra train.py flags, which override these]
 # Then: bash scripts/rank_first_stage.sh RUN_DIR GPU|cpu
 set -euo pipefail

@@ -7,9 +7,10 @@
 
 Writes under DIR: the annotation jsonl of every split, `<name>_video2dur_idx.json`, the video, subtitle and
 query LMDB stores in the release encodings, and DIR/data_config.json (root_path = DIR); then prints the
-train.py flags for the corpus. When videos are longer than the model's max_ctx_len clips, it says how many
-and the longest, and the flags include `--window_stride N` (this command's --window_stride, default half a
-window), so that training and evaluation read them as overlapping windows rather than their first clips.
+first-stage commands that come next and the train.py flags for the corpus. When videos are longer than the
+model's max_ctx_len clips, it says how many and the longest, and the flags include `--window_stride N` (this
+command's --window_stride, default half a window), so that training and evaluation read them as overlapping
+windows rather than their first clips.
 
 * Video features: each `--video_features` PATH is one feature set (a folder of per-video .npy / .npz / .pt
   files or one .h5 keyed by video name). Several sets are L2-normalised row-wise (unless
@@ -26,28 +27,33 @@ window), so that training and evaluation read them as overlapping windows rather
   the corpus is visual-only (ctx_mode visual).
 * Moments outside their video are clipped to it (counted in a warning). DiDeMo gives no durations: they
   come from --durations (JSON {video: seconds}) or from the features (clips x clip_length).
-* First-stage ranklists are not written: the data config points at the paths where the first-stage
-  retriever writes them (data/<split>_first_stage_ranklist); training needs them.
+* First-stage ranklists are not written. The first stage comes next: scripts/train_first_stage.sh on this
+  corpus, then scripts/rank_first_stage.sh, which writes the lists with their own data config (this one with
+  the ranklist paths replaced) and names it on its last line; CONQUER trains on that config. The ranklist keys
+  here (required by the loader) name data/<split>_first_stage_ranklist, where lists from another retriever
+  may be put to train on this config directly.
 
-Everything is built in DIR.partial and renamed to DIR at the end, so a failed build leaves no corpus; an
-existing DIR is an error. Features are streamed one video at a time.
+Everything is built in a temporary folder beside DIR (DIR.partial-<pid>-<hex>) and renamed to DIR at the end,
+so a failed build leaves no corpus and concurrent builds never remove each other's work; an existing DIR is an
+error (also when another build creates it first). Features are streamed one video at a time.
 """
 import argparse
+import contextlib
 import logging
 import os
-import shutil
 import time
 
 import numpy as np
 from tqdm import tqdm
 
 import config as config_package
-from utils.corpus_formats import (ANNOTATION_FORMATS, CorpusInputError, check_feature_array, l2_normalize_rows,
-                                  load_annotations, load_subtitles, open_features, resample_rows,
+from utils.corpus_formats import (ANNOTATION_FORMATS, CorpusInputError, check_feature_array, duration_seconds,
+                                  l2_normalize_rows, load_annotations, load_subtitles, open_features, resample_rows,
                                   subtitle_clip_features)
 from utils.errors import run_cli
 from utils.feature_stores import StoreWriter, encode_npz_features, encode_video_features
-from utils.io_utils import load_json, save_json, save_jsonl
+from utils.io_utils import atomic_folder, load_json, save_json, save_jsonl
+from utils.standalone_eval import TS_MIN_OVERLAPS
 from utils.tvr_format import SPLITS
 from utils.windows import WindowError, check_stride
 
@@ -59,8 +65,8 @@ MODEL_CONFIG_PATH = os.path.join(os.path.dirname(config_package.__file__), "mode
 
 
 def release_layout(name, clip_length):
-    """Path keys of the data config (relative to root_path) for corpus `name`. The ranklist paths are where
-    the first-stage retriever writes its lists."""
+    """Path keys of the data config (relative to root_path) for corpus `name`. Nothing writes the ranklist paths:
+    rank_first_stage writes its own folder and config; they are where lists from another retriever may go."""
     cl = f"{clip_length:g}"
     return dict(
         desc_bert_path=f"sub_query_feature/{name}_query",
@@ -218,6 +224,12 @@ def _clip_moment(moment, duration, desc_id, warnings):
     return [round(t, 4) for t in clipped]
 
 
+def load_durations(path):
+    """--durations: a JSON {video: seconds} -> {video: float}; a value that is not a positive number is an
+    error naming the file and the video."""
+    return {name: duration_seconds(value, path, f"video {name!r}") for name, value in load_json(path).items()}
+
+
 def _release_row(record, split, duration, warnings):
     """The annotation row written for one query."""
     row = dict(desc_id=record["desc_id"], desc=record["desc"])
@@ -227,6 +239,8 @@ def _release_row(record, split, duration, warnings):
         label = _clip_moment(record["moment"], duration, record["desc_id"], warnings)
         if split != "train" and record["annotator_moments"]:
             row["ts"] = [_clip_moment(m, duration, record["desc_id"], warnings) for m in record["annotator_moments"]]
+            if TS_MIN_OVERLAPS in record:
+                row[TS_MIN_OVERLAPS] = record[TS_MIN_OVERLAPS]
         else:
             row["ts"] = label
     if "type" in record:
@@ -279,7 +293,7 @@ def build_corpus(out_dir, annotation_format, annotations, video_features, clip_l
             raise CorpusInputError(f"desc_id {untyped['desc_id']}: no 'type' (v, t or vt), which a corpus named "
                                    f"'tvr' needs for its per-type metrics; pass another --dset_name")
     videos_by_split = {split: _videos_of(records) for split, records in records_by_split.items()}
-    given_durations = load_json(durations) if durations else {}
+    given_durations = load_durations(durations) if durations else {}
 
     video_sets = VideoFeatureSets(video_features, clip_lengths, clip_length, l2_normalize, max_clip_count_diff,
                                   warnings)
@@ -305,11 +319,8 @@ def build_corpus(out_dir, annotation_format, annotations, video_features, clip_l
                if text_encoder and (subtitles or not query_features) else None)
 
     layout = release_layout(dset_name, clip_length)
-    partial = out_dir + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted earlier build left
-    os.makedirs(partial)
-    path = {key: os.path.join(partial, relative) for key, relative in layout.items()}
-    try:
+    with _corpus_folder(out_dir) as partial, _closed_at_exit(video_sets, sub_source, query_source):
+        path = {key: os.path.join(partial, relative) for key, relative in layout.items()}
         n_clips_by_video, dims = _write_video_stores(path, all_videos, video_sets, sub_source, subtitle_sentences,
                                                      encoder, clip_length, max_clip_count_diff, warnings, progress)
         dims["query"] = _write_query_store(path["desc_bert_path"], all_queries, query_source, encoder, progress)
@@ -339,17 +350,9 @@ def build_corpus(out_dir, annotation_format, annotations, video_features, clip_l
             video_feature_sets=[dict(path=os.path.abspath(p), clip_length=c, dim=d, l2_normalized=l2_normalize)
                                 for p, c, d in zip(video_features, clip_lengths, video_sets.dims)],
             text_encoder=encoder.settings() if encoder is not None else None,
-            first_stage_ranklists="not written yet: the first-stage retriever writes them to the *_ranklist paths")
+            first_stage_ranklists="none in this corpus: scripts/rank_first_stage.sh writes them with the data config "
+                                  "to train CONQUER on (its last line names it)")
         save_json(data_config, os.path.join(partial, DATA_CONFIG_NAME), save_pretty=True)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    finally:
-        video_sets.close()
-        for source in (sub_source, query_source):
-            if source is not None:
-                source.close()
-    os.rename(partial, out_dir)
 
     return dict(data_config=os.path.join(out_dir, DATA_CONFIG_NAME), dset_name=dset_name, ctx_mode=ctx_mode,
                 clip_length=clip_length, max_ctx_len=max_ctx_len, n_long_videos=n_long,
@@ -358,6 +361,30 @@ def build_corpus(out_dir, annotation_format, annotations, video_features, clip_l
                 dims=dims, queries={split: len(records_by_split[split]) for split in SPLITS},
                 videos={split: len(videos_by_split[split]) for split in SPLITS},
                 warnings=warnings.lines(), seconds=round(time.time() - started, 1))
+
+
+@contextlib.contextmanager
+def _corpus_folder(out_dir):
+    """`atomic_folder(out_dir)`, stopping with a CorpusInputError when another build published out_dir first."""
+    try:
+        with atomic_folder(out_dir) as partial:
+            yield partial
+    except FileExistsError as e:
+        if e.filename != out_dir:
+            raise
+        raise CorpusInputError(f"--out_dir {out_dir}: another build created it meanwhile; this build is "
+                               f"discarded") from None
+
+
+@contextlib.contextmanager
+def _closed_at_exit(*sources):
+    """Close the feature sources (None where there is none) however the build ends."""
+    try:
+        yield
+    finally:
+        for source in sources:
+            if source is not None:
+                source.close()
 
 
 def _write_video_stores(path, names, video_sets, sub_source, subtitle_sentences, encoder, clip_length,
@@ -425,8 +452,14 @@ def _write_query_store(store_path, records, query_source, encoder, progress):
 
 
 def training_flags(summary):
-    """The train.py flags for a built corpus (its training set must follow the options, unlike the original's)."""
-    flags = ["--dataset_config", summary["data_config"], "--dset_name", summary["dset_name"], "--train_set_honours_options",
+    """The train.py flags for a built corpus: its data config and `corpus_flags`."""
+    return ["--dataset_config", summary["data_config"]] + corpus_flags(summary)
+
+
+def corpus_flags(summary):
+    """The train.py flags that describe the corpus (its training set must follow the options, unlike the
+    original's), for the first stage and for CONQUER alike; CONQUER's --dataset_config is the ranking's."""
+    flags = ["--dset_name", summary["dset_name"], "--train_set_honours_options",
              "--ctx_mode", summary["ctx_mode"], "--clip_length", f"{summary['clip_length']:g}",
              "--max_ctx_len", str(summary["max_ctx_len"])]
     if summary["window_stride"]:
@@ -512,9 +545,11 @@ def main(argv=None):
     note = long_video_note(summary)
     if note:
         print(note)
-    print("No first-stage ranklists were written: train the first-stage retriever on this corpus "
-          "(scripts/train_first_stage.sh, then scripts/rank_first_stage.sh) before training on it.")
-    print("Train with: " + " ".join(training_flags(summary)))
+    print("No first-stage ranklists in this corpus; the first stage comes next:")
+    print("  bash scripts/train_first_stage.sh fs GPU|cpu " + " ".join(training_flags(summary)))
+    print("  bash scripts/rank_first_stage.sh RUN_DIR GPU|cpu   # its last line: the --dataset_config to train "
+          "CONQUER on")
+    print("Corpus flags (first stage and CONQUER): " + " ".join(corpus_flags(summary)))
     return summary
 
 

@@ -8,7 +8,9 @@ training computes them (--max_ctx_len, --clip_length: the training set's, 100 an
 --window_stride: the run's, 0 labels on the first --max_ctx_len clips, a stride on the whole video);
 every desc_id has query features and a ranklist; ranklists reference only
 videos of their split, hold at least --max_vcmr_video entries on val/test_public and (train) rank the GT in
-the top 100 (--no_ranklists skips the ranklists: a corpus the first stage has not ranked yet); every annotated or ranked video has visual (and subtitle) features; feature values are finite
+the top 100 (--no_ranklists skips the ranklists; a corpus whose ranklists are all absent, as one built by
+utils/build_corpus.py, is checked without them and the run ends with one line saying that the first stage comes
+next); every annotated or ranked video has visual (and subtitle) features; feature values are finite
 and dims agree across keys. What the original accepts but may be a mistake (no `duration`, moments ending
 after the video, videos with zero feature rows) is reported as warnings with counts. Per split it also
 counts the videos longer than --max_ctx_len clips: train.py reads them as overlapping windows with
@@ -17,6 +19,7 @@ counts the videos longer than --max_ctx_len clips: train.py reads them as overla
 """
 import argparse
 import collections
+import os
 import sys
 
 from tqdm import tqdm
@@ -190,6 +193,20 @@ def _ranklist_problems(store, row, split, idx2video, max_vcmr_video, problems):
     return names
 
 
+def first_stage_pending(dataset_config, splits):
+    """The line saying that the first stage comes next when none of `splits` has its ranklist yet (a corpus of
+    utils/build_corpus.py before ranking), else None; the ranklists are then not checked, not each reported."""
+    try:
+        config = load_data_config(dataset_config)
+    except DataConfigError:
+        return None  # check_corpus reports it
+    paths = [config[SPLIT_FILE_KEYS[split][1]] for split in splits]
+    if any(os.path.exists(path) for path in paths):
+        return None
+    return ("No first-stage ranklists yet (not checked): the first stage comes next, scripts/train_first_stage.sh "
+            "then scripts/rank_first_stage.sh, whose last line names the data config to check and train on")
+
+
 def long_videos_line(split, count, max_ctx_len, clip_length, window_stride):
     """What the split's videos longer than max_ctx_len clips become in training and evaluation (None: none)."""
     if not count["long_videos"]:
@@ -221,14 +238,18 @@ def main(argv=None):
                              "original's truncation), a stride on the whole video (overlapping windows)")
     args = parser.parse_args(argv)
 
+    pending = None if args.no_ranklists else first_stage_pending(args.dataset_config, args.splits)
     counts, problems, warnings = check_corpus(args.dataset_config, args.splits, args.max_vcmr_video, args.ctx_mode,
-                                              ranklists=not args.no_ranklists, max_ctx_len=args.max_ctx_len,
+                                              ranklists=not (args.no_ranklists or pending),
+                                              max_ctx_len=args.max_ctx_len,
                                               clip_length=args.clip_length, window_stride=args.window_stride)
     for split, count in counts.items():
         print(f"{split}: {count['queries']} queries, {count['videos']} videos, {count['problems']} problems")
         line = long_videos_line(split, count, args.max_ctx_len, args.clip_length, args.window_stride)
         if line:
             print(line)
+    if pending:
+        print(pending)
     if warnings:
         print(f"\n{len(warnings)} warning(s) (accepted, as by the original):")
         for warning, (count, first) in warnings.items():

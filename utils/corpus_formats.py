@@ -2,10 +2,19 @@
 
 Annotation converters turn one split's file into query records
     {"desc_id": int, "desc": str, "vid_name": str, "duration": float or None, "moment": [st, ed] or None,
-     "annotator_moments": [[st, ed], ...] or None, "type": "v" | "t" | "vt" (TVR only)}
-in seconds. `moment` is the training label; `annotator_moments` (DiDeMo, or a TVR-format `ts` list) are
-every annotator's moment, which evaluation scores with the two-of-them rule. None where the file gives no
-moment (a test split without ground truth) or no duration (DiDeMo: the builder takes it from the features).
+     "annotator_moments": [[st, ed], ...] or None, "ts_min_overlaps": int (only with a rule of its own),
+     "type": "v" | "t" | "vt" (TVR only)}
+in seconds. `moment` is the training label; `annotator_moments` are every moment evaluation scores against
+(written as the `ts` list of the val / test rows), the label first. None where the file gives no moment (a
+test split without ground truth) or no duration (DiDeMo: the builder takes it from the features).
+
+Evaluation rules (utils/standalone_eval.py):
+* DiDeMo: every annotator's moment (when there are >= 4): a prediction is correct at IoU θ when it overlaps
+  at least two of them by θ; the label is the most agreed moment.
+* QVHighlights: every relevant window, with `ts_min_overlaps` 1: a prediction is correct at IoU θ when its
+  best-IoU window reaches θ, as the official metric scores it; the label is the first window. A query with one
+  window has just that moment.
+* TVR-format files: a `ts` list of >= 4 pairs, or any list of pairs with `ts_min_overlaps`, is kept with it.
 
 | format        | file                              | fields used                                                   |
 |---------------|-----------------------------------|---------------------------------------------------------------|
@@ -33,8 +42,11 @@ import zipfile
 import numpy as np
 
 from utils.errors import ConquerError
+from utils.feature_stores import VISUAL_L2_EPS
 from utils.io_utils import DataFileError, load_json, load_jsonl
+from utils.standalone_eval import TS_MIN_OVERLAPS
 from utils.tvr_format import MULTI_MOMENT_MIN_COUNT
+from utils.video_decoding import VIDEO_EXTENSIONS
 
 ANNOTATION_FORMATS = ("tvr", "didemo", "anet", "qvhighlights")
 DIDEMO_SEGMENT_SECONDS = 5.0
@@ -62,6 +74,26 @@ def _int_id(value, path, field, index):
     return value
 
 
+def video_name(value):
+    """An annotation's video as the corpus names it: without a video file extension ("123.mp4" -> "123", as
+    DiDeMo's `video` field), the name the extractor gives its features (<file stem>.npy) and the search its
+    video files (<name>.<extension>)."""
+    name = str(value)
+    stem, extension = os.path.splitext(name)
+    return stem if stem and extension.lower() in VIDEO_EXTENSIONS else name
+
+
+def duration_seconds(value, path, where):
+    """A duration in seconds as float (numbers or numeric strings); CorpusInputError naming where otherwise."""
+    try:
+        seconds = None if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        seconds = None
+    if seconds is None or not np.isfinite(seconds) or seconds <= 0:
+        raise CorpusInputError(f"{path}: {where}: duration must be a positive number of seconds, found {value!r}")
+    return seconds
+
+
 def _moment(pair, path, where):
     if not (isinstance(pair, (list, tuple)) and len(pair) == 2
             and all(isinstance(t, (int, float)) and not isinstance(t, bool) and np.isfinite(t) for t in pair)):
@@ -73,13 +105,17 @@ def _moment(pair, path, where):
 
 
 def convert_tvr(path, has_gt=True):
-    """This project's jsonl: rows are kept as they are (ts: one [st, ed] or a list of >= 4 pairs)."""
+    """This project's jsonl: rows are kept as they are (ts: one [st, ed], a list of >= 4 pairs, or a list of pairs
+    with `ts_min_overlaps`)."""
     records = []
     for i, row in enumerate(load_jsonl(path)):
         _require(row, ("desc_id", "desc"), path, i)
-        record = dict(desc_id=_int_id(row["desc_id"], path, "desc_id", i), desc=str(row["desc"]),
-                      vid_name=row.get("vid_name"), duration=row.get("duration"), moment=None,
-                      annotator_moments=None)
+        desc_id = _int_id(row["desc_id"], path, "desc_id", i)
+        record = dict(desc_id=desc_id, desc=str(row["desc"]),
+                      vid_name=None if row.get("vid_name") is None else video_name(row["vid_name"]),
+                      duration=None if row.get("duration") is None else duration_seconds(row["duration"], path,
+                                                                                   f"desc_id {desc_id}"),
+                      moment=None, annotator_moments=None)
         if "type" in row:
             record["type"] = row["type"]
         if has_gt or "ts" in row:
@@ -88,10 +124,20 @@ def convert_tvr(path, has_gt=True):
             multi = isinstance(ts, list) and len(ts) > 0 and all(isinstance(p, (list, tuple)) for p in ts)
             moments = [_moment(p, path, f"desc_id {record['desc_id']}: ts") for p in (ts if multi else [ts])]
             record["moment"] = moments[0]
-            record["annotator_moments"] = moments if len(moments) >= MULTI_MOMENT_MIN_COUNT else None
-            record["duration"] = float(row["duration"])
+            min_overlaps = row.get(TS_MIN_OVERLAPS)
+            if min_overlaps is not None:
+                record[TS_MIN_OVERLAPS] = _min_overlaps(min_overlaps, len(moments), path, desc_id)
+            record["annotator_moments"] = (moments if len(moments) >= MULTI_MOMENT_MIN_COUNT or min_overlaps is not None
+                                           else None)
         records.append(record)
     return records
+
+
+def _min_overlaps(value, n_moments, path, desc_id):
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= n_moments:
+        raise CorpusInputError(f"{path}: desc_id {desc_id}: {TS_MIN_OVERLAPS} must be an integer from 1 to the "
+                               f"{n_moments} moments of ts, found {value!r}")
+    return value
 
 
 def most_agreed_segment(times):
@@ -116,7 +162,7 @@ def convert_didemo(path, has_gt=True):
     for i, row in enumerate(rows):
         _require(row, ("annotation_id", "description", "video") + (("times",) if has_gt else ()), path, i)
         desc_id = _int_id(row["annotation_id"], path, "annotation_id", i)
-        record = dict(desc_id=desc_id, desc=str(row["description"]), vid_name=str(row["video"]), duration=None,
+        record = dict(desc_id=desc_id, desc=str(row["description"]), vid_name=video_name(row["video"]), duration=None,
                       moment=None, annotator_moments=None)
         if "times" in row:
             times = row["times"]
@@ -146,32 +192,38 @@ def convert_anet(path, has_gt=True):
         _require(video, ("duration", "sentences") + (("timestamps",) if has_gt else ()), path, vid_name)
         sentences = video["sentences"]
         timestamps = video.get("timestamps")
+        duration = duration_seconds(video["duration"], path, f"video {vid_name}")
         if timestamps is not None and len(timestamps) != len(sentences):
             raise CorpusInputError(f"{path}: video {vid_name}: {len(timestamps)} timestamps for "
                                    f"{len(sentences)} sentences (expected one each)")
         for j, sentence in enumerate(sentences):
             moment = None if timestamps is None else _moment(timestamps[j], path, f"video {vid_name}: timestamps[{j}]")
-            records.append(dict(desc_id=None, desc=str(sentence).strip(), vid_name=str(vid_name),
-                                duration=float(video["duration"]), moment=moment, annotator_moments=None))
+            records.append(dict(desc_id=None, desc=str(sentence).strip(), vid_name=video_name(vid_name),
+                                duration=duration, moment=moment, annotator_moments=None))
     return records
 
 
 def convert_qvhighlights(path, has_gt=True):
-    """QVHighlights / Moment-DETR jsonl: the first relevant window is the moment (training and evaluation:
-    the evaluator's multi-moment rule is for >= 4 annotator moments, which these files do not have)."""
+    """QVHighlights / Moment-DETR jsonl: the first relevant window is the training label; evaluation scores every
+    window, a prediction being correct when its best-IoU window reaches θ (`ts_min_overlaps` 1), as the
+    official metric."""
     records = []
     for i, row in enumerate(load_jsonl(path)):
         _require(row, ("qid", "query", "vid", "duration") + (("relevant_windows",) if has_gt else ()), path, i)
         desc_id = _int_id(row["qid"], path, "qid", i)
-        moment = None
+        record = dict(desc_id=desc_id, desc=str(row["query"]), vid_name=str(row["vid"]),
+                      duration=duration_seconds(row["duration"], path, f"qid {row['qid']}"), moment=None,
+                      annotator_moments=None)
         if "relevant_windows" in row:
             windows = row["relevant_windows"]
             if not (isinstance(windows, list) and windows):
                 raise CorpusInputError(f"{path}: qid {desc_id}: relevant_windows must be a non-empty list, "
                                        f"found {windows!r}")
-            moment = _moment(windows[0], path, f"qid {desc_id}: relevant_windows[0]")
-        records.append(dict(desc_id=desc_id, desc=str(row["query"]), vid_name=str(row["vid"]),
-                            duration=float(row["duration"]), moment=moment, annotator_moments=None))
+            moments = [_moment(w, path, f"qid {desc_id}: relevant_windows[{j}]") for j, w in enumerate(windows)]
+            record["moment"] = moments[0]
+            if len(moments) > 1:
+                record.update(annotator_moments=moments, **{TS_MIN_OVERLAPS: 1})
+        records.append(record)
     return records
 
 
@@ -208,6 +260,13 @@ def check_feature_array(array, where, dim=None):
     return array.astype(np.float32, copy=False)
 
 
+def video_aliases(keys):
+    """{video_name(key): key} of the keys named with a video file extension ("123.mp4"), whose annotations name
+    the video without it (`video_name`); a key present as it is wins over an alias."""
+    keys = set(keys)
+    return {video_name(key): key for key in keys if video_name(key) != key and video_name(key) not in keys}
+
+
 class FolderFeatures:
     """A folder of `<key>.npy` / `<key>.npz` / `<key>.pt` files, indexed once when opened."""
 
@@ -222,15 +281,16 @@ class FolderFeatures:
                 raise CorpusInputError(f"{path}: key {key!r} has two feature files ({os.path.basename(self._files[key])}"
                                        f" and {name})")
             self._files[key] = os.path.join(path, name)
+        self._aliases = video_aliases(self._files)
 
     def __contains__(self, key):
-        return str(key) in self._files
+        return str(key) in self._files or str(key) in self._aliases
 
     def keys(self):
         return list(self._files)
 
     def get(self, key):
-        file_path = self._files.get(str(key))
+        file_path = self._files.get(self._aliases.get(str(key), str(key)))
         if file_path is None:
             raise CorpusInputError(f"{self.path}: no feature file for key {str(key)!r}")
         try:
@@ -276,18 +336,19 @@ class H5Features:
             self._file = h5py.File(path, "r")
         except OSError as e:
             raise CorpusInputError(f"{path}: cannot open as HDF5 ({e})") from None
+        self._aliases = video_aliases(self._file.keys())
 
     def __contains__(self, key):
-        return str(key) in self._file
+        return str(key) in self._file or str(key) in self._aliases
 
     def keys(self):
         return list(self._file.keys())
 
     def get(self, key):
-        if str(key) not in self._file:
+        if str(key) not in self:
             raise CorpusInputError(f"{self.path}: no dataset for key {str(key)!r}")
         try:
-            return self._file[str(key)][()]
+            return self._file[self._aliases.get(str(key), str(key))][()]
         except (OSError, KeyError, TypeError) as e:
             raise CorpusInputError(f"{self.path}: cannot read key {str(key)!r} ({type(e).__name__}: {e})") from None
 
@@ -319,7 +380,10 @@ def resample_rows(features, source_clip_length, target_clip_length):
 
 
 def l2_normalize_rows(features):
-    return features / (np.linalg.norm(features, axis=1, keepdims=True) + 1e-5).astype(features.dtype)
+    """Each row divided by its L2 norm plus VISUAL_L2_EPS, in the array's dtype: bit for bit the formula the video
+    store's reader applies (the original's), so an all-zero row stays zero and features normalised here are
+    changed by the reader only by the factor 1 / (1 + eps)."""
+    return features / (np.linalg.norm(features, axis=-1, keepdims=True) + VISUAL_L2_EPS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -355,7 +419,7 @@ def parse_srt(path):
 def load_subtitles(path):
     """{vid_name: [{"text", "start", "end"}, ...]} from a jsonl file or a folder of `<vid_name>.srt` files."""
     if os.path.isdir(path):
-        return {name[:-len(".srt")]: parse_srt(os.path.join(path, name))
+        return {video_name(name[:-len(".srt")]): parse_srt(os.path.join(path, name))
                 for name in sorted(os.listdir(path)) if name.endswith(".srt")}
     try:
         rows = load_jsonl(path)
@@ -366,9 +430,10 @@ def load_subtitles(path):
         _require(row, ("vid_name", "sub"), path, i)
         for j, sentence in enumerate(row["sub"]):
             _require(sentence, ("text", "start", "end"), path, f"{i} (vid_name {row['vid_name']}) sub[{j}]")
-        if row["vid_name"] in subtitles:
+        name = video_name(row["vid_name"])  # as the annotations' names
+        if name in subtitles:
             raise CorpusInputError(f"{path}: vid_name {row['vid_name']!r} appears twice")
-        subtitles[row["vid_name"]] = row["sub"]
+        subtitles[name] = row["sub"]
     return subtitles
 
 

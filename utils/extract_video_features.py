@@ -7,7 +7,8 @@ Each video is cut into n_clips = ceil(duration / clip_length) clips (the last on
 `frames_per_clip` frames per clip (`--fps` frames per second of video, or `--frames_per_clip`) are decoded
 on that grid (utils/video_decoding.py), resized and normalised the way each backbone was trained, embedded
 one by one by each 2D image backbone and mean-pooled per clip. With several backbones, their clip features
-are concatenated in the order given, each L2-normalised first when `--l2_normalize` is set.
+are concatenated in the order given, each L2-normalised first when `--l2_normalize` is set (row / (norm + 1e-5),
+the corpus builder's and the video store's formula).
 
 Backbones are `transformers` vision models: ResNet (`ResNetModel`, the globally pooled last stage) and the
 CLIP image encoder (`CLIPVisionModelWithProjection`, the projected image embedding). `--backbones` takes the
@@ -38,13 +39,13 @@ import torch.nn.functional as F
 import transformers
 from tqdm import tqdm
 
+from utils.corpus_formats import l2_normalize_rows
 from utils.errors import ConquerError, run_cli
 from utils.io_utils import atomic_write, remove_stale_temp_files
-from utils.video_decoding import VideoDecodeError, count_clips, iter_clip_chunks, probe_duration
+from utils.video_decoding import VIDEO_EXTENSIONS, VideoDecodeError, count_clips, iter_clip_chunks, probe_duration
 
 logger = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ts", ".wmv", ".3gp")
 BACKBONE_ALIASES = {
     "resnet18": "microsoft/resnet-18",
     "resnet50": "microsoft/resnet-50",
@@ -323,9 +324,9 @@ def _embed_chunk(pixels, backbones, preprocessings, frames_per_clip, l2_normaliz
     for backbone in backbones:
         frames = pixels[preprocessings.index(backbone.preprocessing)].to(device=device, dtype=dtype)
         features = backbone.embed(frames)  # (n_frames, dim)
-        clip = features.view(-1, frames_per_clip, backbone.dim).mean(dim=1)  # (n_clips, dim)
-        per_backbone.append(F.normalize(clip, dim=-1) if l2_normalize else clip)
-    return torch.cat(per_backbone, dim=-1).cpu().numpy()
+        clip = features.view(-1, frames_per_clip, backbone.dim).mean(dim=1).cpu().numpy()  # (n_clips, dim)
+        per_backbone.append(l2_normalize_rows(clip) if l2_normalize else clip)
+    return np.concatenate(per_backbone, axis=-1)
 
 
 def benchmark_extraction(videos, backbones, **options):

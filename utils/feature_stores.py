@@ -14,9 +14,9 @@ by (pid, realpath). Every reader of a path in a process shares one environment; 
 worker finds the parent's entries under another pid, closes its inherited copies (that only unmaps them
 in the child) and opens its own. Readers pickle as plain paths, so spawned workers work as well.
 """
+import contextlib
 import io
 import os
-import shutil
 import threading
 
 import lmdb
@@ -25,6 +25,7 @@ import msgpack_numpy
 import numpy as np
 
 from utils.errors import ConquerError
+from utils.io_utils import atomic_folder
 
 VISUAL_L2_EPS = 1e-5
 _MAX_READERS = 4096 * 8
@@ -227,25 +228,27 @@ class StoreWriter:
     """Write one store from scratch: `with StoreWriter(path, encode) as w: w.put(key, value)`.
 
     Values are encoded with `encode` and committed in chunks; before each chunk the map is sized from the
-    pages in use and what the chunk can take (`_reserve`). The store is built in `<path>.partial` and moved
-    into place on a clean exit, replacing any previous store there, so an interrupted write never leaves a
-    half store under `path`.
+    pages in use and what the chunk can take (`_reserve`). The store is built in a temporary folder beside
+    `path` (`io_utils.atomic_folder`) and moved into place on a clean exit, replacing any previous store there,
+    so an interrupted write never leaves a half store under `path`.
     """
     _CHUNK_BYTES = 64 << 20
 
     def __init__(self, path, encode):
         self.path = os.fspath(path)
         self.encode = encode
-        self._partial = self.path.rstrip(os.sep) + ".partial"
         self._pending = []
         self._pending_bytes = 0
         self._map_size = 1 << 20
         self._env = None
+        self._cleanup = None
 
     def __enter__(self):
-        shutil.rmtree(self._partial, ignore_errors=True)
-        os.makedirs(os.path.dirname(os.path.abspath(self._partial)), exist_ok=True)
-        self._env = lmdb.open(self._partial, map_size=self._map_size, subdir=True, readahead=False)
+        with contextlib.ExitStack() as stack:
+            partial = stack.enter_context(atomic_folder(self.path.rstrip(os.sep), replace=True))
+            self._env = lmdb.open(partial, map_size=self._map_size, subdir=True, readahead=False)
+            stack.callback(self._env.close)  # runs first: the environment is closed before its folder moves
+            self._cleanup = stack.pop_all()
         return self
 
     def put(self, key, value):
@@ -284,17 +287,11 @@ class StoreWriter:
         self._pending, self._pending_bytes = [], 0
 
     def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
-                self._flush()
-        finally:
-            self._env.close()
         if exc_type is not None:
-            shutil.rmtree(self._partial, ignore_errors=True)
-            return False
-        close_store(self.path)  # a reader of the old store in this process must reopen the new one
-        shutil.rmtree(self.path, ignore_errors=True)
-        os.rename(self._partial, self.path)
+            return self._cleanup.__exit__(exc_type, exc, tb)  # closes the environment, removes the folder
+        with self._cleanup:  # on leaving: closes the environment, renames the folder onto `path`
+            self._flush()
+            close_store(self.path)  # a reader of the old store in this process must reopen the new one
         return False
 
 

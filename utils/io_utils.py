@@ -4,12 +4,21 @@ Every write that a user could lose (checkpoints, opt.json, predictions, metrics)
 `atomic_write`: the bytes land in a temporary file in the destination folder, are fsync'ed, and
 only then replace the destination with `os.replace`. A process killed at any moment leaves either
 the previous file or the new one, never half of one.
+
+Every folder built in several steps (a corpus, a store, a set of ranklists, a search index) goes through
+`atomic_folder`: it is built under a unique temporary name beside its destination (`<name>.partial-<pid>-<hex>`)
+and renamed into place at the end, so a reader never sees half a folder, a failure leaves nothing, and two
+processes building the same destination never touch each other's temporary folder. A process killed
+mid-build leaves its temporary folder behind, named after the destination and the process.
 """
 import contextlib
+import errno
 import gc
 import io
 import json
 import os
+import secrets
+import shutil
 import tempfile
 
 from utils.errors import ConquerError
@@ -39,6 +48,73 @@ def atomic_write(path, mode="wb"):
             os.remove(tmp_path)
         raise
     _fsync_directory(directory)
+
+
+@contextlib.contextmanager
+def atomic_folder(path, replace=False):
+    """Yield a new empty folder beside `path` (permissions 0o777 & ~umask, as os.mkdir gives); on a clean exit
+    it is renamed onto `path`, on an exception it is removed.
+
+    Without `replace` an existing `path` is a FileExistsError, checked when entering (before any work) and
+    again by the rename (another process may have finished first: its folder is kept, ours removed). With
+    `replace` an existing `path` is moved aside, the new folder renamed in and the old one removed, so `path`
+    is missing only between two renames.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not replace and os.path.lexists(path):
+        raise FileExistsError(errno.EEXIST, "already exists", path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temp = _new_folder_beside(path, "partial")
+    try:
+        yield temp
+        (_replace_folder if replace else _rename_folder)(temp, path)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    _fsync_directory(os.path.dirname(path))
+
+
+def _new_folder_beside(path, tag):
+    """Create `<path>.<tag>-<pid>-<hex>`, a name no other process or call can pick (the pid tells whose it is)."""
+    while True:
+        candidate = f"{path}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(candidate)  # mode 0o777 & ~umask; tempfile.mkdtemp would make it 0700
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def _rename_folder(temp, path):
+    # os.rename onto an existing empty folder would silently replace it, so check; a non-empty one or a file
+    # (created since the check) makes the rename itself fail.
+    if os.path.lexists(path):
+        raise FileExistsError(errno.EEXIST, "already exists", path)
+    try:
+        os.rename(temp, path)
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise FileExistsError(errno.EEXIST, "already exists", path) from e
+
+
+def _replace_folder(temp, path):
+    if not os.path.lexists(path):
+        os.rename(temp, path)
+        return
+    old = _new_folder_beside(path, "old")
+    os.rmdir(old)  # the name is ours: a unique name that did not exist a moment ago
+    os.rename(path, old)
+    try:
+        os.rename(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.rename(old, path)
+        raise
+    if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.remove(old)
 
 
 def remove_stale_temp_files(directory):

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from utils import distributed
 from utils.errors import OptionError
-from utils.io_utils import make_code_zip, save_json
+from utils.io_utils import atomic_write, make_code_zip, save_json
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPT_FILENAME = "opt.json"
@@ -181,14 +181,10 @@ def drop_tensorboard_scalars(log_dir, drop):
                 kept.append(event)
             if not changed:
                 continue
-            fd, temp_path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-            with os.fdopen(fd, "wb") as f:
+            with atomic_write(path, "wb") as f:
                 writer = RecordWriter(f)
                 for event in kept:
                     writer.write(event.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temp_path, path)
 
 
 class NullWriter:

@@ -4,7 +4,10 @@ A prediction row is [video_idx, st, ed, score]; only the first 100 rows of a que
 fields are read (as the original: 3-field rows, extra fields and malformed rows past the 100th are accepted),
 and a desc_id listed twice in a task is scored with its last entry, with a warning. A row is *matched* when its video is the query's GT video, and *correct at θ* when it is
 matched and its IoU with the GT moment is >= θ (float32 IoU with the hull denominator, 0 when that is 0).
-DiDeMo-style queries with a list of >= 4 GT moments need IoU >= θ with at least 2 of them.
+DiDeMo-style queries with a list of >= 4 GT moments need IoU >= θ with at least 2 of them. A GT row with
+`"ts_min_overlaps": n` lists any number of moments in `ts` and needs IoU >= θ with n of them: QVHighlights
+rows with several relevant windows carry n = 1, so a row is correct when its best-IoU window reaches θ, as
+in the official QVHighlights metric.
 
 * VCMR  "<θ>-r<k>": share of queries with a correct row among their first k rows.
 * SVMR  "<θ>-r<k>": the same among the first k *matched* rows.
@@ -30,6 +33,10 @@ from utils.tvr_format import (IOU_THRESHOLDS, MAX_PREDICTIONS_PER_QUERY, MULTI_M
                               MULTI_MOMENT_MIN_OVERLAPS, QUERY_TYPES, RECALL_TOPK, TASKS)
 
 logger = logging.getLogger(__name__)
+
+
+# The GT row key giving how many of the moments listed in `ts` a correct row must overlap by θ.
+TS_MIN_OVERLAPS = "ts_min_overlaps"
 
 
 class SubmissionError(ConquerError):
@@ -124,21 +131,29 @@ def _bulk_rows(query_rows, max_pred):
 
 
 def _gt_moments(gt_item):
-    """GT moments of one query as a list of (st, ed); the DiDeMo form is a list of >= 4 pairs."""
+    """GT moments of one query as a list of (st, ed), and how many of them a correct row overlaps by θ: one pair
+    (1); the DiDeMo form, a list of >= 4 pairs (2); a list of pairs with `ts_min_overlaps` n (n)."""
     desc_id = gt_item.get("desc_id")
     if "ts" not in gt_item:
         raise GroundTruthError(f"GT desc_id {desc_id}: no 'ts' (moment) to evaluate VCMR/SVMR against")
     ts = gt_item["ts"]
+    min_overlaps = gt_item.get(TS_MIN_OVERLAPS)
     try:
-        if len(ts) >= MULTI_MOMENT_MIN_COUNT:
+        if min_overlaps is not None or len(ts) >= MULTI_MOMENT_MIN_COUNT:
             moments = [(float(st), float(ed)) for st, ed in ts]
         else:
             st, ed = ts
             moments = [(float(st), float(ed))]
     except (TypeError, ValueError):
-        raise GroundTruthError(f"GT desc_id {desc_id}: 'ts' must be [st, ed] or a list of >= "
-                               f"{MULTI_MOMENT_MIN_COUNT} [st, ed] pairs, got {ts!r}") from None
-    return moments
+        raise GroundTruthError(f"GT desc_id {desc_id}: 'ts' must be [st, ed], a list of >= {MULTI_MOMENT_MIN_COUNT} "
+                               f"[st, ed] pairs, or with {TS_MIN_OVERLAPS!r} a list of [st, ed] pairs; got "
+                               f"{ts!r}") from None
+    if min_overlaps is None:
+        return moments, MULTI_MOMENT_MIN_OVERLAPS if len(moments) > 1 else 1
+    if isinstance(min_overlaps, bool) or not isinstance(min_overlaps, int) or not 1 <= min_overlaps <= len(moments):
+        raise GroundTruthError(f"GT desc_id {desc_id}: {TS_MIN_OVERLAPS!r} must be an integer from 1 to the "
+                               f"{len(moments)} moments of 'ts', got {min_overlaps!r}")
+    return moments, min_overlaps
 
 
 def _require(gt_item, key):
@@ -195,15 +210,14 @@ def eval_by_task_type(task_results, video2idx, ground_truth, task_type, iou_thds
 
     corrects = []  # per θ: (Q, P) bool
     if needs_moments:
-        moments = [_gt_moments(e) for e in gt_items]
-        n_moments = max([len(m) for m in moments], default=0)
+        gt = [_gt_moments(e) for e in gt_items]  # per query: (moments, how many a correct row overlaps)
+        n_moments = max([len(m) for m, _ in gt], default=0)
         gt_ts = np.zeros((n_queries, n_moments, 2), dtype=np.float32)
         is_moment = np.zeros((n_queries, n_moments), dtype=bool)
-        for q, m in enumerate(moments):
+        for q, (m, _) in enumerate(gt):
             gt_ts[q, :len(m)] = m
             is_moment[q, :len(m)] = True
-        overlaps_needed = np.array([MULTI_MOMENT_MIN_OVERLAPS if len(e["ts"]) >= MULTI_MOMENT_MIN_COUNT else 1
-                                    for e in gt_items], dtype=np.int64)
+        overlaps_needed = np.array([n for _, n in gt], dtype=np.int64)
         iou = temporal_iou_float32(preds[:, :, None, 1], preds[:, :, None, 2],
                                    gt_ts[:, None, :, 0], gt_ts[:, None, :, 1])  # (Q, P, G)
         iou = iou * matched[:, :, None]

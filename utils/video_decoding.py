@@ -11,15 +11,20 @@ the video stream's start time; T is the video stream's duration (the container's
 Decoding is streamed: frames are decoded one by one and only the sampled ones are converted to RGB, so a
 video of any length needs memory for one chunk of clips at a time. A display rotation stored with the stream
 (phone videos) is applied, so frames come out the way players show them. Audio streams are ignored.
+
+PyAV (the `extract` extras) is imported by the functions that decode, so that `VIDEO_EXTENSIONS`, the one list
+of what counts as a video file, is importable from a core install (the search server serves these files).
 """
 import contextlib
 import math
 from dataclasses import dataclass
 
-import av
 import numpy as np
 
 from utils.errors import ConquerError
+
+# Browser-playable containers first: where a video has files in several, the search page serves the first.
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".flv", ".ts", ".wmv", ".3gp")
 
 
 class VideoDecodeError(ConquerError):
@@ -60,6 +65,8 @@ def probe_duration(path):
 
 def iter_clip_chunks(path, clip_length, frames_per_clip, clips_per_chunk):
     """Yield the ClipChunks of `path` in order, `clips_per_chunk` clips each (the last one may be shorter)."""
+    import av
+
     with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -129,6 +136,8 @@ def _same_size(path, frames):
 @contextlib.contextmanager
 def _open(path):
     """av.open for reading a video stream; failures are VideoDecodeErrors naming the file."""
+    import av
+
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError) as e:
@@ -142,6 +151,8 @@ def _open(path):
 
 
 def _stream_duration(path, container, stream):
+    import av
+
     if stream.duration is not None:
         duration = float(stream.duration * stream.time_base)
     elif container.duration is not None:

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 
+from utils import check_data
 from utils.build_corpus import build_corpus, training_flags
 from utils.feature_stores import write_ranklist_store
 from utils.data_config import load_data_config
@@ -46,7 +47,7 @@ def write_ranklists(config, rng):
         write_ranklist_store(config[key], lists)
 
 
-def test_built_didemo_corpus_trains_one_epoch_and_evaluates(tmp_path):
+def test_built_didemo_corpus_trains_one_epoch_and_evaluates(tmp_path, capsys):
     rng = np.random.default_rng(0)
     (tmp_path / "feats").mkdir()
     annotations = dict(train=raw_didemo(tmp_path, 12, 0, "train", rng), val=raw_didemo(tmp_path, 12, 1000, "val", rng))
@@ -56,7 +57,13 @@ def test_built_didemo_corpus_trains_one_epoch_and_evaluates(tmp_path):
         np.save(queries / f"{desc_id}.npy", rng.normal(size=(6, 8)).astype(np.float32))
     summary = build_corpus(str(tmp_path / "corpus"), "didemo", annotations, [str(tmp_path / "feats")], 2.5,
                            query_features=str(queries), progress=False)
-    write_ranklists(load_data_config(summary["data_config"]), rng)
+    config = load_data_config(summary["data_config"])
+    # DiDeMo names videos by file ("train_0.mp4"): the corpus by the stem, matched to "train_0.mp4.npy" too.
+    assert json.loads(open(config.train_data_path).readline())["vid_name"] == "train_0"
+    flags = ["--ctx_mode", "visual", "--max_ctx_len", "12", "--clip_length", "2.5"]
+    assert check_data.main(["--dataset_config", summary["data_config"]] + flags) == 0
+    assert "No first-stage ranklists yet (not checked): the first stage comes next" in capsys.readouterr().out
+    write_ranklists(config, rng)  # lists from another retriever, put where the built config names them
 
     results = tmp_path / "results"
     command = [sys.executable, "train.py", *training_flags(summary), "--model_config", TINY_MODEL_CONFIG,

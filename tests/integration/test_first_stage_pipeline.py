@@ -225,6 +225,21 @@ def test_bad_inputs_stop_with_one_line_and_no_output(run_dir, corpus, tmp_path, 
     assert not os.path.exists(out_dir) and not any(p.name.startswith("out.partial") for p in tmp_path.iterdir())
 
 
+def test_default_splits_are_those_with_queries_and_the_last_line_names_the_config(run_dir, corpus, tmp_path, capsys):
+    """A corpus without test_public queries (as utils/build_corpus.py writes one), FAISS with a sampled check."""
+    config = broken_corpus(corpus, tmp_path, lambda root, config: save_jsonl([], root / config["test_data_path"]))
+    out_dir = tmp_path / "out"
+    rank_main(["--model_dir", run_dir, "--dataset_config", config, "--out_dir", str(out_dir), "--faiss",
+               "--faiss_check_queries", "5", "--eval_top", "10"])
+    metrics = load_json(out_dir / "metrics.json")
+    assert list(metrics) == ["train", "val"]
+    assert metrics["val"]["faiss_recall_vs_exact"]["queries_checked"] == 5
+    assert metrics["val"]["faiss_recall_vs_exact"]["k"] == metrics["val"]["list_length"] == 10
+    printed = capsys.readouterr().out.splitlines()
+    assert "val          FAISS recall@10 vs exact (5 sampled queries)" in "\n".join(printed)
+    assert printed[-1] == f"Train with: --dataset_config {out_dir}/data_config.json"
+
+
 def test_existing_out_dir_is_an_error(run_dir, ranked):
     result = subprocess.run([sys.executable, "-m", "method.rank_first_stage", "--model_dir", run_dir, "--out_dir", ranked],
                             cwd=REPO_ROOT, env=CHILD_ENV, capture_output=True, text=True)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from text_model_fixtures import save_tiny_text_model
+from utils import build_corpus as build_corpus_module
 from utils.build_corpus import build_corpus, main, training_flags
 from utils.check_data import check_corpus
 from utils.corpus_formats import CorpusInputError, subtitle_clip_features
@@ -159,11 +160,34 @@ def test_didemo_corpus_labels_durations_and_clipping(tmp_path):
     assert problems == [] and counts["val"] == dict(queries=2, videos=1, problems=0, long_videos=0, longest_clips=9)
 
 
+def test_concurrent_builds_of_one_out_dir_keep_each_others_work(tmp_path, monkeypatch):
+    """A second build of the same --out_dir runs while the first is writing (a fixed DIR.partial made it delete
+    the first one's folder): it publishes its corpus, and the first stops with an error and removes only its own."""
+    paths, feats, queries = didemo_raw(tmp_path)
+    out = str(tmp_path / "didemo")
+    write_query_store = build_corpus_module._write_query_store
+    first_folder_during_second = []
+
+    def second_build_meanwhile(store_path, *args):
+        monkeypatch.setattr(build_corpus_module, "_write_query_store", write_query_store)
+        first_folder = os.path.dirname(os.path.dirname(store_path))
+        build_corpus(out, "didemo", paths, [feats], 2.5, query_features=queries, progress=False)
+        first_folder_during_second.append(os.listdir(first_folder))
+        return write_query_store(store_path, *args)
+
+    monkeypatch.setattr(build_corpus_module, "_write_query_store", second_build_meanwhile)
+    with pytest.raises(CorpusInputError, match="another build created it meanwhile"):
+        build_corpus(out, "didemo", paths, [feats], 2.5, query_features=queries, progress=False)
+    assert first_folder_during_second == [["video_feature"]]  # the first build's video store was untouched
+    _, problems, _ = check_corpus(os.path.join(out, "data_config.json"), ranklists=False, ctx_mode="visual")
+    assert problems == [] and [name for name in os.listdir(tmp_path) if name.startswith("didemo")] == ["didemo"]
+
+
 def assert_fails_cleanly(tmp_path, match, **kwargs):
     out = tmp_path / "out"
     with pytest.raises(CorpusInputError, match=match):
         build_corpus(str(out), progress=False, **kwargs)
-    assert not out.exists() and not (tmp_path / "out.partial").exists()
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("out")]  # no corpus, no temporary folder
 
 
 def test_bad_inputs_stop_with_file_and_key(tmp_path):
@@ -209,10 +233,18 @@ def test_cli_prints_counts_and_training_flags(tmp_path, capsys):
           f"train={paths['train']}", f"val={paths['val']}", "--video_features", feats, "--clip_length", "2.5",
           "--query_features", queries])
     printed = capsys.readouterr().out
-    assert "val: 2 queries, 1 videos" in printed and "No first-stage ranklists were written" in printed
-    assert (f"Train with: --dataset_config {tmp_path}/c/data_config.json --dset_name didemo "
-            "--train_set_honours_options --ctx_mode visual "
-            f"--clip_length 2.5 --max_ctx_len 12 --visual_dim 4 --query_dim 5") in printed
+    assert "val: 2 queries, 1 videos" in printed
+    flags = "--dset_name didemo --train_set_honours_options --ctx_mode visual --clip_length 2.5 --max_ctx_len 12 " \
+            "--visual_dim 4 --query_dim 5"
+    # The first stage comes next; CONQUER's --dataset_config is the one ranking prints, so none is given here.
+    assert printed.splitlines()[-4:] == [
+        "No first-stage ranklists in this corpus; the first stage comes next:",
+        f"  bash scripts/train_first_stage.sh fs GPU|cpu --dataset_config {tmp_path}/c/data_config.json {flags}",
+        "  bash scripts/rank_first_stage.sh RUN_DIR GPU|cpu   # its last line: the --dataset_config to train CONQUER on",
+        f"Corpus flags (first stage and CONQUER): {flags}"]
+    assert "Train with" not in printed
+    note = json.load(open(tmp_path / "c" / "data_config.json"))["first_stage_ranklists"]
+    assert note.startswith("none in this corpus: scripts/rank_first_stage.sh writes them with the data config")
     assert "--window_stride" not in printed and "note:" not in printed  # every video fits: no windows
 
 
@@ -249,7 +281,7 @@ def test_cli_prints_window_flags_for_videos_longer_than_the_model_limit(tmp_path
     assert "--max_ctx_len 100 --window_stride 20 --visual_dim" in capsys.readouterr().out
     main(["--out_dir", str(tmp_path / "c0"), "--window_stride", "0"] + inputs)
     printed = capsys.readouterr().out
-    assert "--window_stride" not in printed.split("Train with: ")[1]
+    assert "--window_stride" not in printed.split("Corpus flags (first stage and CONQUER): ")[1]
     assert "with --window_stride 0 training and evaluation see their first 100 clips only" in printed
 
 
@@ -258,7 +290,7 @@ def test_bad_window_stride_stops_before_building(tmp_path):
     for stride in ("-1", "101"):
         with pytest.raises(CorpusInputError, match=rf"--window_stride {stride}: expected 0 .* \[1, --max_ctx_len 100\]"):
             main(["--out_dir", str(tmp_path / "c"), "--window_stride", stride] + inputs)
-        assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
+        assert not [name for name in os.listdir(tmp_path) if name.startswith("c.") or name == "c"]
 
 
 @pytest.mark.parametrize("name, clip_length", [("didemo", 2.5), ("anet", 3.0)])

@@ -201,3 +201,21 @@ def test_bad_window_stride_is_a_one_line_error():
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == ("error: --window_stride 61: expected 0 (read only the first --max_ctx_len clips, as the "
                              "original) or a clip count in [1, --max_ctx_len 60]\n")
+
+
+def test_a_corpus_without_any_ranklist_says_the_first_stage_comes_next(tmp_path, tiny_corpus, capsys):
+    root = tmp_path / "no_lists"
+    shutil.copytree(os.path.dirname(tiny_corpus), root)
+    saved = dict(load_json(root / "tvr_data_config.json"), root_path=str(root))
+    with open(root / "tvr_data_config.json", "w") as f:
+        json.dump(saved, f)
+    shutil.rmtree(root / saved["eval_first_VR_ranklist_path_hero"])
+    assert check_data.main(["--dataset_config", str(root / "tvr_data_config.json")]) == 2  # one list missing
+    assert "ranklist store" in capsys.readouterr().out
+    for key in ("train_first_VR_ranklist_path", "test_public_first_VR_ranklist_path_hero"):
+        shutil.rmtree(root / saved[key])
+    assert check_data.main(["--dataset_config", str(root / "tvr_data_config.json")]) == 0
+    out = capsys.readouterr().out
+    assert ("No first-stage ranklists yet (not checked): the first stage comes next, scripts/train_first_stage.sh "
+            "then scripts/rank_first_stage.sh, whose last line names the data config to check and train on") in out
+    assert "ranklist store" not in out and "OK: no problems found" in out

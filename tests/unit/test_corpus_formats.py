@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from utils.corpus_formats import (CorpusInputError, check_feature_array, convert_anet, convert_didemo,
-                                  convert_qvhighlights, convert_tvr, didemo_segment_to_seconds, load_subtitles,
-                                  most_agreed_segment, open_features, parse_srt, resample_rows,
+                                  convert_qvhighlights, convert_tvr, didemo_segment_to_seconds, l2_normalize_rows,
+                                  load_subtitles, most_agreed_segment, open_features, parse_srt, resample_rows,
                                   subtitle_clip_features, subtitle_clip_indices)
+from utils.feature_stores import VideoFeatureStore, write_video_store
 
 
 def write_json(path, data):
@@ -38,7 +39,8 @@ def test_convert_didemo(tmp_path):
              "times": [[1, 2], [3, 3], [3, 3], [0, 5]]},
             {"annotation_id": 8, "description": "short", "video": "v2.avi", "times": [[0, 0], [1, 1], [1, 1]]}]
     records = convert_didemo(write_json(tmp_path / "val_data.json", rows))
-    assert records[0] == dict(desc_id=7, desc="a dog runs", vid_name="v1.mp4", duration=None, moment=[15.0, 20.0],
+    # The video extension is dropped: features are named by the file stem, as the extractor writes them.
+    assert records[0] == dict(desc_id=7, desc="a dog runs", vid_name="v1", duration=None, moment=[15.0, 20.0],
                               annotator_moments=[[15.0, 20.0], [5.0, 15.0], [15.0, 20.0], [0.0, 30.0]])
     assert records[1]["moment"] == [5.0, 10.0] and records[1]["annotator_moments"] is None  # 3 < 4 annotators
 
@@ -54,12 +56,18 @@ def test_convert_anet_numbers_one_query_per_sentence(tmp_path):
         convert_anet(write_json(tmp_path / "bad.json", data))
 
 
-def test_convert_qvhighlights_takes_the_first_window(tmp_path):
+def test_convert_qvhighlights_labels_the_first_window_and_evaluates_every_window(tmp_path):
     rows = [{"qid": 5, "query": "a cat", "vid": "yt_60.0_210.0", "duration": 150,
-             "relevant_windows": [[10, 20], [40, 44]], "relevant_clip_ids": [5, 6]}]
+             "relevant_windows": [[10, 20], [40, 44]], "relevant_clip_ids": [5, 6]},
+            {"qid": 6, "query": "a dog", "vid": "yt_60.0_210.0", "duration": 150, "relevant_windows": [[0, 8]]}]
     records = convert_qvhighlights(write_jsonl(tmp_path / "val.jsonl", rows))
     assert records == [dict(desc_id=5, desc="a cat", vid_name="yt_60.0_210.0", duration=150.0, moment=[10.0, 20.0],
+                            annotator_moments=[[10.0, 20.0], [40.0, 44.0]], ts_min_overlaps=1),
+                       dict(desc_id=6, desc="a dog", vid_name="yt_60.0_210.0", duration=150.0, moment=[0.0, 8.0],
                             annotator_moments=None)]
+    rows[0]["relevant_windows"][1] = [44, 40]
+    with pytest.raises(CorpusInputError, match=r"qid 5: relevant_windows\[1\]: moment \[44, 40\] starts after"):
+        convert_qvhighlights(write_jsonl(tmp_path / "bad.jsonl", rows))
     test = convert_qvhighlights(write_jsonl(tmp_path / "test.jsonl", [{k: v for k, v in rows[0].items()
                                                                        if k != "relevant_windows"}]), has_gt=False)
     assert test[0]["moment"] is None
@@ -74,6 +82,34 @@ def test_convert_tvr_keeps_type_and_annotator_lists(tmp_path):
     rows[0]["ts"] = [3, 2]
     with pytest.raises(CorpusInputError, match="desc_id 1: ts: moment \\[3, 2\\] starts after it ends"):
         convert_tvr(write_jsonl(tmp_path / "b.jsonl", rows))
+
+
+def test_convert_tvr_keeps_a_moment_list_with_its_own_rule(tmp_path):
+    """A val row a QVHighlights build wrote reads back with every window and its rule (without the rule, two
+    windows were cut to the first, and four or more were taken for DiDeMo annotators)."""
+    rows = [{"desc_id": 1, "desc": "q", "vid_name": "v", "duration": 90.0, "ts": [[1, 2], [5, 9]],
+             "ts_min_overlaps": 1},
+            {"desc_id": 2, "desc": "q", "vid_name": "v", "duration": 90.0,
+             "ts": [[1, 2], [5, 9], [20, 22], [30, 40]], "ts_min_overlaps": 1}]
+    records = convert_tvr(write_jsonl(tmp_path / "a.jsonl", rows))
+    assert [r["moment"] for r in records] == [[1.0, 2.0], [1.0, 2.0]]
+    assert [r["annotator_moments"] for r in records] == [[[1.0, 2.0], [5.0, 9.0]],
+                                                         [[1.0, 2.0], [5.0, 9.0], [20.0, 22.0], [30.0, 40.0]]]
+    assert [r["ts_min_overlaps"] for r in records] == [1, 1]
+    rows[0]["ts_min_overlaps"] = 3
+    with pytest.raises(CorpusInputError, match="desc_id 1: ts_min_overlaps must be an integer from 1 to the 2"):
+        convert_tvr(write_jsonl(tmp_path / "b.jsonl", rows))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_l2_normalisation_is_the_video_stores_bit_for_bit(tmp_path, dtype):
+    """The builder's (and extractor's) normalisation is the formula the video store reads with (the original's)."""
+    features = (np.random.default_rng(0).normal(size=(6, 5)) * 3).astype(dtype)
+    features[2] = 0
+    write_video_store(tmp_path / "v", {"a": features})
+    normalised = l2_normalize_rows(features)
+    assert normalised.dtype == dtype and not normalised[2].any()
+    np.testing.assert_array_equal(normalised.astype(np.float32), VideoFeatureStore(tmp_path / "v").get("a"))
 
 
 def test_feature_containers_return_the_stored_arrays(tmp_path):
@@ -140,3 +176,56 @@ def test_subtitles_from_srt_and_jsonl(tmp_path):
     assert list(load_subtitles(str(tmp_path / "subs"))) == ["show_1"]
     path = write_jsonl(tmp_path / "subs.jsonl", [{"vid_name": "v", "sub": [{"text": "a", "start": 0, "end": 1}]}])
     assert load_subtitles(path) == {"v": [{"text": "a", "start": 0, "end": 1}]}
+
+
+def test_video_names_lose_a_video_extension_and_features_match_with_or_without_it(tmp_path):
+    from utils.corpus_formats import video_name
+    assert [video_name(n) for n in ("123.mp4", "a.b.MOV", "clip.npy", "v_x", ".mp4", 17)] == [
+        "123", "a.b", "clip.npy", "v_x", ".mp4", "17"]
+    rows = [dict(desc_id=1, desc="q", vid_name="v1.mkv", duration="12.5", ts=[0, 2])]
+    assert convert_tvr(write_jsonl(tmp_path / "a.jsonl", rows))[0]["vid_name"] == "v1"
+    folder = tmp_path / "feats"
+    folder.mkdir()
+    np.save(folder / "v1.mp4.npy", np.ones((2, 3), np.float32))  # features named after the file
+    features = open_features(str(folder))
+    assert "v1" in features and features.get("v1").shape == (2, 3) and "v2" not in features
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["v1.mp4"] = np.ones((4, 3), np.float32)
+        f["v1"] = np.zeros((1, 3), np.float32)
+        f["v2.avi"] = np.ones((5, 3), np.float32)
+    h5 = open_features(str(tmp_path / "f.h5"))
+    assert h5.get("v1").shape == (1, 3) and h5.get("v2").shape == (5, 3)  # a key as it is wins over an alias
+    h5.close()
+    subtitles = tmp_path / "subs.jsonl"
+    write_jsonl(subtitles, [dict(vid_name="v1.mp4", sub=[dict(text="hi", start=0, end=1)])])
+    assert list(load_subtitles(str(subtitles))) == ["v1"]
+
+
+@pytest.mark.parametrize("duration", ["long", None, [3], -1, float("nan"), True])
+def test_a_non_numeric_duration_is_a_one_line_error(tmp_path, duration):
+    rows = [dict(desc_id=1, desc="q", vid_name="v1", duration=duration, ts=[0, 2])]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    if duration is None:  # no duration: the builder takes it from the features
+        assert convert_tvr(path)[0]["duration"] is None
+        return
+    with pytest.raises(CorpusInputError, match=r"a.jsonl: desc_id 1: duration must be a positive number of seconds"):
+        convert_tvr(path)
+    anet = write_json(tmp_path / "anet.json",
+                      {"v_a": {"duration": duration, "timestamps": [[0, 1]], "sentences": ["x"]}})
+    with pytest.raises(CorpusInputError, match=r"anet.json: video v_a: duration must be a positive number"):
+        convert_anet(anet)
+
+
+def test_non_numeric_durations_are_one_line_errors(tmp_path):
+    import json
+
+    from utils.corpus_formats import CorpusInputError, convert_qvhighlights
+    from utils.build_corpus import load_durations
+    path = tmp_path / "qv.jsonl"
+    path.write_text(json.dumps(dict(qid=1, query="q", vid="v", duration="long", relevant_windows=[[0, 2]])) + "\n")
+    with pytest.raises(CorpusInputError, match=r"qv.jsonl: qid 1: duration must be a positive number .* 'long'"):
+        convert_qvhighlights(str(path))
+    durations = tmp_path / "durations.json"
+    durations.write_text(json.dumps({"v": "n/a"}))
+    with pytest.raises(CorpusInputError, match=r"durations.json: video 'v': duration must be a positive number"):
+        load_durations(str(durations))

@@ -1,6 +1,8 @@
 """Video feature extraction: synthetic video files (PyAV) through tiny random ResNet and CLIP backbones."""
 import os
 import shutil
+import subprocess
+import sys
 
 import av
 import numpy as np
@@ -179,10 +181,10 @@ def test_several_backbones_concatenate_their_own_features(video_dir, tiny_models
     for video in videos:
         name = os.path.basename(video).replace(".mp4", ".npy")
         parts = [np.load(tmp_path / model / name) for model in ["resnet", "clip"]]
-        if l2_normalize:
-            parts = [p / np.linalg.norm(p, axis=1, keepdims=True) for p in parts]
-        np.testing.assert_allclose(np.load(tmp_path / "both" / name), np.concatenate(parts, axis=1), rtol=1e-5,
-                                   atol=1e-6)
+        if l2_normalize:  # the corpus builder's normalisation (norm + 1e-5), one implementation
+            parts = [p / (np.linalg.norm(p, axis=1, keepdims=True) + 1e-5) for p in parts]
+        np.testing.assert_allclose(np.load(tmp_path / "both" / name), np.concatenate(parts, axis=1), rtol=1e-6,
+                                   atol=1e-7)
 
 
 @pytest.mark.parametrize("height, width", [(50, 70), (301, 200)])
@@ -230,3 +232,17 @@ def test_bad_inputs_are_named(tmp_path, tiny_models, video_dir):
         list_videos([str(tmp_path / "clash")])
     with pytest.raises(ExtractionError, match="--videos: '.*missing'"):
         list_videos([str(tmp_path / "missing")])
+
+
+def test_the_video_extensions_are_one_list_importable_without_pyav(tmp_path):
+    """The extractor, the corpus builder's video names and the search server share utils.video_decoding's list;
+    the latter two run in a core install, so the list must import without PyAV."""
+    code = ("import sys; sys.modules['av'] = None\n"  # `import av` now fails, as without the extract extras
+            "from utils.video_decoding import VIDEO_EXTENSIONS\n"
+            "from utils import corpus_formats\n"
+            "assert corpus_formats.VIDEO_EXTENSIONS is VIDEO_EXTENSIONS\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+    for name in ["a.MOV", "b.3gp", "c.ts", "notes.txt"]:
+        (tmp_path / name).write_bytes(b"")
+    assert [os.path.basename(p) for p in list_videos([str(tmp_path)])] == ["a.MOV", "b.3gp", "c.ts"]

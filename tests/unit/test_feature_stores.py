@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from utils import feature_stores
-from utils.feature_stores import (FeatureStoreError, QueryFeatureStore, RanklistStore, SubtitleFeatureStore,
-                                  VideoFeatureStore, close_store, write_query_store, write_ranklist_store,
-                                  write_subtitle_store, write_video_store)
+from utils.feature_stores import (FeatureStoreError, QueryFeatureStore, RanklistStore, StoreWriter,
+                                  SubtitleFeatureStore, VideoFeatureStore, close_store, encode_npz_features,
+                                  write_query_store, write_ranklist_store, write_subtitle_store, write_video_store)
 
 
 def _features(seed, n, d):
@@ -165,7 +165,7 @@ def test_rewriting_an_open_store_is_seen_by_its_readers(tmp_path):
     reader.get(1)
     write_query_store(tmp_path / "q", {1: _features(1, 3, 2)})
     np.testing.assert_array_equal(reader.get(1), _features(1, 3, 2))
-    assert not os.path.exists(str(tmp_path / "q") + ".partial")
+    assert os.listdir(tmp_path) == ["q"]  # neither the temporary folder nor the previous store is left
 
 
 def test_failed_write_leaves_the_previous_store(tmp_path):
@@ -178,7 +178,21 @@ def test_failed_write_leaves_the_previous_store(tmp_path):
     with pytest.raises(RuntimeError):
         write_query_store(tmp_path / "q", items())
     np.testing.assert_array_equal(QueryFeatureStore(tmp_path / "q").get(1), _features(0, 2, 2))
-    assert not os.path.exists(str(tmp_path / "q") + ".partial")
+    assert os.listdir(tmp_path) == ["q"]
+
+
+def test_two_writers_of_one_path_do_not_destroy_each_others_store(tmp_path):
+    """A fixed `<path>.partial` made the second writer delete the first one's open store; now each builds in its
+    own folder and the last to finish replaces the other's store."""
+    with StoreWriter(tmp_path / "q", encode_npz_features) as first:
+        first.put(1, _features(0, 2, 2))
+        with StoreWriter(tmp_path / "q", encode_npz_features) as second:
+            second.put(2, _features(1, 2, 2))
+        first.put(3, _features(2, 2, 2))
+    store = QueryFeatureStore(tmp_path / "q")
+    assert sorted(store.keys()) == ["1", "3"]
+    np.testing.assert_array_equal(store.get(3), _features(2, 2, 2))
+    assert os.listdir(tmp_path) == ["q"]
 
 
 def test_writer_grows_the_map(tmp_path, monkeypatch):

@@ -172,3 +172,22 @@ def test_first_stage_option_and_its_checks(tmp_path):
                                      "--use_interal_vr_scores"]))
     # The new option is the last of the extensions: every earlier key keeps its place in opt.json.
     assert keys[keys.index("gate_per_query") + 1] == "model"
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (dict(temperature="0.05x"), r"key 'temperature' must be \"learned\" or a positive number, found '0.05x'"),
+    (dict(temperature=0), r"key 'temperature' must be .* found 0"),
+    (dict(init_temperature="hot"), r"key 'init_temperature' must be a positive number, found 'hot'")])
+def test_a_bad_temperature_is_a_one_line_error(cfg, message):
+    from method.first_stage import FirstStageError
+    with pytest.raises(FirstStageError, match=message):
+        make_model(**cfg)
+    assert make_model(temperature="0.05").temperature() == pytest.approx(0.05)  # a numeric string is a number
+
+
+def test_the_training_script_states_the_stop_metric():
+    from method.first_stage import FirstStageRecipe
+    from utils.run_dir import REPO_ROOT
+    header = open(f"{REPO_ROOT}/scripts/train_first_stage.sh").read().split("set -euo")[0]
+    assert FirstStageRecipe.stop_metric_names == {"VR": ("r10", "r100")}
+    assert "VR R@10 + R@100" in header and "R@1," not in header

@@ -1,4 +1,6 @@
 """method/rank_first_stage.py and the ranking helpers of method/first_stage.py against brute force."""
+import os
+
 import pytest
 import torch
 
@@ -117,3 +119,61 @@ def test_faiss_recall_on_clustered_videos():
     assert 0.9 <= recall
     few = VideoSummaryIndex(bank, n_probe=1, n_candidates=20, n_lists=32).top_videos(query_emb, 20, progress=False)[1]
     assert recall_against(exact_positions, few) < recall
+
+
+def test_rank_videos_keeps_the_top_k_per_query_chunk():
+    """Equal to a full sort of the whole score matrix, with windows (bank rows are windows, reduced by video_max)."""
+    from method.first_stage import rank_videos, video_max
+    bank, query_emb = random_bank(12, seed=6), random_queries(11, seed=7)
+    windowed = VideoBank([f"v{i}" for i in range(5)], torch.arange(5), bank.embeddings,
+                         window_video=torch.tensor([0, 0, 1, 2, 2, 2, 3, 3, 3, 3, 4, 4]))
+    expected = top_videos(video_max(score_all(query_emb, windowed, progress=False), windowed.window_video, 5), 4)
+    values, positions = rank_videos(query_emb, windowed, 4, query_chunk=3, video_bucket=5, progress=False)
+    assert torch.equal(positions, expected[1]) and torch.allclose(values, expected[0])
+    assert rank_videos(query_emb, windowed, 100, query_chunk=3, progress=False)[1].shape == (11, 5)
+
+
+def test_faiss_check_ranks_only_a_sample_exactly():
+    from method.rank_first_stage import faiss_check
+    bank, query_emb = random_bank(30, seed=3), random_queries(40, seed=4)
+    exact = top_videos(score_all(query_emb, bank, progress=False), 10)[1]
+    approximate = exact.clone()
+    approximate[:, 5:] = -1  # half of every approximate list is wrong
+    check = faiss_check(query_emb, bank, approximate, n_check=8, query_chunk=3)
+    assert check == {"k": 10, "recall": 0.5, "queries_checked": 8}
+    assert faiss_check(query_emb, bank, approximate, n_check=100, query_chunk=3)["queries_checked"] == 40
+    assert faiss_check(query_emb, bank, approximate, n_check=0, query_chunk=3) is None
+
+
+def test_bad_options_are_one_line_errors(monkeypatch, tmp_path):
+    from method.rank_first_stage import check_device, parse_args
+    from utils.errors import OptionError
+    with pytest.raises(OptionError, match=r"--train_top 50: at least 100, the top that train_select100"):
+        parse_args(["--model_dir", "x", "--train_top", "50"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(OptionError, match=r"--device 0: CUDA is not available on this machine; use --device -1"):
+        check_device(0)
+    assert check_device(-1) == torch.device("cpu")
+
+
+def test_default_splits_are_those_with_queries(tmp_path):
+    from method.rank_first_stage import splits_to_rank
+    paths = {key: str(tmp_path / f"{key}.jsonl") for key in ("train_data_path", "eval_data_path", "test_data_path")}
+    for key, text in (("train_data_path", '{"desc_id": 1}\n'), ("eval_data_path", '\n{"desc_id": 2}\n'),
+                      ("test_data_path", "")):
+        (tmp_path / f"{key}.jsonl").write_text(text)
+    assert splits_to_rank(paths, None) == (["train", "val"], "ranking the splits with queries: train, val "
+                                                             "(test_public: no queries)")
+    assert splits_to_rank(paths, ["val"])[0] == ["val"]
+    os.remove(paths["test_data_path"])
+    assert splits_to_rank(paths, None)[0] == ["train", "val"]
+
+
+def test_metrics_label_recall_by_the_list_length():
+    from method.rank_first_stage import format_metrics
+    m = dict(r1=50.0, r5=60.0, r10=70.0, r100=80.0, gt_in_top_max_vcmr_video=70.0)
+    lines = format_metrics({"val": {"list_length": 20, "first_stage": m, "input_ranklist": None,
+                                    "faiss_recall_vs_exact": {"k": 20, "recall": 0.95, "queries_checked": 8}}})
+    assert "(lists of 20: R@100 is R@20)" in lines[1]
+    assert lines[2] == "val          FAISS recall@20 vs exact (8 sampled queries): 0.95"
+    assert "R@100 is" not in format_metrics({"val": {"list_length": 100, "first_stage": m}})[1]

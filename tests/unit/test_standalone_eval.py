@@ -133,6 +133,41 @@ def test_didemo_needs_two_gt_moments():
     assert metrics["VCMR"]["0.5-r1"] == 50.0  # query 1 overlaps two GT moments, query 2 only one
 
 
+def test_qvhighlights_windows_score_the_best_iou_window():
+    gt = [{"desc_id": 1, "vid_name": "a", "ts": [[0, 10], [40, 44]], "ts_min_overlaps": 1},
+          {"desc_id": 2, "vid_name": "a", "ts": [[0, 10], [20, 30], [40, 50], [60, 70]], "ts_min_overlaps": 1},
+          {"desc_id": 3, "vid_name": "a", "ts": [[0, 10], [20, 30]], "ts_min_overlaps": 1}]
+    submission = {"video2idx": VIDEO2IDX, "VCMR": task_entries({1: [[0, 40.0, 44.0, 1.0]], 2: [[0, 60.0, 70.0, 1.0]],
+                                                                 3: [[0, 12.0, 28.0, 1.0]]})}
+    metrics = eval_retrieval(submission, gt, use_desc_type=False)
+    # 1: the second window exactly; 2: the fourth, where DiDeMo's rule would want two; 3: IoU 8/18 with [20, 30].
+    assert metrics["VCMR"]["0.5-r1"] == metrics["VCMR"]["0.7-r1"] == 66.67
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_qvhighlights_recall_at_1_equals_the_official_best_window_rule(seed):
+    """Moment-DETR's R1@θ: take the GT window of highest IoU with the top prediction, count a hit when that IoU
+    reaches θ."""
+    rng = np.random.default_rng(seed)
+    gt, predictions = [], {}
+    for desc_id in range(40):
+        starts = np.sort(rng.choice(np.arange(0, 140, 2), size=rng.integers(1, 6), replace=False))
+        windows = [[float(st), float(min(st + 2 * rng.integers(1, 6), 150))] for st in starts]
+        gt.append({"desc_id": desc_id, "vid_name": "a", "ts": windows if len(windows) > 1 else windows[0]}
+                  | ({"ts_min_overlaps": 1} if len(windows) > 1 else {}))
+        st = float(rng.choice(starts) + rng.integers(-3, 4))
+        predictions[desc_id] = [[0, st, st + float(rng.integers(1, 12)), 1.0]]
+    metrics = eval_retrieval({"video2idx": VIDEO2IDX, "VCMR": task_entries(predictions)}, gt, use_desc_type=False)
+    for thd in (0.5, 0.7):
+        hits = []
+        for row in gt:
+            windows = row["ts"] if "ts_min_overlaps" in row else [row["ts"]]
+            top = predictions[row["desc_id"]][0][1:3]
+            hits.append(max(plain_iou(top, w) for w in windows) >= np.float32(thd))
+        assert metrics["VCMR"][f"{thd}-r1"] == rounded_percentage(np.mean(hits))
+    assert 0 < metrics["VCMR"]["0.5-r1"] < 100
+
+
 def test_type_without_queries_gives_nan():
     submission = {"video2idx": VIDEO2IDX, "VR": task_entries({10: [[0, 0, 0, 1.0]]})}
     by_type = eval_retrieval(submission, GT[:1])["VR_by_type"]
@@ -261,6 +296,13 @@ def test_gt_errors():
         eval_retrieval(submission_with(task_entries({10: []})), [{"desc_id": 10, "vid_name": "a", "type": "v"}])
     with pytest.raises(GroundTruthError, match="missing key 'type'"):
         eval_retrieval(submission_with(task_entries({10: []})), [{"desc_id": 10, "vid_name": "a", "ts": [0, 1]}])
+    for ts, min_overlaps, message in [([[0, 1], [2, 3]], None, "'ts' must be"), ([0, 1], 1, "'ts' must be"),
+                                      ([[0, 1], [2, 3]], 3, "'ts_min_overlaps' must be an integer from 1 to the 2"),
+                                      ([[0, 1], [2, 3]], True, "'ts_min_overlaps' must be")]:
+        row = {"desc_id": 10, "vid_name": "a", "type": "v", "ts": ts}
+        row.update({} if min_overlaps is None else {"ts_min_overlaps": min_overlaps})
+        with pytest.raises(GroundTruthError, match=f"desc_id 10: {message}"):
+            eval_retrieval(submission_with(task_entries({10: [[0, 0, 1, 1.0]]})), [row])
 
 
 def test_cli_writes_pretty_metrics_and_reports_errors(tmp_path, capsys):
