@@ -116,19 +116,27 @@ def test_learned_first_stage_ranks_every_video_and_reranks_like_a_ranklist(learn
         scores = model.score(model.encode_queries(queries["feat"], queries["feat_mask"]), model.encode_videos(videos))
     best_scores, best = torch.sort(scores, dim=1, descending=True, stable=True)
     # A corpus whose stored ranklists are the plain brute-force ranking: the ranklist first stage must agree.
-    ranklist_corpus = tmp_path / "corpus"
-    shutil.copytree(learned["corpus"], ranklist_corpus)
-    config = load_json(ranklist_corpus / "tvr_data_config.json")
-    config.update(root_path=str(ranklist_corpus), text_encoder=None)
-    save_json(config, ranklist_corpus / "tvr_data_config.json")
-    ranklist_path = ranklist_corpus / config["eval_first_VR_ranklist_path_hero"]
+    assert_equals_ranklist_search(searcher, learned["corpus"], runs["exclusive"], dataset, names, desc_ids, best,
+                                  best_scores, tmp_path, top_k=20)
+
+
+def assert_equals_ranklist_search(searcher, corpus_dir, conquer_run, dataset, names, desc_ids, best, best_scores,
+                                  tmp_path, top_k):
+    """`searcher` answers as a ranklist-first-stage index of a copy of the corpus whose val ranklists are the
+    given ranking (best (Q, V) positions in `names`, best_scores)."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, corpus)
+    config = load_json(corpus / "tvr_data_config.json")
+    config.update(root_path=str(corpus), text_encoder=None)
+    save_json(config, corpus / "tvr_data_config.json")
+    ranklist_path = corpus / config["eval_first_VR_ranklist_path_hero"]
     shutil.rmtree(ranklist_path)
     write_ranklist_store(str(ranklist_path), {
         desc_id: [(dataset.video2idx[names[v]], float(s)) for v, s in zip(row.tolist(), row_scores.tolist())]
         for desc_id, row, row_scores in zip(desc_ids, best, best_scores)})
-    reference = Searcher(build_index(tmp_path / "index", runs["exclusive"], "ranklist",
-                                     str(ranklist_corpus / "tvr_data_config.json"), "val")["out_dir"])
-    for got, want in zip(searcher.search_many(desc_ids, top_k=20), reference.search_many(desc_ids, top_k=20)):
+    reference = Searcher(build_index(tmp_path / "index", conquer_run, "ranklist",
+                                     str(corpus / "tvr_data_config.json"), "val")["out_dir"])
+    for got, want in zip(searcher.search_many(desc_ids, top_k=top_k), reference.search_many(desc_ids, top_k=top_k)):
         assert [m[:3] + m[4:] for m in got] == [m[:3] + m[4:] for m in want]
         np.testing.assert_allclose([m.score for m in got], [m.score for m in want], rtol=1e-5)
 
@@ -574,21 +582,8 @@ def test_windowed_learned_first_stage_scores_a_video_by_its_best_window(windowed
             [dataset.get_video_inputs(name, start)]))) for start in dataset.window_starts(name)], dim=1).amax(dim=1)
             for name in names], dim=1)  # (Q, V): each video's best window
     best_scores, best = torch.sort(scores, dim=1, descending=True, stable=True)
-    corpus = tmp_path / "corpus"
-    shutil.copytree(os.path.dirname(windowed["corpus"]), corpus)
-    config = load_json(corpus / "tvr_data_config.json")
-    config["root_path"] = str(corpus)
-    save_json(config, corpus / "tvr_data_config.json")
-    ranklist_path = corpus / config["eval_first_VR_ranklist_path_hero"]
-    shutil.rmtree(ranklist_path)
-    write_ranklist_store(str(ranklist_path), {
-        desc_id: [(dataset.video2idx[names[v]], float(s)) for v, s in zip(row.tolist(), row_scores.tolist())]
-        for desc_id, row, row_scores in zip(desc_ids, best, best_scores)})
-    reference = Searcher(build_index(tmp_path / "index", windowed["conquer"], "ranklist",
-                                     str(corpus / "tvr_data_config.json"), "val")["out_dir"])
-    for got, want in zip(searcher.search_many(desc_ids, top_k=30), reference.search_many(desc_ids, top_k=30)):
-        assert [m[:3] + m[4:] for m in got] == [m[:3] + m[4:] for m in want]
-        np.testing.assert_allclose([m.score for m in got], [m.score for m in want], rtol=1e-5)
+    assert_equals_ranklist_search(searcher, os.path.dirname(windowed["corpus"]), windowed["conquer"], dataset, names,
+                                  desc_ids, best, best_scores, tmp_path, top_k=30)
     # The first stage's own scores of the top videos are their best windows'.
     with torch.no_grad():
         positions, values = searcher.first_stage.candidates(searcher._prepare(desc_ids, truncate=False),
