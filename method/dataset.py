@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from utils.data_config import load_data_config
 from utils.feature_stores import (FeatureStoreError, QueryFeatureStore, RanklistStore, SubtitleFeatureStore,
-                                  VideoFeatureStore)
+                                  VideoFeatureStore, expect_dims)
 from utils.io_utils import load_jsonl
 from utils.tvr_format import (DUMMY_TEST_PUBLIC_VIDEO, FIRST_STAGE_TOP, SPLIT_FILE_KEYS, SPLITS, DatasetError,
                               annotation_problems, is_number, moments_of, split_video_indices, st_ed_label)
@@ -125,13 +125,10 @@ class StartEndDataset(Dataset):
                   (self.video_store, video_name, visual_dim, "--visual_dim")]
         if self.use_sub:
             checks.append((self.sub_store, video_name, text_dim, "--text_dim"))
-        for store, key, expected, flag in checks:
-            found = store.get(key).shape[1]
-            if found != expected:
-                raise DatasetError(f"{store.kind} store {store.path}: features have dim {found} (key {str(key)!r}) "
-                                   f"but the model expects {flag} {expected}; pass {flag} {found}, or point the "
-                                   f"data config at the features the model was built for")
-            store.dim = expected
+        try:
+            expect_dims(checks)
+        except FeatureStoreError as e:
+            raise DatasetError(str(e)) from None
 
     def __len__(self):
         return len(self.query_data)

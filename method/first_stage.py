@@ -40,7 +40,7 @@ from tqdm import tqdm
 from method.scoring import select_top_n
 from utils import distributed
 from utils.feature_stores import (FeatureStoreError, QueryFeatureStore, RanklistStore, SubtitleFeatureStore,
-                                  VideoFeatureStore)
+                                  VideoFeatureStore, expect_dims)
 from utils.io_utils import load_jsonl, save_json
 from utils.tvr_format import (RECALL_TOPK, SPLIT_FILE_KEYS, SPLITS, DatasetError, annotation_problems,
                               split_video_indices, st_ed_label)
@@ -411,6 +411,18 @@ class VideoWindowItems(Dataset):
                 "starts": torch.tensor(starts, dtype=torch.int64)}
 
 
+def check_input_dims(queries, videos, desc_id, video_name, query_dim, visual_dim, text_dim):
+    """`expect_dims` on the stores of QueryItems / VideoItems (desc_id, video_name: the keys read now, or None)."""
+    checks = [(queries.store, desc_id, query_dim, "--query_dim"),
+              (videos.stores["visual"], video_name, visual_dim, "--visual_dim")]
+    if "sub" in videos.stores:
+        checks.append((videos.stores["sub"], video_name, text_dim, "--text_dim"))
+    try:
+        expect_dims(checks)
+    except FeatureStoreError as e:
+        raise FirstStageError(str(e)) from None
+
+
 class FirstStageDataset(Dataset):
     """Training items of one split: {"meta": {desc_id, vid_name, window_starts [N]}, "model_inputs": {"query":
     {feat (Lq, Dq), feat_mask}, "visual"/"sub": {feat (N, L, D), feat_mask (N, L)}, "video_idx" (N,)}}: a window
@@ -441,13 +453,9 @@ class FirstStageDataset(Dataset):
         self.ranklist_store = RanklistStore(config[SPLIT_FILE_KEYS[mode][1]]) if n_hard_negatives else None
 
     def check_feature_dims(self, query_dim, visual_dim, text_dim):
-        """From now on every feature read checks its dim against the model's input dims."""
-        self.queries.store.dim = query_dim
-        self.videos.stores["visual"].dim = visual_dim
-        if "sub" in self.videos.stores:
-            self.videos.stores["sub"].dim = text_dim
-        self.queries[0]
-        self.videos.get_many([self.rows[0]["vid_name"]])
+        """The first query and its GT video against the model's input dims (then every read checks them)."""
+        check_input_dims(self.queries, self.videos, self.rows[0]["desc_id"], self.rows[0]["vid_name"], query_dim,
+                         visual_dim, text_dim)
 
     def __len__(self):
         return len(self.rows)
@@ -807,10 +815,8 @@ class SplitRanking:
         return view
 
     def check_feature_dims(self, query_dim, visual_dim, text_dim):
-        self.queries.store.dim = query_dim
-        self.videos.stores["visual"].dim = visual_dim
-        if "sub" in self.videos.stores:
-            self.videos.stores["sub"].dim = text_dim
+        """Every read of the split's stores checks its dim against the model's input dims."""
+        check_input_dims(self.queries, self.videos, None, None, query_dim, visual_dim, text_dim)
 
     def metrics(self, model, opt):
         """VR metrics of every query of the split ranked against every video (a video scored by its best

@@ -221,6 +221,20 @@ class RanklistStore(_Store):
         return self._read(desc_id)
 
 
+def expect_dims(checks):
+    """[(store, key, expected dim, option flag)] -> the features of each key are compared with the model's input dim,
+    so a mismatch stops a run at start-up naming the store and the option to fix (key None: nothing to read yet);
+    afterwards every read of each store checks its dim too."""
+    for store, key, expected, flag in checks:
+        if key is not None:
+            found = store.get(key).shape[1]
+            if found != expected:
+                raise FeatureStoreError(f"{store.kind} store {store.path}: features have dim {found} (key "
+                                        f"{str(key)!r}) but the model expects {flag} {expected}; pass {flag} {found}, "
+                                        "or point the data config at the features the model was built for")
+        store.dim = expected
+
+
 # ---------------------------------------------------------------------------------------------------
 # Writers
 

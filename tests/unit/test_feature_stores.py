@@ -245,3 +245,15 @@ def test_writer_sizes_the_map_from_the_data(tmp_path, n_entries, rows):
     used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
     assert used <= env.info()["map_size"] <= 4 * used + (4 << 20)
     env.close()
+
+
+def test_expect_dims_names_the_store_and_the_option_then_checks_every_read(tmp_path):
+    from utils.feature_stores import expect_dims
+    write_query_store(str(tmp_path / "q"), {1: np.zeros((3, 4), np.float32), 2: np.zeros((3, 5), np.float32)})
+    store = QueryFeatureStore(str(tmp_path / "q"))
+    with pytest.raises(FeatureStoreError, match=r"features have dim 4 \(key '1'\) but the model expects "
+                                                r"--query_dim 6; pass --query_dim 4"):
+        expect_dims([(store, 1, 6, "--query_dim")])
+    expect_dims([(store, 1, 4, "--query_dim")])
+    with pytest.raises(FeatureStoreError, match="key '2': expected feature dim 4, found 5"):
+        store.get(2)
