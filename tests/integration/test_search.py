@@ -77,6 +77,16 @@ def test_moments_equal_inference_predictions(runs, ranklist_indexes, tiny_corpus
     assert len(first) == 7 and all(ranklist[m.first_stage_rank - 1] == m.video_name for m in first)
 
 
+def copy_corpus(corpus_dir, target, **settings):
+    """A copy of the corpus folder at `target` whose data config points at it (plus `settings`) -> (its data config
+    path, the config)."""
+    shutil.copytree(corpus_dir, target)
+    config_path = str(target / "tvr_data_config.json")
+    config = dict(load_json(config_path), root_path=str(target), **settings)
+    save_json(config, config_path)
+    return config_path, config
+
+
 @pytest.fixture(scope="module")
 def learned(runs, tiny_corpus, tiny_corpus_kwargs, tmp_path_factory):
     """A corpus copy with a text encoder and a video folder, a first-stage run dir (random weights), and its index."""
@@ -125,10 +135,7 @@ def assert_equals_ranklist_search(searcher, corpus_dir, conquer_run, dataset, na
     """`searcher` answers as a ranklist-first-stage index of a copy of the corpus whose val ranklists are the
     given ranking (best (Q, V) positions in `names`, best_scores)."""
     corpus = tmp_path / "corpus"
-    shutil.copytree(corpus_dir, corpus)
-    config = load_json(corpus / "tvr_data_config.json")
-    config.update(root_path=str(corpus), text_encoder=None)
-    save_json(config, corpus / "tvr_data_config.json")
+    _, config = copy_corpus(corpus_dir, corpus, text_encoder=None)
     ranklist_path = corpus / config["eval_first_VR_ranklist_path_hero"]
     shutil.rmtree(ranklist_path)
     write_ranklist_store(str(ranklist_path), {
@@ -170,11 +177,7 @@ def test_text_query_needs_a_text_encoder_and_ranklists_need_desc_ids(ranklist_in
 
 def test_index_build_update_and_interruption(runs, tiny_corpus, tmp_path, monkeypatch):
     corpus = tmp_path / "corpus"
-    shutil.copytree(os.path.dirname(tiny_corpus), corpus)
-    config_path = str(corpus / "tvr_data_config.json")
-    config = load_json(config_path)
-    config["root_path"] = str(corpus)
-    save_json(config, config_path)
+    config_path, config = copy_corpus(os.path.dirname(tiny_corpus), corpus)
     video_table = corpus / config["video_duration_idx_path"]
     val_file = corpus / config["eval_data_path"]
     full_table, full_val = load_json(video_table), load_jsonl(val_file)
@@ -211,11 +214,7 @@ def test_index_build_update_and_interruption(runs, tiny_corpus, tmp_path, monkey
 def test_update_after_videos_left_the_split_and_overwrite_of_missing_or_empty_folders(runs, ranklist_indexes,
                                                                                         tiny_corpus, tmp_path):
     corpus = tmp_path / "corpus"
-    shutil.copytree(os.path.dirname(tiny_corpus), corpus)
-    config_path = str(corpus / "tvr_data_config.json")
-    config = load_json(config_path)
-    config["root_path"] = str(corpus)
-    save_json(config, config_path)
+    config_path, config = copy_corpus(os.path.dirname(tiny_corpus), corpus)
     video_table, val_file = corpus / config["video_duration_idx_path"], corpus / config["eval_data_path"]
     full_table, full_val = load_json(video_table), load_jsonl(val_file)
     names = list(full_table["val"])
@@ -595,11 +594,7 @@ def test_windowed_learned_first_stage_scores_a_video_by_its_best_window(windowed
 
 def test_windowed_update_equals_a_fresh_build(windowed, tmp_path):
     corpus = tmp_path / "corpus"
-    shutil.copytree(os.path.dirname(windowed["corpus"]), corpus)
-    config_path = str(corpus / "tvr_data_config.json")
-    config = load_json(config_path)
-    config["root_path"] = str(corpus)
-    save_json(config, config_path)
+    config_path, config = copy_corpus(os.path.dirname(windowed["corpus"]), corpus)
     video_table, val_file = corpus / config["video_duration_idx_path"], corpus / config["eval_data_path"]
     full_table, full_val = load_json(video_table), load_jsonl(val_file)
     kept = dict(list(full_table["val"].items())[:5])
