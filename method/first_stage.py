@@ -21,7 +21,7 @@ window). Training shows a window of the GT video that holds the whole GT moment,
 negative.
 
 Also here: the datasets (training items; the queries and the videos of a split), the encoding of a split's
-windows (`encode_video_bank`), exact ranking (`rank_videos`: the top k per query chunk; `score_all`, `top_videos`;
+windows (`encode_video_bank`), exact ranking (`rank_videos`: the top k per query chunk; `top_videos`;
 `best_windows`: the best window of each listed video), the VR metrics of a ranking, and the recipe that lets train.py train this model (`TRAINING_RECIPE`).
 """
 import copy
@@ -689,18 +689,8 @@ def video_max(window_scores, window_video, n_videos):
 
 
 @torch.inference_mode()
-def score_all(query_emb, bank, query_chunk=1024, video_bucket=512, progress=True):
-    """(Q, V) scores of every query against every video of `bank`: the max over the video's windows of
-    FirstStageRetriever.score (the module docstring says why not the score of all its clips at once)."""
-    scores = torch.empty(query_emb["query"].shape[0], len(bank), device=query_emb["query"].device)
-    for start, stop, window_scores in window_score_chunks(query_emb, bank, query_chunk, video_bucket, progress):
-        scores[start:stop] = video_max(window_scores, bank.window_video, len(bank))
-    return scores
-
-
-@torch.inference_mode()
 def rank_videos(query_emb, bank, top_k, query_chunk=1024, video_bucket=512, progress=True):
-    """As `top_videos(score_all(...), top_k)`, one query chunk at a time -> (values (Q, k), positions (Q, k)) on the
+    """The top k videos of every query by their best window, one query chunk at a time -> (values (Q, k), positions (Q, k)) on the
     CPU, k = min(top_k, V). Only a chunk's (chunk, W) window scores are held besides the (Q, k) result, so memory
     does not grow with the split's queries (87k x 17k scores on TVR train would be 6 GB)."""
     n_queries, k = query_emb["query"].shape[0], min(top_k, len(bank))
@@ -715,7 +705,7 @@ def rank_videos(query_emb, bank, top_k, query_chunk=1024, video_bucket=512, prog
 def best_windows(query_emb, bank, positions, query_chunk=1024, video_bucket=512, progress=True):
     """The best window of each listed video: positions (Q, k) bank video positions (e.g. of `top_videos`) ->
     (starts (Q, k) int64 first clip of the window in the video, scores (Q, k) its score = the video's score),
-    the earliest window on ties. Scores every window again (as `score_all`), chunk by chunk."""
+    the earliest window on ties. Scores every window again, chunk by chunk."""
     starts = torch.empty(positions.shape, dtype=torch.int64)
     scores = torch.empty(positions.shape)
     table = bank.window_table

@@ -5,12 +5,15 @@ the benchmark uses them as its baseline. Nothing on the training or inference pa
 * `moment_rows_reference`: submission rows zipped row by row in Python (production: one array conversion).
 * `temporal_nms_reference`, `nms_per_video_reference`, `apply_nms_reference`: the list-popping NMS, one query
   and one video at a time (production: `utils.temporal_nms`, all queries at once).
+* `score_all_reference`: the whole (queries, videos) first-stage score matrix (production:
+  `method.first_stage.rank_videos`, the top k of one query chunk at a time).
 * `rank_windowed_reference`: windowed ranking by loops over windows and pairs and a dict of merged moments
   (production: `method.scoring.rank_windowed_batch`, array operations per query).
 """
 import numpy as np
 import torch
 
+from method.first_stage import video_max, window_score_chunks
 from method.scoring import moment_seconds, sort_descending
 from utils.temporal_nms import MAX_KEPT_PER_VIDEO
 
@@ -123,3 +126,13 @@ def rank_windowed_reference(measure, begin_logits, end_logits, slot_video, slot_
             result["VCMR"] = [key + (found[key],) for key in ranked]
         results.append(result)
     return results
+
+
+@torch.inference_mode()
+def score_all_reference(query_emb, bank, query_chunk=1024, video_bucket=512, progress=True):
+    """(Q, V) scores of every query against every video of `bank`: the max over the video's windows of
+    FirstStageRetriever.score, held whole (`rank_videos` keeps the top k per query chunk)."""
+    scores = torch.empty(query_emb["query"].shape[0], len(bank), device=query_emb["query"].device)
+    for start, stop, window_scores in window_score_chunks(query_emb, bank, query_chunk, video_bucket, progress):
+        scores[start:stop] = video_max(window_scores, bank.window_video, len(bank))
+    return scores

@@ -110,7 +110,7 @@ class VideoSummaryIndex:
 
     @torch.no_grad()
     def top_videos(self, query_emb, top_k, query_chunk=256, progress=True):
-        """As `top_videos(score_all(...))`: (values (Q, k), bank positions (Q, k)), over the candidates only."""
+        """As `top_videos(score_all_reference(...))`: (values (Q, k), bank positions (Q, k)), over the candidates only."""
         k = min(top_k, len(self.bank))
         all_values, all_positions = [], []
         n_queries = len(query_emb["query"])

@@ -1,6 +1,6 @@
 """Search a corpus: the moments (video, start, end) that best match a query, by two-stage retrieval.
 
-    python -m method.search build --first_stage RUN_DIR --conquer RUN_DIR --dataset_config CFG --split val \
+    python -m method.search build --first_stage RUN_DIR --conquer RUN_DIR --dataset_config CFG [--split SPLIT] \
         --out_dir INDEX [--update | --overwrite]
     python -m method.search query --index INDEX [--desc_id N | --text "a query"] [--top_k 10] [--nms_thd 0.7] [--json]
     python -m method.search serve --index INDEX [--host 127.0.0.1 --port 8000] [--max_queue 4 --request_timeout 30]
@@ -14,6 +14,17 @@ The first stage picks the `max_vcmr_video` best videos of the whole index; CONQU
 re-rank them on their cached encodings (method/search_index.py), all in one batch; then the moments are
 ranked and (optionally) suppressed by temporal NMS by the same functions as inference. So for a desc_id, with
 the same candidates and scores, the moments are the VCMR predictions inference.py writes for that query.
+
+Corpora: `build` indexes every video of one split, by default the data config's `search_split`, else val. A
+search-only corpus (utils/build_corpus.py without --annotations) has every video in its search_split test_public
+and no queries or ranklists: it is searched by text or token features, with a learned first stage. Before any
+model loads, `build` (and `build --update`) refuses in one line a corpus that a run cannot read or was not trained
+for: a modality the run reads that the corpus's ctx_mode lacks, store feature dims other than the run's
+--visual_dim / --text_dim / --query_dim, or a provenance (utils/provenance.py: feature recipes, clip length, text
+encoder) other than that of the data config the run was trained on (the dataset_config of its opt.json; a warning
+when that file is gone). The index records the corpus's provenance, and an update must agree with it. Each stage
+reads its own modalities: a visual CONQUER may index with a visual_sub first stage. Loading a Searcher refuses a
+text encoder whose dim is not CONQUER's --query_dim.
 
 Long videos: the index rows are windows (the runs' --window_stride, utils/windows.py). A learned first stage
 scores every window and a video scores its best window; the max_vcmr_video best videos are taken (it counts
@@ -203,28 +214,59 @@ class Searcher:
                                    max_vcmr_video)
         self.device = torch.device(self.opt.device)
         self.model = load_trained_model(self.opt).eval()
-        self.k = min(self.opt.max_vcmr_video, len(self.index.video_names))
-        uses_ranklists = manifest["first_stage"]["kind"] == RANKLIST_FIRST_STAGE
-        self.dataset = build_eval_dataset(self.opt, read_ranklists=uses_ranklists)
-        self.desc_of = {row["desc_id"]: row["desc"] for row in self.dataset.query_data}
-        if uses_ranklists:
-            self.first_stage = RanklistFirstStage(self.dataset, self.index)
-        else:
+        self.first_stage_model = None
+        if manifest["first_stage"]["kind"] != RANKLIST_FIRST_STAGE:
             _check_checkpoint_unchanged(manifest["first_stage"], "--first_stage")
-            self.first_stage = EmbeddingFirstStage(
-                search_index.load_first_stage_model(manifest["first_stage"]["run_dir"], self.device), self.index, self.k,
-                self.device)
-        self.data_config = load_data_config(self.opt.dataset_config)
+            self.first_stage_model = search_index.load_first_stage_model(manifest["first_stage"]["run_dir"],
+                                                                         self.device)
+        self._use_index(self.index)
         self.text_encoder = self._load_text_encoder()
         self._lock = threading.Lock()
+
+    def _use_index(self, index):
+        """Serve `index` (a version of the index the models were loaded for): its videos, the corpus's video table
+        and queries, the first stage over its rows."""
+        self.index = index
+        self.k = min(self.opt.max_vcmr_video, len(index.video_names))
+        self.dataset = build_eval_dataset(self.opt, read_ranklists=self.first_stage_model is None)
+        self.desc_of = {row["desc_id"]: row["desc"] for row in self.dataset.query_data}
+        self.first_stage = (RanklistFirstStage(self.dataset, index) if self.first_stage_model is None
+                            else EmbeddingFirstStage(self.first_stage_model, index, self.k, self.device))
+        self.data_config = load_data_config(self.opt.dataset_config)
+
+    def refresh(self):
+        """Take the index's live version when a build (`--update`) has switched it since it was loaded, keeping the
+        loaded models -> True when it switched. A version built from other runs or another corpus split is not
+        taken (a warning: serve it with a new Searcher)."""
+        with self._lock:
+            if search_index.live_version(self.index.path) == os.path.basename(self.index.version_dir):
+                return False
+            index = SearchIndex.open(self.index.path)
+            for section in ("conquer", "first_stage", "corpus"):
+                old, new = self.index.manifest[section], index.manifest[section]
+                if any(old.get(key) != new.get(key) for key in ("sha256", "kind", "data_config", "split")):
+                    logger.warning("search index %s: version %s was built from another %s; still serving %s",
+                                   self.index.path, os.path.basename(index.version_dir), section,
+                                   os.path.basename(self.index.version_dir))
+                    return False
+            self._use_index(index)
+            logger.info("search index %s: now serving version %s (%d videos)", index.path,
+                        os.path.basename(index.version_dir), len(index.video_names))
+            return True
 
     def _load_text_encoder(self):
         settings = self.data_config.get("text_encoder")
         if not settings:
             return None
         from utils.text_encoder import TextEncoder
-        return TextEncoder(settings["name_or_path"], device=self.device, dtype=settings.get("dtype", "float32"),
-                           max_length=settings.get("max_length"))
+        encoder = TextEncoder(settings["name_or_path"], device=self.device, dtype=settings.get("dtype", "float32"),
+                              max_length=settings.get("max_length"))
+        if encoder.dim != self.query_dim:
+            raise SearchIndexError(f"text encoder {settings['name_or_path']} of {self.opt.dataset_config} gives "
+                                   f"{encoder.dim}-dim token features but the CONQUER run {self.opt.model_dir} takes "
+                                   f"--query_dim {self.query_dim}; the corpus's text encoder must be the one the run "
+                                   "was trained with")
+        return encoder
 
     @property
     def max_query_tokens(self):
@@ -291,6 +333,9 @@ class Searcher:
         return prepared
 
     def _stored_query(self, desc_id):
+        if not self.desc_of:
+            raise QueryError(f"desc_id {desc_id}: split {self.opt.eval_split_name!r} of {self.opt.dataset_config} "
+                             "has no stored queries (a search-only corpus); query by text or token features")
         if desc_id not in self.desc_of:
             raise QueryError(f"desc_id {desc_id} is not a query of split {self.opt.eval_split_name!r} of "
                              f"{self.opt.dataset_config}")
@@ -392,13 +437,21 @@ def _parser():
     parser = argparse.ArgumentParser(prog="python -m method.search", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    build = commands.add_parser("build", help="index a corpus split for a pair of trained runs")
+    build = commands.add_parser(
+        "build", help="index a corpus split for a pair of trained runs",
+        description="Index every video of a corpus split for a pair of trained runs: by default the data config's "
+                    "search_split (a search-only corpus, searched by text or token features), else val. Before any "
+                    "model loads, a corpus the runs cannot read or were not trained for is refused: a modality a run "
+                    "reads missing from its ctx_mode, store feature dims other than the runs', or a provenance "
+                    "(feature recipes, clip length, text encoder) other than that of the data config each run was "
+                    "trained on. --update is checked the same way, and against the provenance the index records.")
     build.add_argument("--first_stage", required=True,
                        help=f"first-stage run dir (trained with the --window_stride and --max_ctx_len of --conquer), "
                             f"or '{RANKLIST_FIRST_STAGE}': the corpus's stored ranklists (desc_id queries only)")
     build.add_argument("--conquer", required=True, help="CONQUER run dir (opt.json + model.ckpt)")
     build.add_argument("--dataset_config", required=True, help="data config of the corpus")
-    build.add_argument("--split", default="val", choices=SPLITS)
+    build.add_argument("--split", default=None, choices=SPLITS,
+                       help="split to index (default: the data config's search_split, else val)")
     build.add_argument("--out_dir", required=True, help="index folder")
     build.add_argument("--update", action="store_true", help="extend an existing index with the corpus's new videos")
     build.add_argument("--overwrite", action="store_true", help="rebuild an existing index from scratch")

@@ -12,10 +12,13 @@ Layout of INDEX/:
 
     CURRENT                 name of the live version folder (written atomically, last)
     v000001/manifest.json   run dirs and checkpoint sha256, their windows (window_stride, max_ctx_len), corpus
-                            data config and split, array shapes, rows per chunk, package versions
+                            data config, split and provenance (utils/provenance.py), array shapes, rows per
+                            chunk, package versions
     v000001/windows.json    [video name, start clip] of every row, in row order: the windows of a video together,
                             in start order
     v000001/<array>.<chunk>.npy
+    v000001/thumbnails.json {video name: layout of its sprite} (utils/thumbnails.py), when the corpus's data
+                            config has a "video_dir"; the sprites are v000001/thumbnails/<video name>.jpg
 
 A build writes a new version folder under a temporary name, renames it, then points CURRENT at it and removes
 the old version; an interrupted build leaves the previous index untouched. An update (`--update`) hard-links
@@ -28,24 +31,33 @@ refused with a line asking to rebuild it: its manifest does not record the windo
 costs only the encoding of the split.
 """
 import datetime
+import functools
 import hashlib
 import logging
 import os
 import platform
 import shutil
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from easydict import EasyDict
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
 from config.options import TestOptions
 from method.checkpoint import load_trained_model
 from method.dataset import build_eval_dataset, prepare_batch_inputs
+from method.first_stage import MODALITIES
 from method.rank_first_stage import load_first_stage
 from utils import run_dir as run_dirs
+from utils.data_config import load_data_config
 from utils.errors import ConquerError
+from utils.feature_stores import FeatureStoreError, expect_dims
 from utils.io_utils import atomic_folder, atomic_write, load_json, save_json
+from utils.provenance import provenance, provenance_difference
+from utils.thumbnails import ThumbnailError, video_file, write_sprite
+from utils.tvr_format import SPLITS
 from utils.windows import Window
 
 logger = logging.getLogger(__name__)
@@ -55,6 +67,7 @@ FORMAT_VERSION = 2
 CURRENT_FILENAME = "CURRENT"
 MANIFEST_FILENAME = "manifest.json"
 WINDOWS_FILENAME = "windows.json"
+THUMBNAILS_FILENAME, THUMBNAILS_DIRNAME = "thumbnails.json", "thumbnails"
 VERSION_PREFIX = "v"
 # `--first_stage ranklist`: no learned first stage; candidates come from the corpus's stored ranklists.
 RANKLIST_FIRST_STAGE = "ranklist"
@@ -120,6 +133,94 @@ def check_windows_agree(conquer_opt, conquer_run_dir, first_stage):
         f"{first['max_ctx_len']} but --conquer {conquer_run_dir} with --window_stride {second['window_stride']} "
         f"--max_ctx_len {second['max_ctx_len']}: the index holds one set of windows for both stages; use runs "
         "trained with the same --window_stride and --max_ctx_len")
+
+
+def default_split(data_config, path):
+    """The split `build` indexes when none is given: the data config's search_split (a search-only corpus, written
+    by utils.build_corpus without annotations), else val."""
+    split = data_config.get("search_split", "val")
+    if split not in SPLITS:
+        raise SearchIndexError(f"data config {path}: search_split {split!r} is not one of {list(SPLITS)}")
+    return split
+
+
+class CorpusReader(NamedTuple):
+    """What a run reads of a corpus, from its options: checked against the corpus before any model loads."""
+    flag: str  # the command-line flag that named the run
+    run_dir: str
+    modalities: tuple  # ("visual",) or ("visual", "sub")
+    dims: dict  # "query_dim" / "visual_dim" / "text_dim" -> the model's input dim, where recorded
+    trained_config: object  # the data config it was trained on (its opt.json's dataset_config), or None
+
+
+def _corpus_reader(flag, run_dir, options, saved):
+    return CorpusReader(flag, os.fspath(run_dir), MODALITIES[options.get("ctx_mode", "visual_sub")],
+                        {key: options[key] for key in ("query_dim", "visual_dim", "text_dim")
+                         if options.get(key) is not None}, saved.get("dataset_config"))
+
+
+def corpus_readers(conquer_opt, conquer_run_dir, first_stage):
+    """The CorpusReader of CONQUER (its options as inference parses them) and of a learned first stage."""
+    saved = load_json(os.path.join(conquer_opt.model_dir, run_dirs.OPT_FILENAME))
+    readers = [_corpus_reader("--conquer", conquer_run_dir, conquer_opt, saved)]
+    if first_stage != RANKLIST_FIRST_STAGE:
+        saved = load_json(os.path.join(run_dirs.locate_model_dir(first_stage), run_dirs.OPT_FILENAME))
+        readers.append(_corpus_reader("--first_stage", first_stage, saved, saved))
+    return readers
+
+
+def check_corpus(readers, data_config, path):
+    """Refuse a corpus a run cannot read (its ctx_mode lacks a modality the run reads) or was not trained for (its
+    provenance, utils/provenance.py, differs from that of the data config the run was trained on). ctx_mode itself
+    is not compared: a visual run reads a visual_sub corpus's visual features as well as a visual corpus's.
+    A run whose training data config is gone is indexed with a warning."""
+    corpus_modalities = MODALITIES.get(data_config.get("ctx_mode"))
+    corpus = dict(provenance(data_config), ctx_mode=None)
+    for reader in readers:
+        run = f"{reader.flag} {reader.run_dir}"
+        missing = [m for m in reader.modalities if corpus_modalities is not None and m not in corpus_modalities]
+        if missing:
+            raise SearchIndexError(
+                f"{run} reads {'_'.join(reader.modalities)} features but the corpus {path} has ctx_mode "
+                f"{data_config['ctx_mode']!r} (no {missing[0]!r} features); index it with runs trained with "
+                f"--ctx_mode {data_config['ctx_mode']}")
+        trained = _trained_provenance(reader)
+        difference = trained and provenance_difference(dict(trained, ctx_mode=None), corpus)
+        if difference:
+            raise SearchIndexError(
+                f"{run} was trained on the corpus of {reader.trained_config}, whose features differ from those of "
+                f"--dataset_config {path} ({difference}); index a corpus made as the training corpus was, or train "
+                "on this one")
+
+
+def _trained_provenance(reader):
+    """The provenance of the data config `reader` was trained on, or None (with a warning) when it is unknown."""
+    if reader.trained_config is None or not os.path.isfile(reader.trained_config):
+        found = ("records no training data config" if reader.trained_config is None
+                 else f"its training data config {reader.trained_config} no longer exists")
+        logger.warning("%s %s: %s, so the corpus's features cannot be checked to be those it was trained on",
+                       reader.flag, reader.run_dir, found)
+        return None
+    trained = load_json(reader.trained_config)
+    if not isinstance(trained, dict):
+        raise SearchIndexError(f"{reader.flag} {reader.run_dir}: its training data config {reader.trained_config} "
+                               "is not a JSON object")
+    return provenance(trained)
+
+
+def check_feature_dims(readers, dataset, video_name):
+    """Each run's input dims against the corpus's stores (`expect_dims`), reading the split's first query (none in
+    a search-only corpus) and `video_name`, before any model loads."""
+    desc_id = dataset.query_data[0]["desc_id"] if dataset.query_data else None
+    video_stores = {"visual": (dataset.video_store, "visual_dim"), "sub": (dataset.sub_store, "text_dim")}
+    for reader in readers:
+        checks = [(dataset.query_store, desc_id, "query_dim")] + [(video_stores[m][0], video_name, video_stores[m][1])
+                                                                  for m in reader.modalities]
+        try:
+            expect_dims([(store, key, reader.dims[option], f"--{option}") for store, key, option in checks
+                         if option in reader.dims])
+        except FeatureStoreError as e:
+            raise SearchIndexError(f"{reader.flag} {reader.run_dir}: {e}") from None
 
 
 def load_first_stage_model(run_dir, device):
@@ -190,6 +291,15 @@ class SearchIndex:
     def nbytes(self):
         return sum(chunk.nbytes for array in self.arrays.values() for chunk in array.chunks)
 
+    @functools.cached_property
+    def thumbnails(self):
+        """{video name: (its sprite's absolute path, its layout: utils.thumbnails.SpriteLayout as a dict)} of the
+        videos that have thumbnails; read once."""
+        path = os.path.join(self.version_dir, THUMBNAILS_FILENAME)
+        layouts = _load_json(path, dict) if os.path.exists(path) else {}
+        return {name: (os.path.join(os.path.abspath(self.version_dir), THUMBNAILS_DIRNAME, name + ".jpg"), layout)
+                for name, layout in layouts.items()}
+
     @classmethod
     def open(cls, path):
         path = os.fspath(path)
@@ -199,8 +309,7 @@ class SearchIndex:
         if not os.path.isfile(current):
             raise SearchIndexError(f"search index {path}: no {CURRENT_FILENAME} file: not an index, or its first "
                                    "build did not finish; build it with `python -m method.search build`")
-        with open(current) as f:
-            version = f.read().strip()
+        version = live_version(path)
         version_dir = os.path.join(path, version)
         manifest_path = os.path.join(version_dir, MANIFEST_FILENAME)
         if not version or os.sep in version or not os.path.isfile(manifest_path):
@@ -224,6 +333,12 @@ class SearchIndex:
                                             for chunk_id, n in enumerate(chunk_sizes)])
                   for name, spec in manifest["arrays"].items()}
         return cls(path, version_dir, manifest, windows, arrays)
+
+
+def live_version(path):
+    """The version folder name the index's CURRENT file names (read as is, checked by `SearchIndex.open`)."""
+    with open(os.path.join(path, CURRENT_FILENAME)) as f:
+        return f.read().strip()
 
 
 def missing_manifest_key(manifest):
@@ -323,9 +438,9 @@ def encode_video_batch(model, first_stage_model, video_inputs):
     return {name: value.detach().cpu().numpy() for name, value in arrays.items()}
 
 
-def index_identity(conquer_opt, conquer_run_dir, first_stage, split):
-    """The manifest entries an update must agree with: runs, corpus and the settings of the encodings (the
-    windows the rows are: CONQUER's window_stride and max_ctx_len, and the first stage's)."""
+def index_identity(conquer_opt, conquer_run_dir, first_stage, split, corpus_provenance):
+    """The manifest entries an update must agree with: runs, corpus (with its provenance) and the settings of the
+    encodings (the windows the rows are: CONQUER's window_stride and max_ctx_len, and the first stage's)."""
     if first_stage == RANKLIST_FIRST_STAGE:
         first = dict(kind=RANKLIST_FIRST_STAGE)
     else:
@@ -334,36 +449,54 @@ def index_identity(conquer_opt, conquer_run_dir, first_stage, split):
     return dict(conquer=run_identity(conquer_run_dir, conquer_opt.ckpt_filepath), first_stage=first,
                 corpus=dict(data_config=os.path.realpath(conquer_opt.dataset_config), split=split,
                             dset_name=conquer_opt.dset_name, ctx_mode=conquer_opt.ctx_mode,
-                            **run_windows(conquer_opt)))
+                            **run_windows(conquer_opt), provenance=corpus_provenance))
 
 
 def _identity_difference(old, new):
-    """First manifest entry in which two identities differ, as 'key: old -> new', or None."""
+    """First manifest entry in which two identities differ, as 'key: old -> new', or None. The corpus provenance
+    is compared as a run's is (`provenance_difference`), and not at all when the index predates its record."""
     for section in new:
         for key in sorted(set(old.get(section, {})) | set(new[section])):
-            if old.get(section, {}).get(key) != new[section].get(key):
+            if (section, key) != ("corpus", "provenance") and old.get(section, {}).get(key) != new[section].get(key):
                 return f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {new[section].get(key)!r}"
-    return None
+    recorded = old.get("corpus", {}).get("provenance")
+    difference = recorded and provenance_difference(recorded, new["corpus"]["provenance"])
+    return f"corpus.provenance {difference}" if difference else None
 
 
-def build_index(out_dir, conquer, first_stage, dataset_config, split="val", update=False, overwrite=False,
+def build_index(out_dir, conquer, first_stage, dataset_config, split=None, update=False, overwrite=False,
                 batch_size=32, chunk_videos=1024, device=-1):
     """Build (or with `update`, extend) the index of `split` at `out_dir` -> summary dict {"out_dir", "n_videos",
     "n_windows" (rows), "n_encoded" (videos encoded now), "nbytes"}.
 
-    first_stage: a first-stage run dir (trained with CONQUER's windows), or RANKLIST_FIRST_STAGE. An existing
+    first_stage: a first-stage run dir (trained with CONQUER's windows), or RANKLIST_FIRST_STAGE. split: by default
+    the data config's search_split, else val (`default_split`). Before any model loads, the corpus is refused
+    when a run cannot read it or was not trained for it (`check_corpus`, `check_feature_dims`). An existing
     `out_dir` is an error unless `update` (encode only videos the index lacks and drop those no longer in the
     split; the runs and corpus must be the ones it was built from) or `overwrite` (rebuild everything; a missing
     or empty `out_dir` is simply built). batch_size: windows per forward pass;
     chunk_videos: videos per chunk file (with all their windows).
     """
     out_dir = os.fspath(out_dir)
+    data_config = load_data_config(dataset_config)
+    split = split or default_split(data_config, dataset_config)
     opt = conquer_options(conquer, dataset_config, split, device)
     check_windows_agree(opt, conquer, first_stage)
-    identity = index_identity(opt, conquer, first_stage, split)
+    readers = corpus_readers(opt, conquer, first_stage)
+    check_corpus(readers, data_config, dataset_config)
+    identity = index_identity(opt, conquer, first_stage, split, provenance(data_config))
     previous = _previous_index(out_dir, identity, update, overwrite)
-    dataset = build_eval_dataset(opt, read_ranklists=False)
+    # Videos are read with every modality either run reads: a visual_sub first stage with a visual CONQUER
+    # embeds the subtitles that CONQUER ignores.
+    read = {modality for reader in readers for modality in reader.modalities}
+    dataset = build_eval_dataset(EasyDict(opt, ctx_mode="_".join(m for m in MODALITIES["visual_sub"] if m in read)),
+                                 read_ranklists=False)
+    if first_stage == RANKLIST_FIRST_STAGE and not dataset.query_data:
+        raise SearchIndexError(f"--first_stage {RANKLIST_FIRST_STAGE} answers the stored queries of the split from "
+                               f"its ranklists, and split {split!r} of {dataset_config} has no queries (a search-only "
+                               "corpus); build the index with a learned --first_stage")
     names = list(dataset.video2idx)
+    check_feature_dims(readers, dataset, names[0] if names else None)
     in_split = set(names)
     kept = [name for name in previous.video_names if name in in_split] if previous is not None else []
     n_removed = len(previous.video_names) - len(kept) if previous is not None else 0
@@ -405,6 +538,7 @@ def build_index(out_dir, conquer, first_stage, dataset_config, split="val", upda
                 arrays = specs
                 chunk_sizes.append(len(chunk_windows))
                 windows += chunk_windows
+        _write_thumbnails(version_dir, data_config, opt.clip_length, previous, kept + new_names)
         save_json([list(window) for window in windows], os.path.join(version_dir, WINDOWS_FILENAME))
         manifest = dict(format=INDEX_FORMAT, format_version=FORMAT_VERSION, created=_now(), **identity,
                         n_videos=len(kept) + len(new_names), n_windows=len(windows), chunks=chunk_sizes,
@@ -472,6 +606,38 @@ def _link_or_copy(source, target):
         shutil.copy2(source, target)
 
 
+def _write_thumbnails(version_dir, data_config, clip_length, previous, names):
+    """The thumbnail sprites of `names` (utils/thumbnails.py, a tile per clip of `clip_length`) and their layouts
+    in `version_dir`, when `data_config` has a "video_dir": a sprite of the `previous` version is hard-linked, the
+    other videos are decoded. A video without a file or that cannot be decoded gets none (one warning counts them):
+    thumbnails never fail a build."""
+    if not data_config.get("video_dir"):
+        return
+    folder = os.path.join(data_config.root_path, data_config.video_dir)
+    carried = previous.thumbnails if previous is not None else {}
+    os.mkdir(os.path.join(version_dir, THUMBNAILS_DIRNAME))
+    layouts, no_file, failed = {}, 0, []
+    for name in tqdm(names, desc="Thumbnails"):
+        sprite = os.path.join(version_dir, THUMBNAILS_DIRNAME, name + ".jpg")
+        if name in carried and os.path.isfile(carried[name][0]):
+            _link_or_copy(carried[name][0], sprite)
+            layouts[name] = carried[name][1]
+            continue
+        path = video_file(folder, name)
+        if path is None:
+            no_file += 1
+            continue
+        try:
+            layouts[name] = write_sprite(path, sprite, clip_length)._asdict()
+        except (ThumbnailError, ImportError) as e:  # ImportError: PyAV is not installed (the `extract` extras)
+            failed.append(str(e))
+    if no_file or failed:
+        logger.warning("%d of %d videos have no thumbnails: %d without a file in %s, %d that cannot be decoded%s",
+                       no_file + len(failed), len(names), no_file, folder, len(failed),
+                       f" (first: {failed[0]})" if failed else "")
+    save_json(layouts, os.path.join(version_dir, THUMBNAILS_FILENAME))
+
+
 def _write_chunk(staging, chunk_id, windows, dataset, model, first_stage_model, device, batch_size, bar):
     """Encode `windows` (Window rows) into the chunk files `chunk_id` in `staging` -> {array name: {"shape",
     "dtype"}}."""
@@ -518,7 +684,8 @@ def describe(index):
     return dict(index=os.path.basename(os.path.normpath(index.path)), version=os.path.basename(index.version_dir),
                 n_videos=len(index.video_names), n_windows=len(index.windows), nbytes=index.nbytes,
                 conquer=_run_summary(manifest["conquer"]), first_stage=_run_summary(manifest["first_stage"]),
-                corpus={key: value for key, value in manifest["corpus"].items() if key != "data_config"},
+                corpus={key: value for key, value in manifest["corpus"].items()
+                        if key not in ("data_config", "provenance")},
                 created=manifest["created"])
 
 

@@ -2,7 +2,7 @@
 # CONQUER on ActivityNet Captions (visual only: no subtitles), the paper's best recipe (scripts/train_sharednorm_general.sh) with
 # this corpus's preset.
 #   bash scripts/train_anet.sh EXP_ID GPU|GPU,GPU,...|cpu [extra train.py flags, which override these]
-# Build the corpus first (README "Your own corpus"), set root_path in config/anet_data_config.json, and
+# Build the corpus first (README "Your own videos", docs/own_corpus.md), set root_path in config/anet_data_config.json, and
 # run the first stage on it (scripts/train_first_stage.sh, scripts/rank_first_stage.sh).
 #
 # clip_length 3.0 with max_ctx_len 100: 100 clips is the most the model config's position embeddings take,

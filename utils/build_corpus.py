@@ -1,16 +1,37 @@
-"""Turn a corpus in the formats the field uses into the release layout this project trains on.
+"""Turn a corpus in the formats the field uses into the release layout this project trains on, or a folder of
+video features into a search-only corpus.
 
     python -m utils.build_corpus --out_dir DIR --annotation_format {tvr,didemo,anet,qvhighlights} \\
         --annotations train=PATH val=PATH [test_public=PATH] \\
-        --video_features PATH [PATH ...] --clip_length 1.5 \\
-        [--sub_features PATH | --subtitles PATH] [--query_features PATH] [--text_encoder NAME_OR_PATH]
+        --video_features PATH [PATH ...] [--clip_length 1.5] \\
+        [--sub_features PATH | --subtitles PATH] [--query_features PATH] [--text_encoder NAME_OR_PATH] \\
+        [--video_dir VIDEOS]
+    python -m utils.build_corpus --out_dir DIR --video_features PATH [PATH ...] --text_encoder NAME_OR_PATH \\
+        [--subtitles PATH | --sub_features PATH] [--video_dir VIDEOS] [--durations JSON]   # search-only
 
 Writes under DIR: the annotation jsonl of every split, `<name>_video2dur_idx.json`, the video, subtitle and
-query LMDB stores in the release encodings, and DIR/data_config.json (root_path = DIR); then prints the
-first-stage commands that come next and the train.py flags for the corpus. When videos are longer than the
+query LMDB stores in the release encodings, DIR/data_config.json (root_path = DIR) and DIR/options.json (the
+train.py options of the corpus, for `--config`); then prints the first-stage commands that come next and the
+same options as flags. When videos are longer than the
 model's max_ctx_len clips, it says how many and the longest, and the flags include `--window_stride N` (this
 command's --window_stride, default half a window), so that training and evaluation read them as overlapping
 windows rather than their first clips.
+
+A search-only corpus (no --annotations, no --annotation_format) holds every video of the first --video_features
+set (each other set must have them all), in split test_public, with no queries: an empty query store, empty
+annotation files, no ranklists, and `"search_split": "test_public"` in its data config. It is built to be searched
+with trained runs: its last printed line is the `python -m method.search build` command that indexes it.
+--text_encoder is required (the search encodes text queries with it). A video's duration comes from --durations,
+else from its file in --video_dir, else from its features (clips x clip_length).
+
+Provenance (utils/provenance.py): the data config records each feature set's recipe (the recipe.json that
+utils.extract_video_features writes in its folder; None for an .h5 file or a folder without one) and the text
+encoder's settings, so that a model trained on one corpus can be checked against another. With a recipe for every
+set, --clip_length defaults to the first set's; each set's clip length defaults to its recipe's, and a
+--video_feature_clip_lengths value that its recipe contradicts is an error (a --clip_length other than a set's
+resamples the set: see Video features below). --video_dir (either kind of corpus) records the folder of the
+video files (`<video_dir>/<video name>.<ext>`, absolute) for the search page to play; videos without a file
+there are counted in a warning.
 
 * Video features: each `--video_features` PATH is one feature set (a folder of per-video .npy / .npz / .pt
   files or one .h5 keyed by video name). Several sets are L2-normalised row-wise (unless
@@ -49,19 +70,27 @@ from tqdm import tqdm
 import config as config_package
 from utils.corpus_formats import (ANNOTATION_FORMATS, CorpusInputError, check_feature_array, duration_seconds,
                                   l2_normalize_rows, load_annotations, load_subtitles, open_features, resample_rows,
-                                  subtitle_clip_features)
+                                  subtitle_clip_features, video_name)
 from utils.errors import run_cli
 from utils.feature_stores import StoreWriter, encode_npz_features, encode_video_features
 from utils.io_utils import atomic_folder, load_json, save_json, save_jsonl
+from utils.provenance import RECIPE_FILENAME, read_recipe
 from utils.standalone_eval import TS_MIN_OVERLAPS
 from utils.tvr_format import SPLITS
+from utils.video_decoding import VIDEO_EXTENSIONS, VideoDecodeError, count_clips, probe_duration
 from utils.windows import WindowError, check_stride
 
 logger = logging.getLogger(__name__)
 
 DATA_CONFIG_NAME = "data_config.json"
+OPTIONS_NAME = "options.json"  # the corpus flags as a train.py --config file
 QUERY_CHUNK = 2048  # queries whose features are held at once
 MODEL_CONFIG_PATH = os.path.join(os.path.dirname(config_package.__file__), "model_config.json")
+# A search-only corpus: every video in this split (the split without ground truth), and no queries.
+SEARCH_SPLIT = "test_public"
+SEARCH_ONLY_DSET_NAME = "videos"
+SEARCH_BUILD_COMMAND = ("python -m method.search build --first_stage RUN --conquer RUN --dataset_config {} "
+                        "--out_dir INDEX")
 
 
 def release_layout(name, clip_length):
@@ -137,6 +166,10 @@ class VideoFeatureSets:
         self.max_clip_count_diff = max_clip_count_diff
         self.dims = [None] * len(paths)
         self.warnings = warnings
+
+    def video_names(self):
+        """The videos of the first set, sorted, named as annotations name them (without a video extension)."""
+        return sorted(set(video_name(key) for key in self.sources[0].keys()))
 
     def missing(self, names):
         """[(path, first missing name, number missing)] over the sets."""
@@ -254,12 +287,16 @@ def _encoder(name_or_path, device, dtype, batch_size):
     return TextEncoder(name_or_path, device=device, dtype=dtype, batch_size=batch_size)
 
 
-def build_corpus(out_dir, annotation_format, annotations, video_features, clip_length, video_feature_clip_lengths=None,
-                 sub_features=None, subtitles=None, query_features=None, text_encoder=None, text_encoder_device=None,
-                 text_encoder_dtype="float32", text_batch_size=64, durations=None, dset_name=None, l2_normalize=True,
-                 max_clip_count_diff=2, window_stride=None, progress=True):
+def build_corpus(out_dir, annotation_format, annotations, video_features, clip_length=None,
+                 video_feature_clip_lengths=None, sub_features=None, subtitles=None, query_features=None,
+                 text_encoder=None, text_encoder_device=None, text_encoder_dtype="float32", text_batch_size=64,
+                 durations=None, dset_name=None, l2_normalize=True, max_clip_count_diff=2, window_stride=None,
+                 video_dir=None, video_names=None, progress=True):
     """Build the corpus in out_dir (see the module docstring) -> summary dict (dims, counts, flags, warnings).
 
+    annotation_format and annotations None: a search-only corpus of the videos `video_names` (default: every video
+    of the first feature set).
+    clip_length None: the first feature set's recipe's (every set needs a recipe then).
     window_stride: the --window_stride of the printed training flags when some videos are longer than the model's
     max_ctx_len clips (default: half a window); 0 trains on their first max_ctx_len clips, as the original.
     """
@@ -267,40 +304,65 @@ def build_corpus(out_dir, annotation_format, annotations, video_features, clip_l
     if os.path.exists(out_dir):
         raise CorpusInputError(f"--out_dir {out_dir}: already exists (choose a new folder or remove it)")
     check_window_stride(window_stride)
-    if not clip_length > 0:
-        raise CorpusInputError(f"--clip_length must be positive, found {clip_length}")
+    search_only = annotations is None
+    if search_only != (annotation_format is None):
+        raise CorpusInputError("--annotations and --annotation_format go together: give both, or neither for a "
+                               "search-only corpus")
     if sub_features and subtitles:
         raise CorpusInputError("--sub_features and --subtitles are alternatives: give one")
-    if not set(annotations) <= set(SPLITS) or not {"train", "val"} <= set(annotations):
+    if search_only:
+        if query_features:
+            raise CorpusInputError("--query_features: a search-only corpus (no --annotations) has no queries")
+        if not text_encoder:
+            raise CorpusInputError("--text_encoder is needed for a search-only corpus (no --annotations): the "
+                                   "search encodes its text queries with the corpus's text encoder")
+    elif video_names is not None:
+        raise CorpusInputError("video_names: a corpus with annotations holds the videos they name")
+    elif not set(annotations) <= set(SPLITS) or not {"train", "val"} <= set(annotations):
         raise CorpusInputError(f"--annotations: expected train=PATH val=PATH [test_public=PATH], found "
                                f"{sorted(annotations)}")
     if (subtitles or not query_features) and not text_encoder:
         raise CorpusInputError("--text_encoder is needed to encode the query text (no --query_features) and the "
                                "subtitles (--subtitles)")
-    clip_lengths = video_feature_clip_lengths or [clip_length] * len(video_features)
-    if len(clip_lengths) != len(video_features):
-        raise CorpusInputError(f"--video_feature_clip_lengths: {len(clip_lengths)} values for "
-                               f"{len(video_features)} --video_features sets")
-    dset_name = dset_name or annotation_format
+    if video_dir is not None and not os.path.isdir(video_dir):
+        raise CorpusInputError(f"--video_dir {video_dir}: not a folder")
+    recipes = [read_recipe(path) if os.path.isdir(path) else None for path in video_features]
+    clip_length, clip_lengths = feature_clip_lengths(video_features, recipes, clip_length,
+                                                     video_feature_clip_lengths)
+    dset_name = dset_name or annotation_format or SEARCH_ONLY_DSET_NAME
     ctx_mode = "visual_sub" if (sub_features or subtitles) else "visual"
     warnings = _Warnings()
     started = time.time()
 
-    records_by_split = _load_splits(annotation_format, annotations)
-    if dset_name == "tvr":
-        untyped = next((r for split in ("train", "val") for r in records_by_split[split] if "type" not in r), None)
-        if untyped is not None:
-            raise CorpusInputError(f"desc_id {untyped['desc_id']}: no 'type' (v, t or vt), which a corpus named "
-                                   f"'tvr' needs for its per-type metrics; pass another --dset_name")
-    videos_by_split = {split: _videos_of(records) for split, records in records_by_split.items()}
-    given_durations = load_durations(durations) if durations else {}
-
     video_sets = VideoFeatureSets(video_features, clip_lengths, clip_length, l2_normalize, max_clip_count_diff,
                                   warnings)
+    if search_only:
+        records_by_split = {split: [] for split in SPLITS}
+        videos_by_split = {split: {} for split in SPLITS}
+        if video_names is None:
+            videos_by_split[SEARCH_SPLIT] = dict.fromkeys(video_sets.video_names())
+            named_by = f"a video of the first --video_features set {video_features[0]}"
+        else:
+            videos_by_split[SEARCH_SPLIT] = dict.fromkeys(video_names)
+            named_by = "one of the videos the corpus is to hold"
+        if not videos_by_split[SEARCH_SPLIT]:
+            raise CorpusInputError(f"{video_features[0]}: no video features" if video_names is None
+                                   else "video_names: empty, no video for the corpus")
+    else:
+        records_by_split = _load_splits(annotation_format, annotations)
+        if dset_name == "tvr":
+            untyped = next((r for split in ("train", "val") for r in records_by_split[split] if "type" not in r),
+                           None)
+            if untyped is not None:
+                raise CorpusInputError(f"desc_id {untyped['desc_id']}: no 'type' (v, t or vt), which a corpus named "
+                                       f"'tvr' needs for its per-type metrics; pass another --dset_name")
+        videos_by_split = {split: _videos_of(records) for split, records in records_by_split.items()}
+        named_by = "named in the annotations"
+    given_durations = load_durations(durations) if durations else {}
+
     all_videos = list(dict.fromkeys(name for split in SPLITS for name in videos_by_split[split]))
     for path, name, n_missing in video_sets.missing(all_videos):
-        raise CorpusInputError(f"{path}: no features for video {name!r}, named in the annotations "
-                               f"({n_missing} videos missing)")
+        raise CorpusInputError(f"{path}: no features for video {name!r}, {named_by} ({n_missing} videos missing)")
     sub_source = open_features(sub_features) if sub_features else None
     if sub_source is not None:
         absent = [name for name in all_videos if name not in sub_source]
@@ -314,6 +376,9 @@ def build_corpus(out_dir, annotation_format, annotations, video_features, clip_l
         if absent:
             raise CorpusInputError(f"{query_features}: no query features for desc_id {absent[0]} "
                                    f"({len(absent)} queries missing)")
+    video_files = find_video_files(video_dir, all_videos, warnings) if video_dir is not None else {}
+    file_durations = probe_video_durations({name: file for name, file in video_files.items()
+                                            if name not in given_durations}, warnings, progress) if search_only else {}
     subtitle_sentences = load_subtitles(subtitles) if subtitles else None
     encoder = (_encoder(text_encoder, text_encoder_device, text_encoder_dtype, text_batch_size)
                if text_encoder and (subtitles or not query_features) else None)
@@ -324,13 +389,21 @@ def build_corpus(out_dir, annotation_format, annotations, video_features, clip_l
         n_clips_by_video, dims = _write_video_stores(path, all_videos, video_sets, sub_source, subtitle_sentences,
                                                      encoder, clip_length, max_clip_count_diff, warnings, progress)
         dims["query"] = _write_query_store(path["desc_bert_path"], all_queries, query_source, encoder, progress)
+        if search_only:
+            dims["query"] = encoder.dim
+        for name, seconds in file_durations.items():
+            if abs(n_clips_by_video[name] - count_clips(seconds, clip_length)) > 1:
+                warnings.add("video files whose duration disagrees with their clip count (another video than the "
+                             "features'?)", f"{video_files[name]}: {seconds:g} s, {n_clips_by_video[name]} clips of "
+                                            f"{clip_length:g} s")
         video2dur, rows_by_split = {}, {}
         next_idx = 0
         for split in SPLITS:
             video2dur[split] = {}
             for name, duration in videos_by_split[split].items():
                 if duration is None:
-                    duration = float(given_durations.get(name, n_clips_by_video[name] * clip_length))
+                    duration = float(given_durations.get(name) or file_durations.get(name)
+                                     or n_clips_by_video[name] * clip_length)
                 video2dur[split][name] = [duration, next_idx]
                 next_idx += 1
             rows_by_split[split] = [
@@ -347,20 +420,96 @@ def build_corpus(out_dir, annotation_format, annotations, video_features, clip_l
         longest_duration = next(video2dur[split][longest][0] for split in SPLITS if longest in video2dur[split])
         data_config = dict(
             dset_name=dset_name, root_path=out_dir, **layout, ctx_mode=ctx_mode, clip_length=clip_length,
-            video_feature_sets=[dict(path=os.path.abspath(p), clip_length=c, dim=d, l2_normalized=l2_normalize)
-                                for p, c, d in zip(video_features, clip_lengths, video_sets.dims)],
-            text_encoder=encoder.settings() if encoder is not None else None,
-            first_stage_ranklists="none in this corpus: scripts/rank_first_stage.sh writes them with the data config "
-                                  "to train CONQUER on (its last line names it)")
+            video_feature_sets=[dict(path=os.path.abspath(p), clip_length=c, dim=d, l2_normalized=l2_normalize,
+                                     recipe=r)
+                                for p, c, d, r in zip(video_features, clip_lengths, video_sets.dims, recipes)],
+            text_encoder=encoder.settings() if encoder is not None else None)
+        if search_only:
+            data_config["search_split"] = SEARCH_SPLIT
+        else:
+            data_config["first_stage_ranklists"] = (
+                "none in this corpus: scripts/rank_first_stage.sh writes them with the data config to train CONQUER "
+                "on (its last line names it)")
+        if video_dir is not None:
+            data_config["video_dir"] = os.path.abspath(video_dir)
         save_json(data_config, os.path.join(partial, DATA_CONFIG_NAME), save_pretty=True)
+        summary = dict(data_config=os.path.join(out_dir, DATA_CONFIG_NAME), dset_name=dset_name, ctx_mode=ctx_mode,
+                       search_only=search_only, clip_length=clip_length, max_ctx_len=max_ctx_len,
+                       n_long_videos=n_long, longest_video=dict(name=longest, clips=max_clips, seconds=longest_duration),
+                       window_stride=training_window_stride(window_stride, max_ctx_len, n_long), dims=dims,
+                       queries={split: len(records_by_split[split]) for split in SPLITS},
+                       videos={split: len(videos_by_split[split]) for split in SPLITS},
+                       video_files=len(video_files) if video_dir is not None else None, warnings=warnings.lines())
+        if not search_only:
+            summary["options"] = os.path.join(out_dir, OPTIONS_NAME)
+            save_json(corpus_options(summary), os.path.join(partial, OPTIONS_NAME), save_pretty=True)
 
-    return dict(data_config=os.path.join(out_dir, DATA_CONFIG_NAME), dset_name=dset_name, ctx_mode=ctx_mode,
-                clip_length=clip_length, max_ctx_len=max_ctx_len, n_long_videos=n_long,
-                longest_video=dict(name=longest, clips=max_clips, seconds=longest_duration),
-                window_stride=training_window_stride(window_stride, max_ctx_len, n_long),
-                dims=dims, queries={split: len(records_by_split[split]) for split in SPLITS},
-                videos={split: len(videos_by_split[split]) for split in SPLITS},
-                warnings=warnings.lines(), seconds=round(time.time() - started, 1))
+    return dict(summary, seconds=round(time.time() - started, 1))
+
+
+def feature_clip_lengths(paths, recipes, clip_length, given):
+    """(corpus clip length, [source clip length of each feature set]): --clip_length, else the first set's recipe's;
+    each set's from --video_feature_clip_lengths, else its recipe, else the corpus's. A given value that another
+    record contradicts is a CorpusInputError."""
+    recipe_lengths = [None if recipe is None else _recipe_clip_length(path, recipe)
+                      for path, recipe in zip(paths, recipes)]
+    if clip_length is None:
+        if None in recipe_lengths:
+            raise CorpusInputError(f"--clip_length is needed: {paths[recipe_lengths.index(None)]} has no "
+                                   f"{RECIPE_FILENAME} to take it from")
+        clip_length = recipe_lengths[0]
+    if not clip_length > 0:
+        raise CorpusInputError(f"--clip_length must be positive, found {clip_length}")
+    if given is not None and len(given) != len(paths):
+        raise CorpusInputError(f"--video_feature_clip_lengths: {len(given)} values for {len(paths)} "
+                               f"--video_features sets")
+    lengths = []
+    for i, (path, recorded) in enumerate(zip(paths, recipe_lengths)):
+        if given is not None and recorded is not None and abs(given[i] - recorded) > 1e-9:
+            raise CorpusInputError(f"--video_feature_clip_lengths {given[i]:g} for {path}: its {RECIPE_FILENAME} "
+                                   f"says the features have clip_length {recorded:g}")
+        lengths.append(given[i] if given is not None else recorded if recorded is not None else clip_length)
+        if lengths[-1] != clip_length:
+            logger.info("%s: clips of %g s resampled to %g s", path, lengths[-1], clip_length)
+    return clip_length, lengths
+
+
+def _recipe_clip_length(path, recipe):
+    value = recipe.get("clip_length")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise CorpusInputError(f"{os.path.join(path, RECIPE_FILENAME)}: clip_length {value!r}, expected a positive "
+                               f"number of seconds")
+    return float(value)
+
+
+def find_video_files(video_dir, names, warnings):
+    """{name: path of <video_dir>/<name><extension>} (the first of VIDEO_EXTENSIONS the search server plays),
+    for the names that have a file; the others are counted in `warnings`."""
+    files = set(os.listdir(video_dir))
+    found = {}
+    for name in names:
+        extension = next((e for e in VIDEO_EXTENSIONS if name + e in files), None)
+        if extension is None:
+            warnings.add(f"videos without a file in --video_dir {video_dir} (the search page cannot play them)",
+                         name)
+        else:
+            found[name] = os.path.join(video_dir, name + extension)
+    return found
+
+
+def probe_video_durations(video_files, warnings, progress):
+    """{name: duration in seconds} of the video files that can be read; the others are counted in `warnings`."""
+    durations = {}
+    try:
+        for name, path in tqdm(video_files.items(), desc="video durations", unit="video", disable=not progress):
+            try:
+                durations[name] = probe_duration(path)
+            except VideoDecodeError as e:
+                warnings.add("video files whose duration cannot be read (clip count x clip length instead)", str(e))
+    except ImportError:  # PyAV, imported by the decoding functions, is an extra
+        raise CorpusInputError("--video_dir: the videos' durations are read with PyAV (pip install -e .[extract]); "
+                               "install it, or give --durations") from None
+    return durations
 
 
 @contextlib.contextmanager
@@ -456,17 +605,25 @@ def training_flags(summary):
     return ["--dataset_config", summary["data_config"]] + corpus_flags(summary)
 
 
-def corpus_flags(summary):
-    """The train.py flags that describe the corpus (its training set must follow the options, unlike the
-    original's), for the first stage and for CONQUER alike; CONQUER's --dataset_config is the ranking's."""
-    flags = ["--dset_name", summary["dset_name"], "--train_set_honours_options",
-             "--ctx_mode", summary["ctx_mode"], "--clip_length", f"{summary['clip_length']:g}",
-             "--max_ctx_len", str(summary["max_ctx_len"])]
+def corpus_options(summary):
+    """The train.py options that describe the corpus (its training set must follow the options, unlike the
+    original's), for the first stage and for CONQUER alike, as a --config file holds them; CONQUER's
+    --dataset_config is the ranking's."""
+    options = dict(dset_name=summary["dset_name"], train_set_honours_options=True, ctx_mode=summary["ctx_mode"],
+                   clip_length=summary["clip_length"], max_ctx_len=summary["max_ctx_len"])
     if summary["window_stride"]:
-        flags += ["--window_stride", str(summary["window_stride"])]
-    flags += ["--visual_dim", str(summary["dims"]["visual"]), "--query_dim", str(summary["dims"]["query"])]
+        options["window_stride"] = summary["window_stride"]
+    options.update(visual_dim=summary["dims"]["visual"], query_dim=summary["dims"]["query"])
     if summary["dims"]["text"] is not None:
-        flags += ["--text_dim", str(summary["dims"]["text"])]
+        options["text_dim"] = summary["dims"]["text"]
+    return options
+
+
+def corpus_flags(summary):
+    """`corpus_options` as command-line flags."""
+    flags = []
+    for key, value in corpus_options(summary).items():
+        flags += [f"--{key}"] if value is True else [f"--{key}", f"{value:g}" if isinstance(value, float) else str(value)]
     return flags
 
 
@@ -477,6 +634,9 @@ def long_video_note(summary):
     limit, longest = summary["max_ctx_len"], summary["longest_video"]
     head = (f"note: {summary['n_long_videos']} videos have more than {limit} clips, the model's limit (longest: "
             f"{longest['name']!r}, {longest['clips']} clips = {longest['seconds']:g} s); ")
+    if summary["search_only"]:
+        return head + ("the search reads them as the runs read videos: as overlapping windows when they were "
+                       f"trained with a positive --window_stride, else their first {limit} clips only")
     if summary["window_stride"]:
         return head + (f"they are read as overlapping windows of {limit} clips every {summary['window_stride']} "
                        f"clips (--window_stride {summary['window_stride']} below; --window_stride 0 would read "
@@ -499,14 +659,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out_dir", required=True, help="folder to create (must not exist)")
-    parser.add_argument("--annotation_format", required=True, choices=ANNOTATION_FORMATS)
-    parser.add_argument("--annotations", required=True, nargs="+", metavar="SPLIT=PATH",
+    parser.add_argument("--annotation_format", default=None, choices=ANNOTATION_FORMATS,
+                        help="with --annotations; neither: a search-only corpus of every video of the first "
+                             "--video_features set, no queries (needs --text_encoder)")
+    parser.add_argument("--annotations", default=None, nargs="+", metavar="SPLIT=PATH",
                         help="train=PATH val=PATH [test_public=PATH]")
     parser.add_argument("--video_features", required=True, nargs="+",
                         help="one folder of per-video .npy/.npz/.pt files or one .h5 per feature set")
-    parser.add_argument("--clip_length", type=float, required=True, help="seconds per clip of the built corpus")
+    parser.add_argument("--clip_length", type=float, default=None,
+                        help="seconds per clip of the built corpus (default: the first feature set's recipe.json "
+                             "clip_length; needed when a set has no recipe)")
     parser.add_argument("--video_feature_clip_lengths", type=float, nargs="+", default=None,
-                        help="clip length of each --video_features set when not --clip_length (resampled)")
+                        help="clip length of each --video_features set (default: its recipe's, else --clip_length); "
+                             "sets at another clip length than the corpus's are resampled")
     parser.add_argument("--no_l2_normalize", action="store_true",
                         help="concatenate the feature sets without L2-normalising each first")
     parser.add_argument("--max_clip_count_diff", type=int, default=2,
@@ -519,10 +684,16 @@ def main(argv=None):
     parser.add_argument("--text_encoder_device", default=None, help="e.g. cuda:0 or cpu (default: cuda if present)")
     parser.add_argument("--text_encoder_dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--text_batch_size", type=int, default=64)
-    parser.add_argument("--durations", default=None, help="JSON {video: seconds} (DiDeMo; else from the features)")
+    parser.add_argument("--durations", default=None,
+                        help="JSON {video: seconds} (DiDeMo, search-only corpora; else from the video files of a "
+                             "search-only corpus's --video_dir, else from the features)")
+    parser.add_argument("--video_dir", default=None,
+                        help="folder of the video files, <video name>.mp4/.webm/...: the search page plays them; "
+                             "a search-only corpus also reads its videos' durations from them")
     parser.add_argument("--dset_name", default=None,
-                        help="corpus name in file names and results (default: the annotation format); "
-                             "'tvr' requires query types and adds per-type metrics")
+                        help=f"corpus name in file names and results (default: the annotation format, or "
+                             f"'{SEARCH_ONLY_DSET_NAME}' for a search-only corpus); 'tvr' requires query types and "
+                             f"adds per-type metrics")
     parser.add_argument("--window_stride", type=int, default=None,
                         help="the train.py --window_stride printed when videos are longer than the model's "
                              "max_ctx_len clips (default: max_ctx_len // 2); 0: train on their first clips only")
@@ -530,26 +701,37 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     summary = build_corpus(
-        args.out_dir, args.annotation_format, _split_paths(args.annotations), args.video_features, args.clip_length,
-        video_feature_clip_lengths=args.video_feature_clip_lengths, sub_features=args.sub_features,
-        subtitles=args.subtitles, query_features=args.query_features, text_encoder=args.text_encoder,
-        text_encoder_device=args.text_encoder_device, text_encoder_dtype=args.text_encoder_dtype,
-        text_batch_size=args.text_batch_size, durations=args.durations, dset_name=args.dset_name,
-        l2_normalize=not args.no_l2_normalize, max_clip_count_diff=args.max_clip_count_diff,
-        window_stride=args.window_stride)
+        args.out_dir, args.annotation_format, _split_paths(args.annotations) if args.annotations else None,
+        args.video_features, args.clip_length, video_feature_clip_lengths=args.video_feature_clip_lengths,
+        sub_features=args.sub_features, subtitles=args.subtitles, query_features=args.query_features,
+        text_encoder=args.text_encoder, text_encoder_device=args.text_encoder_device,
+        text_encoder_dtype=args.text_encoder_dtype, text_batch_size=args.text_batch_size, durations=args.durations,
+        dset_name=args.dset_name, l2_normalize=not args.no_l2_normalize, max_clip_count_diff=args.max_clip_count_diff,
+        window_stride=args.window_stride, video_dir=args.video_dir)
     for line in summary["warnings"]:
         print(line)
-    for split in SPLITS:
-        print(f"{split}: {summary['queries'][split]} queries, {summary['videos'][split]} videos")
+    if summary["search_only"]:
+        print(f"{SEARCH_SPLIT}: {summary['videos'][SEARCH_SPLIT]} videos, no queries (a search-only corpus)")
+    else:
+        for split in SPLITS:
+            print(f"{split}: {summary['queries'][split]} queries, {summary['videos'][split]} videos")
+    if summary["video_files"] is not None:
+        print(f"{summary['video_files']} of {sum(summary['videos'].values())} videos have a file in --video_dir")
     print(f"Wrote {summary['data_config']} in {summary['seconds']} s ({summary['ctx_mode']} corpus)")
     note = long_video_note(summary)
     if note:
         print(note)
+    if summary["search_only"]:
+        print("Index it for search with a first-stage run and a CONQUER run trained on a corpus of the same feature "
+              "recipe and text encoder:")
+        print("  " + SEARCH_BUILD_COMMAND.format(summary["data_config"]))
+        return summary
     print("No first-stage ranklists in this corpus; the first stage comes next:")
     print("  bash scripts/train_first_stage.sh fs GPU|cpu " + " ".join(training_flags(summary)))
     print("  bash scripts/rank_first_stage.sh RUN_DIR GPU|cpu   # its last line: the --dataset_config to train "
           "CONQUER on")
     print("Corpus flags (first stage and CONQUER): " + " ".join(corpus_flags(summary)))
+    print(f"  (the same in {summary['options']}: pass --config {summary['options']})")
     return summary
 
 

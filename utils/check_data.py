@@ -14,8 +14,12 @@ next); every annotated or ranked video has visual (and subtitle) features; featu
 and dims agree across keys. What the original accepts but may be a mistake (no `duration`, moments ending
 after the video, videos with zero feature rows) is reported as warnings with counts. Per split it also
 counts the videos longer than --max_ctx_len clips: train.py reads them as overlapping windows with
---window_stride N, and only their first --max_ctx_len clips without. Exit status 0 when no problem is found
-(warnings allowed), 2 otherwise (as every command on bad input).
+--window_stride N, and only their first --max_ctx_len clips without. A search-only corpus (a data config with
+"search_split", from utils/build_corpus.py without annotations) has no queries: one line says so, with its
+number of videos and that `python -m method.search build` indexes it, and the checks are those of its stores
+(the query store opens; every video of the search split has visual, and with ctx_mode visual_sub subtitle,
+features; dims agree across keys). Exit status 0 when no problem is found (warnings allowed), 2 otherwise (as
+every command on bad input).
 """
 import argparse
 import collections
@@ -151,6 +155,51 @@ def check_corpus(dataset_config, splits=SPLITS, max_vcmr_video=10, ctx_mode="vis
     return counts, problems, warnings
 
 
+def search_split_of(dataset_config):
+    """The "search_split" of a search-only corpus's data config (utils/build_corpus.py without annotations), or
+    None (another corpus, or a config that does not load: check_corpus reports it)."""
+    try:
+        return load_data_config(dataset_config).get("search_split")
+    except DataConfigError:
+        return None
+
+
+def check_search_corpus(dataset_config, ctx_mode=None):
+    """A search-only corpus: -> (number of videos of its search split, list of problem messages, {warning: (count,
+    first key)}). It has no queries to check; what the search reads is: the video table's search split, visual
+    (and with ctx_mode visual_sub, subtitle) features of every video of it with one dim per store, and the query
+    store (empty). ctx_mode None: the data config's."""
+    problems, warnings = [], {}
+    try:
+        config = load_data_config(dataset_config)
+        video_splits = load_json(config.video_duration_idx_path)
+    except (DataConfigError, DataFileError) as e:
+        return 0, [str(e)], warnings
+    split = config.search_split
+    if split not in video_splits:
+        return 0, [f"{config.video_duration_idx_path}: no split {split!r} (the data config's search_split)"], warnings
+    ctx_mode = ctx_mode or config.get("ctx_mode") or "visual"
+    _open(QueryFeatureStore, config.desc_bert_path, problems)
+    stores = [_open(VideoFeatureStore, config.vid_feat_path, problems)]
+    if "sub" in ctx_mode:
+        stores.append(_open(SubtitleFeatureStore, config.sub_bert_path, problems))
+    feature_checks = [_FeatureCheck(store) for store in stores if store is not None]
+    names = sorted(video_splits[split])
+    for name in tqdm(names, desc=f"{split}: video features", disable=not names):
+        for feature_check in feature_checks:
+            feature_check.check(name, problems)
+    for check in feature_checks:
+        problems.extend(check.dim_problems())
+        empty = check.empty_keys()
+        if empty:
+            warnings[f"{check.store.kind} store {check.store.path}: keys with zero feature rows (the search has "
+                     f"no clip of these videos)"] = (len(empty), empty[0])
+    if not config.get("text_encoder"):
+        warnings[f"data config {dataset_config}: no text_encoder (the search then takes token-feature queries "
+                 f"only)"] = (1, "text_encoder")
+    return len(names), problems, warnings
+
+
 def _label_problems(rows, path, n_visual_rows, max_ctx_len, clip_length):
     """Moments whose training labels are not 0 <= st <= ed on their GT video (e.g. a zero-length moment on
     a clip boundary): training (and its eval-loss pass on val) stops on them. The label is that of the
@@ -225,8 +274,9 @@ def main(argv=None):
     parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
     parser.add_argument("--max_problems", type=int, default=20, help="problems printed (all are counted)")
     parser.add_argument("--max_vcmr_video", type=int, default=10, help="minimum ranklist length on val/test_public")
-    parser.add_argument("--ctx_mode", choices=CTX_MODES, default="visual_sub",
-                        help="visual: the subtitle store is not needed")
+    parser.add_argument("--ctx_mode", choices=CTX_MODES, default=None,
+                        help="visual: the subtitle store is not needed (default: visual_sub; a search-only "
+                             "corpus's: its data config's)")
     parser.add_argument("--no_ranklists", action="store_true",
                         help="do not check first-stage ranklists (a corpus the first stage has not ranked yet)")
     parser.add_argument("--max_ctx_len", type=int, default=100,
@@ -237,6 +287,9 @@ def main(argv=None):
                         help="train.py's --window_stride: 0 labels moments on the first --max_ctx_len clips (the "
                              "original's truncation), a stride on the whole video (overlapping windows)")
     args = parser.parse_args(argv)
+    if search_split_of(args.dataset_config) is not None:
+        return _report_search_corpus(args)
+    args.ctx_mode = args.ctx_mode or "visual_sub"
 
     pending = None if args.no_ranklists else first_stage_pending(args.dataset_config, args.splits)
     counts, problems, warnings = check_corpus(args.dataset_config, args.splits, args.max_vcmr_video, args.ctx_mode,
@@ -250,13 +303,25 @@ def main(argv=None):
             print(line)
     if pending:
         print(pending)
+    return _report(warnings, problems, args.max_problems)
+
+
+def _report_search_corpus(args):
+    n_videos, problems, warnings = check_search_corpus(args.dataset_config, args.ctx_mode)
+    print(f"A search-only corpus: {n_videos} videos and no queries, to be indexed with `python -m method.search "
+          f"build` (its splits, ranklists and labels are not checked)")
+    return _report(warnings, problems, args.max_problems)
+
+
+def _report(warnings, problems, max_problems):
+    """Print the warnings and the first max_problems problems -> the exit status."""
     if warnings:
         print(f"\n{len(warnings)} warning(s) (accepted, as by the original):")
         for warning, (count, first) in warnings.items():
             print(f"  - {warning}: {count} (first: {first!r})")
     if problems:
-        print(f"\n{len(problems)} problem(s); the first {min(len(problems), args.max_problems)}:")
-        for problem in problems[:args.max_problems]:
+        print(f"\n{len(problems)} problem(s); the first {min(len(problems), max_problems)}:")
+        for problem in problems[:max_problems]:
             print(f"  - {problem}")
         return CLI_ERROR_EXIT_STATUS
     print("OK: no problems found")

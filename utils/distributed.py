@@ -144,6 +144,20 @@ def local_device(device):
     return torch.device("cuda", local_rank)
 
 
+def command_device(value, error_class, flag="--device"):
+    """The device of a command that torchrun may start: `value` (e.g. "cpu", "cuda") parsed, CUDA checked, the
+    process group joined under torchrun (leave it with `shutdown`), then this rank's `local_device`. A bad value
+    is an `error_class` naming `flag`."""
+    try:
+        device = torch.device(value)
+    except RuntimeError as e:
+        raise error_class(f"{flag} {value}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise error_class(f"{flag} {value}: CUDA is not available here; use {flag} cpu")
+    init_from_env()
+    return local_device(device)
+
+
 def wrap_model(model, device):
     """DistributedDataParallel around `model` (already on `device`) under torchrun, else `model` itself.
 

@@ -1,7 +1,10 @@
-"""From video files to clip features: `<out_dir>/<video file stem>.npy`, float32 (n_clips, D).
+"""From video files to clip features: `<out_dir>/<video file stem>.npy`, float32 (n_clips, D), and the folder's
+recipe, `<out_dir>/recipe.json`.
 
     python -m utils.extract_video_features --videos DIR_OR_LIST [...] --out_dir DIR --clip_length 1.5 \\
         --backbones resnet152 [clip-vit-b32 ...] [--weights none] [--device cuda --dtype fp16]
+    python -m utils.extract_video_features --videos ... --out_dir DIR --recipe TRAINED_FEATURES/recipe.json
+    torchrun --nproc_per_node 4 -m utils.extract_video_features --videos ... --out_dir DIR --device cuda ...
 
 Each video is cut into n_clips = ceil(duration / clip_length) clips (the last one may be shorter);
 `frames_per_clip` frames per clip (`--fps` frames per second of video, or `--frames_per_clip`) are decoded
@@ -16,13 +19,27 @@ short names in BACKBONE_ALIASES, any hub model id or a local model folder. `--we
 architecture with seeded random weights; the short names then need no network at all (their architecture
 hyper-parameters are in OFFLINE_CONFIGS), for tests and smoke runs.
 
+The recipe (utils/provenance.py) is everything that decides what the features mean: clip length, frames per
+clip, crop, L2 normalisation, model dtype and each backbone (name, model id or folder, pretrained or seeded
+random weights, dim). A folder holds features of one recipe: a run whose recipe differs from the folder's, or
+into a folder of feature files without a recipe, is refused before any work, naming the first difference;
+`--overwrite` removes the folder's feature files, writes the new recipe and computes every listed video.
+`--recipe FILE` (a feature folder's recipe.json under any name, or the folder itself, e.g. the features a model
+was trained on) takes every recipe setting from it, so new videos get features comparable with those; only
+`--dtype` may still be given.
+
 Decoding runs in `--num_workers` threads while the main thread runs the models on chunks of clips, so memory
 holds a few chunks, whatever the videos' lengths. Each finished video is written atomically; a rerun skips
-the videos whose file exists with the right shape and dtype (a truncated or stale one is redone). A file
-that cannot be decoded is reported by name and skipped; the exit status is then 1 (2 for a bad command
-line, 0 when every video has its features).
+the videos whose file exists with the right shape and dtype (a truncated one is redone). A file that cannot be
+decoded is reported by name and skipped; the exit status is then 1 (2 for a bad command line, 0 when every
+video has its features).
+
+Under torchrun (any number of processes, GPUs and nodes; the nodes must see the same --out_dir), each process
+takes a contiguous share of the videos that still need features, on cuda:LOCAL_RANK with `--device cuda`;
+rank 0 prints the summary of all ranks, and every rank exits with status 1 when any video failed.
 """
 import argparse
+import datetime
 import glob
 import logging
 import os
@@ -35,13 +52,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from tqdm import tqdm
 
-from utils.corpus_formats import l2_normalize_rows
+from utils import distributed
+from utils.corpus_formats import FEATURE_FILE_EXTENSIONS, l2_normalize_rows
 from utils.errors import ConquerError, run_cli
 from utils.io_utils import atomic_write, remove_stale_temp_files
+from utils.provenance import (RECIPE_FILENAME, RECIPE_FORMAT, ProvenanceError, read_recipe, recipe_difference,
+                              write_recipe)
 from utils.video_decoding import VIDEO_EXTENSIONS, VideoDecodeError, count_clips, iter_clip_chunks, probe_duration
 
 logger = logging.getLogger(__name__)
@@ -68,6 +89,13 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 RESNET_CROP_FRACTION = 0.875  # resize the shorter side to 224 / 0.875 = 256, then crop 224, as ResNets were evaluated
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHTS = ("pretrained", "none")
+# Defaults of the recipe flags, which are None when not given (a recipe flag and --recipe are exclusive).
+RECIPE_FLAG_DEFAULTS = dict(backbones=["resnet152"], weights="pretrained", seed=0, fps=2.0, frames_per_clip=None,
+                            clip_length=1.5, l2_normalize=False, full_frame=False)
+# Collectives after the extraction wait for the slowest rank's share, which can take hours; the default process
+# group's collectives time out after 30 minutes.
+RANK_RESULTS_TIMEOUT = datetime.timedelta(days=7)
 
 
 class ExtractionError(ConquerError):
@@ -129,12 +157,31 @@ def preprocess_frames(frames, preprocessing):
     return ((pixels / 255.0 - mean) / std).contiguous()
 
 
-def load_backbone(name, weights="pretrained", seed=0, device="cpu", dtype=torch.float32, full_frame=False):
-    """A Backbone from a short name, hub id or local folder; `weights="none"`: seeded random weights.
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A backbone as its config alone gives it, before any weights are loaded: enough for the recipe."""
+    name: str                # as given (--backbones, or the recipe)
+    model_id: str            # the hub id, or the absolute path of a local model folder
+    weights: str             # "pretrained" or "none" (seeded random weights)
+    seed: int | None         # of the random weights; None for pretrained ones
+    model_class: type
+    config: object
+    preprocessing: Preprocessing
+    dim: int
+
+    def recipe_entry(self):
+        return dict(name=self.name, model=self.model_id, weights=self.weights, seed=self.seed, dim=self.dim)
+
+
+def resolve_backbone(name, weights="pretrained", seed=0, full_frame=False, model_id=None):
+    """A BackboneSpec from a short name, hub id or local folder (`model_id`, when given, is what is loaded and
+    `name` only a label); reads the model config only.
 
     full_frame: ResNets see the whole frame, shorter side resized to 224, instead of a 224 centre crop.
     """
-    model_id = BACKBONE_ALIASES.get(name, name)
+    model_id = model_id or BACKBONE_ALIASES.get(name, name)
+    if os.path.isdir(model_id):  # transformers loads a local folder first, whatever the hub holds
+        model_id = os.path.abspath(model_id)
     try:
         config = _offline_config(model_id) if weights == "none" else None
         config = config or transformers.AutoConfig.from_pretrained(model_id)
@@ -157,16 +204,70 @@ def load_backbone(name, weights="pretrained", seed=0, device="cpu", dtype=torch.
     else:
         raise ExtractionError(f"--backbones {name}: model type '{config.model_type}' is not supported; "
                               f"expected a ResNet or a CLIP (vision) model")
-    if weights == "none":
-        torch.manual_seed(seed)
-        model = model_class(config)
+    return BackboneSpec(name, model_id, weights, seed if weights == "none" else None, model_class, config,
+                        preprocessing, dim)
+
+
+def build_backbone(spec, device="cpu", dtype=torch.float32):
+    """The Backbone of a BackboneSpec: its pretrained weights loaded, or random ones drawn from its seed."""
+    if spec.weights == "none":
+        torch.manual_seed(spec.seed)
+        model = spec.model_class(spec.config)
     else:
         try:
-            model = model_class.from_pretrained(model_id)
+            model = spec.model_class.from_pretrained(spec.model_id)
         except (OSError, ValueError) as e:
-            raise ExtractionError(f"--backbones {name}: cannot load the weights of '{model_id}': {e}") from None
+            raise ExtractionError(f"--backbones {spec.name}: cannot load the weights of '{spec.model_id}': "
+                                  f"{e}") from None
     model = model.to(device=device, dtype=dtype).eval()
-    return Backbone(name, model, preprocessing, dim)
+    return Backbone(spec.name, model, spec.preprocessing, spec.dim)
+
+
+def load_backbone(name, weights="pretrained", seed=0, device="cpu", dtype=torch.float32, full_frame=False):
+    """A Backbone from a short name, hub id or local folder; `weights="none"`: seeded random weights."""
+    return build_backbone(resolve_backbone(name, weights, seed, full_frame), device, dtype)
+
+
+def feature_recipe(specs, clip_length, frames_per_clip, full_frame, l2_normalize, dtype):
+    """The recipe of features made with these settings, as recipe.json holds it (dtype: a key of DTYPES)."""
+    return dict(format=RECIPE_FORMAT, clip_length=float(clip_length), frames_per_clip=int(frames_per_clip),
+                full_frame=bool(full_frame), l2_normalize=bool(l2_normalize), dtype=dtype,
+                backbones=[spec.recipe_entry() for spec in specs], dim=sum(spec.dim for spec in specs))
+
+
+def feature_files(out_dir):
+    """Names of the feature files (.npy / .npz / .pt) in `out_dir`."""
+    return sorted(name for name in os.listdir(out_dir)
+                  if name.endswith(FEATURE_FILE_EXTENSIONS) and os.path.isfile(os.path.join(out_dir, name)))
+
+
+def claim_out_dir(out_dir, recipe, overwrite=False):
+    """Make `out_dir` the folder of features of `recipe` before any work, or refuse: ExtractionError naming the
+    first difference when it holds another recipe, or feature files without one. With `overwrite`, every feature
+    file there is removed first (an interrupted run then leaves no file of the old recipe under the new one)."""
+    os.makedirs(out_dir, exist_ok=True)
+    remove_stale_temp_files(out_dir)
+    way_out = "choose another --out_dir, or --overwrite to replace them"
+    if overwrite:
+        for name in feature_files(out_dir):
+            os.remove(os.path.join(out_dir, name))
+    else:
+        try:
+            old = read_recipe(out_dir)
+        except ProvenanceError as e:
+            raise ExtractionError(f"--out_dir {out_dir}: {e}; {way_out}") from None
+        if old is None:
+            existing = feature_files(out_dir)
+            if existing:
+                raise ExtractionError(f"--out_dir {out_dir}: holds {len(existing)} feature files but no "
+                                      f"{RECIPE_FILENAME}, so their recipe is unknown; {way_out}")
+        else:
+            difference = recipe_difference(old, recipe)
+            if difference:
+                raise ExtractionError(f"--out_dir {out_dir}: holds features of another recipe ({difference}); "
+                                      f"{way_out}")
+            return
+    write_recipe(out_dir, recipe)
 
 
 def _offline_config(model_id):
@@ -218,32 +319,90 @@ def has_complete_features(feature_path, n_clips, dim):
 def extract_features(videos, out_dir, backbones, clip_length=1.5, frames_per_clip=3, batch_clips=32,
                      num_workers=2, l2_normalize=False, device="cpu", dtype=torch.float32, overwrite=False):
     """Write `<out_dir>/<stem>.npy` (n_clips, sum of backbone dims) float32 for each video; return an
-    ExtractionSummary. Only one process may write into `out_dir` at a time."""
+    ExtractionSummary. Only one run may write into `out_dir` at a time.
+
+    Under torchrun (a process group) every rank calls it with the same arguments: the ranks probe a contiguous
+    share of `videos` each, then each extracts its contiguous share of the videos that still need features
+    (`shard_bounds`), and every rank returns the summary of all ranks.
+    """
     started = time.perf_counter()
+    distributed.run_on_main(lambda: _prepare_out_dir(out_dir))
+    dim = sum(b.dim for b in backbones)
+    group = dist.new_group(backend="gloo", timeout=RANK_RESULTS_TIMEOUT) if distributed.is_distributed() else None
+    try:
+        start, stop = distributed.shard_bounds(len(videos), 1)
+        probed = _all_ranks(_probe(videos[start:stop], out_dir, clip_length, dim, overwrite), group)
+        summary = ExtractionSummary()
+        pending = []  # (video path, n_clips), the same list on every rank
+        for path, n_clips, state in (entry for share in probed for entry in share):
+            if state == "existing":
+                summary.existing.append(path)
+            elif state == "pending":
+                pending.append((path, n_clips))
+            else:
+                summary.failed.append((path, state))
+        if summary.existing and distributed.is_main_process():
+            logger.info("%d of %d videos already have their features in %s", len(summary.existing), len(videos),
+                        out_dir)
+        start, stop = distributed.shard_bounds(len(pending), 1)
+        if distributed.is_distributed():
+            logger.info("rank %d of %d: extracting videos %d to %d of the %d that need features",
+                        distributed.get_rank(), distributed.get_world_size(), start, stop, len(pending))
+        share = _extract(pending[start:stop], out_dir, backbones, dim, clip_length, frames_per_clip, batch_clips,
+                         num_workers, l2_normalize, device, dtype)
+        for written, failed, frames in _all_ranks(share, group):
+            summary.written += written
+            summary.failed += failed
+            summary.frames += frames
+    finally:
+        if group is not None:
+            dist.destroy_process_group(group)
+    summary.seconds = time.perf_counter() - started
+    if summary.failed and distributed.is_main_process():
+        logger.warning("%d of %d videos could not be decoded and have no features: %s", len(summary.failed),
+                       len(videos), ", ".join(path for path, _ in summary.failed))
+    return summary
+
+
+def _prepare_out_dir(out_dir):
     os.makedirs(out_dir, exist_ok=True)
     remove_stale_temp_files(out_dir)
-    dim = sum(b.dim for b in backbones)
-    summary = ExtractionSummary()
-    pending = []  # (video path, n_clips)
-    for path in videos:
+
+
+def _all_ranks(obj, group):
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] without a process group)."""
+    if group is None:
+        return [obj]
+    gathered = [None] * distributed.get_world_size()
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
+def _probe(videos, out_dir, clip_length, dim, overwrite):
+    """[(path, n_clips, "existing" | "pending" | the reason it cannot be decoded)] of `videos`."""
+    probed = []
+    for path in tqdm(videos, desc="probing", unit="video", disable=not distributed.is_main_process()):
         try:
             n_clips = count_clips(probe_duration(path), clip_length)
         except VideoDecodeError as e:
-            _report_failure(summary, path, e)
+            logger.warning("skipped: %s", e)
+            probed.append((path, None, str(e)))
             continue
-        if not overwrite and has_complete_features(_feature_path(out_dir, path), n_clips, dim):
-            summary.existing.append(path)
-        else:
-            pending.append((path, n_clips))
-    if summary.existing:
-        logger.info("%d of %d videos already have their features in %s", len(summary.existing), len(videos), out_dir)
+        complete = not overwrite and has_complete_features(_feature_path(out_dir, path), n_clips, dim)
+        probed.append((path, n_clips, "existing" if complete else "pending"))
+    return probed
 
+
+def _extract(pending, out_dir, backbones, dim, clip_length, frames_per_clip, batch_clips, num_workers, l2_normalize,
+             device, dtype):
+    """Features of `pending` [(video path, n_clips)] -> (paths written, [(path, reason)] failed, frames embedded)."""
+    written, failed, frames = [], [], 0
     preprocessings = list(dict.fromkeys(b.preprocessing for b in backbones))
     chunks = queue.Queue(maxsize=2 * num_workers)  # bounded: decoders wait for the models
     stop = threading.Event()
     clip_features = {i: [] for i in range(len(pending))}
     unfinished = len(pending)
-    bar = tqdm(total=len(pending), unit="video", desc="extracting")
+    bar = tqdm(total=len(pending), unit="video", desc="extracting", disable=not distributed.is_main_process())
     with ThreadPoolExecutor(max_workers=num_workers) as pool:
         for i, (path, _) in enumerate(pending):
             pool.submit(_decode_video, i, path, clip_length, frames_per_clip, batch_clips, preprocessings,
@@ -255,10 +414,11 @@ def extract_features(videos, out_dir, backbones, clip_length=1.5, frames_per_cli
                 if isinstance(item, list):  # pixels of the video's next chunk of clips
                     clip_features[i].append(_embed_chunk(item, backbones, preprocessings, frames_per_clip,
                                                          l2_normalize, device, dtype))
-                    summary.frames += len(item[0])
+                    frames += len(item[0])
                     continue
                 if isinstance(item, VideoDecodeError):
-                    _report_failure(summary, path, item)
+                    logger.warning("skipped: %s", item)
+                    failed.append((path, str(item)))
                     del clip_features[i]
                 elif isinstance(item, BaseException):
                     raise item
@@ -268,28 +428,19 @@ def extract_features(videos, out_dir, backbones, clip_length=1.5, frames_per_cli
                         raise RuntimeError(f"{path}: {features.shape} features, expected {(n_clips, dim)}")
                     with atomic_write(_feature_path(out_dir, path)) as f:
                         np.save(f, features)
-                    summary.written.append(path)
+                    written.append(path)
                 unfinished -= 1
                 bar.update(1)
-                bar.set_postfix(frames_per_s=f"{summary.frames / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+                bar.set_postfix(frames_per_s=f"{frames / max(bar.format_dict['elapsed'], 1e-9):.1f}")
         finally:
             stop.set()
             pool.shutdown(cancel_futures=True)
             bar.close()
-    summary.seconds = time.perf_counter() - started
-    if summary.failed:
-        logger.warning("%d of %d videos could not be decoded and have no features: %s", len(summary.failed),
-                       len(videos), ", ".join(path for path, _ in summary.failed))
-    return summary
+    return written, failed, frames
 
 
 def _feature_path(out_dir, video_path):
     return os.path.join(out_dir, video_stem(video_path) + ".npy")
-
-
-def _report_failure(summary, path, error):
-    logger.warning("skipped: %s", error)
-    summary.failed.append((path, str(error)))
 
 
 def _decode_video(index, path, clip_length, frames_per_clip, batch_clips, preprocessings, chunks, stop):
@@ -339,33 +490,56 @@ def benchmark_extraction(videos, backbones, **options):
 
 
 def parse_args(argv=None):
+    """The command line -> args, with the recipe settings filled in from --recipe or the defaults:
+    args.backbone_choices [{"name", "model" (None: from the name), "weights", "seed"}], args.given_recipe (the
+    --recipe dict or None)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", nargs="+", required=True,
                         help="folders of video files, .txt lists of video paths (one a line), or video files")
-    parser.add_argument("--out_dir", required=True, help="folder of <video stem>.npy files; a rerun resumes")
-    parser.add_argument("--clip_length", type=float, default=1.5, help="seconds per clip (1.5 as in TVR)")
-    parser.add_argument("--backbones", nargs="+", default=["resnet152"],
+    parser.add_argument("--out_dir", required=True,
+                        help="folder of <video stem>.npy files and their recipe.json; a rerun resumes")
+    parser.add_argument("--recipe", default=None,
+                        help="a recipe file (a feature folder's recipe.json, or the folder) whose settings to use: "
+                             "the backbones, weights, seed, frames per clip, clip length, L2 normalisation, crop and "
+                             "dtype; the flags of those settings are then refused, except --dtype")
+    parser.add_argument("--clip_length", type=float, default=None, help="seconds per clip (default: 1.5, as in TVR)")
+    parser.add_argument("--backbones", nargs="+", default=None,
                         help=f"{', '.join(BACKBONE_ALIASES)}, a transformers hub id or a local model folder "
-                             f"(ResNet or CLIP); several: features concatenated in this order")
-    parser.add_argument("--weights", choices=["pretrained", "none"], default="pretrained",
+                             f"(ResNet or CLIP); several: features concatenated in this order (default: resnet152)")
+    parser.add_argument("--weights", choices=WEIGHTS, default=None,
                         help="none: the same architectures with seeded random weights (no download for the "
-                             "short names)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights of --weights none")
-    parser.add_argument("--fps", type=float, default=2.0,
-                        help="frames embedded per second of video: round(fps * clip_length) per clip, at least 1")
+                             "short names); default: pretrained")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the random weights of --weights none "
+                                                                "(default: 0)")
+    parser.add_argument("--fps", type=float, default=None,
+                        help="frames embedded per second of video: round(fps * clip_length) per clip, at least 1 "
+                             "(default: 2)")
     parser.add_argument("--frames_per_clip", type=int, default=None, help="frames per clip; overrides --fps")
-    parser.add_argument("--l2_normalize", action="store_true",
+    parser.add_argument("--l2_normalize", action="store_true", default=None,
                         help="L2-normalise each backbone's clip features before concatenating them")
-    parser.add_argument("--full_frame", action="store_true",
+    parser.add_argument("--full_frame", action="store_true", default=None,
                         help="ResNets see the whole frame (shorter side 224) instead of a 224 centre crop")
     parser.add_argument("--batch_clips", type=int, default=32, help="clips per model batch")
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="video decoding threads")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model dtype (fp16/bf16 on GPU)")
-    parser.add_argument("--overwrite", action="store_true", help="recompute videos whose features exist")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="under torchrun, cuda means cuda:LOCAL_RANK")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="model dtype (fp16/bf16 on GPU); default: the --recipe's, else fp32")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="remove the folder's feature files and recompute every video (another recipe)")
     args = parser.parse_args(argv)
+    if args.recipe:
+        _settings_from_recipe(args)
+    else:
+        for flag, default in RECIPE_FLAG_DEFAULTS.items():
+            if getattr(args, flag) is None:
+                setattr(args, flag, default)
+        args.dtype = args.dtype or "fp32"
+        args.given_recipe = None
+        args.backbone_choices = [dict(name=name, model=None, weights=args.weights, seed=args.seed)
+                                 for name in args.backbones]
     if args.clip_length <= 0:
         raise ExtractionError(f"--clip_length {args.clip_length}: expected > 0 seconds")
     if args.frames_per_clip is None:
@@ -380,28 +554,84 @@ def parse_args(argv=None):
     return args
 
 
+def _settings_from_recipe(args):
+    """Fill the recipe settings of `args` from the --recipe file; a recipe flag given as well is an error."""
+    given = next((flag for flag in RECIPE_FLAG_DEFAULTS if getattr(args, flag) is not None), None)
+    if given is not None:
+        raise ExtractionError(f"--{given} and --recipe {args.recipe}: the recipe sets it; drop --{given} (only "
+                              f"--dtype may be given with --recipe)")
+    path = args.recipe
+    try:
+        recipe = read_recipe(path)
+    except ProvenanceError as e:
+        raise ExtractionError(f"--recipe {e}") from None
+    if recipe is None:
+        raise ExtractionError(f"--recipe {path}: expected a recipe file or a folder holding a {RECIPE_FILENAME}")
+
+    def value(entry, key, where=""):
+        if key not in entry:
+            raise ExtractionError(f"--recipe {path}: no {key!r}{where} (a recipe written by "
+                                  f"utils.extract_video_features has it)")
+        return entry[key]
+
+    for key, types, expected in (("clip_length", (int, float), "a number of seconds"),
+                                 ("frames_per_clip", int, "an integer"), ("full_frame", bool, "true or false"),
+                                 ("l2_normalize", bool, "true or false")):
+        setting = value(recipe, key)
+        if not isinstance(setting, types) or (types is not bool and isinstance(setting, bool)):
+            raise ExtractionError(f"--recipe {path}: {key} {setting!r}, expected {expected}")
+        setattr(args, key, setting)
+    args.dtype = args.dtype or value(recipe, "dtype")
+    if args.dtype not in DTYPES:
+        raise ExtractionError(f"--recipe {path}: dtype {args.dtype!r}, expected one of {list(DTYPES)}")
+    backbones = value(recipe, "backbones")
+    if not isinstance(backbones, list) or not backbones or not all(isinstance(b, dict) for b in backbones):
+        raise ExtractionError(f"--recipe {path}: 'backbones' must be a non-empty list of objects")
+    args.backbone_choices = [{key: value(entry, key, f" in backbone {i}") for key in ("name", "model", "weights",
+                                                                                   "seed")}
+                             for i, entry in enumerate(backbones)]
+    for i, choice in enumerate(args.backbone_choices):
+        if choice["weights"] not in WEIGHTS or (choice["weights"] == "none" and not isinstance(choice["seed"], int)):
+            raise ExtractionError(f"--recipe {path}: backbone {i}: weights {choice['weights']!r} seed "
+                                  f"{choice['seed']!r}, expected weights 'pretrained', or 'none' with an integer seed")
+    args.given_recipe = recipe
+
+
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
     videos = list_videos(args.videos)
     if not videos:
         raise ExtractionError(f"--videos {' '.join(args.videos)}: no video files found")
+    device = distributed.command_device(args.device, ExtractionError)
     try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise ExtractionError(f"--device {args.device}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ExtractionError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        return _extract_videos(args, videos, device)
+    finally:
+        distributed.shutdown()
+
+
+def _extract_videos(args, videos, device):
     dtype = DTYPES[args.dtype]
-    backbones = [load_backbone(name, args.weights, args.seed, device, dtype, args.full_frame)
-                 for name in args.backbones]
-    logger.info("%d videos, %d frames per %.2f s clip, features: %s", len(videos), args.frames_per_clip,
-                args.clip_length, " + ".join(f"{b.name} {b.dim}" for b in backbones))
+    specs = [resolve_backbone(choice["name"], choice["weights"], choice["seed"], args.full_frame, choice["model"])
+             for choice in args.backbone_choices]
+    recipe = feature_recipe(specs, args.clip_length, args.frames_per_clip, args.full_frame, args.l2_normalize,
+                            args.dtype)
+    if args.given_recipe is not None:
+        difference = recipe_difference(args.given_recipe, recipe, ignore=("dtype",))
+        if difference:
+            raise ExtractionError(f"--recipe {args.recipe}: its backbones now give other features ({difference}); "
+                                  f"has a model folder changed?")
+    distributed.run_on_main(lambda: claim_out_dir(args.out_dir, recipe, args.overwrite))
+    backbones = [build_backbone(spec, device, dtype) for spec in specs]
+    if distributed.is_main_process():
+        logger.info("%d videos, %d frames per %.2f s clip, features: %s", len(videos), args.frames_per_clip,
+                    args.clip_length, " + ".join(f"{b.name} {b.dim}" for b in backbones))
     summary = extract_features(videos, args.out_dir, backbones, args.clip_length, args.frames_per_clip,
                                args.batch_clips, args.num_workers, args.l2_normalize, device, dtype, args.overwrite)
-    logger.info("%d videos written, %d already there, %d not decodable; %.1f videos/s, %.1f frames/s",
-                len(summary.written), len(summary.existing), len(summary.failed),
-                len(summary.written) / summary.seconds, summary.frames / summary.seconds)
+    if distributed.is_main_process():
+        logger.info("%d videos written, %d already there, %d not decodable; %.1f videos/s, %.1f frames/s",
+                    len(summary.written), len(summary.existing), len(summary.failed),
+                    len(summary.written) / summary.seconds, summary.frames / summary.seconds)
     return 1 if summary.failed else 0
 
 

@@ -134,20 +134,27 @@ def _same_size(path, frames):
 
 
 @contextlib.contextmanager
-def _open(path):
-    """av.open for reading a video stream; failures are VideoDecodeErrors naming the file."""
+def open_media(path, error_class):
+    """av.open for reading (closed on exit); a file that cannot be opened is an `error_class` naming it."""
     import av
 
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError) as e:
-        raise VideoDecodeError(f"{path}: cannot open as a video: {e}") from None
+        raise error_class(f"{path}: cannot open as a media file: {e}") from None
     try:
-        if not container.streams.video:
-            raise VideoDecodeError(f"{path}: has no video stream")
         yield container
     finally:
         container.close()
+
+
+@contextlib.contextmanager
+def _open(path):
+    """`open_media` of a file that must have a video stream; failures are VideoDecodeErrors naming the file."""
+    with open_media(path, VideoDecodeError) as container:
+        if not container.streams.video:
+            raise VideoDecodeError(f"{path}: has no video stream")
+        yield container
 
 
 def _stream_duration(path, container, stream):

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from method.first_stage import (FirstStageRecipe, QueryItems, VideoBank, VideoItems, score_all, split_queries,
+from method.first_stage import (FirstStageRecipe, QueryItems, VideoBank, VideoItems, split_queries,
                                 split_videos, top_videos, vr_metrics)
+from method.oracle import score_all_reference
 from utils.data_config import load_data_config
 from utils.synthetic_tvr import generate_corpus
 
@@ -105,7 +106,7 @@ def model_score(query_emb, video_emb):
 def embedding_metrics(query_emb, video_emb, val_split, max_vcmr_video=10):
     _, _, gt, video_idx = val_split
     bank = VideoBank(list(range(len(video_idx))), video_idx, video_emb)
-    _, positions = top_videos(score_all(query_emb, bank, progress=False), 100)
+    _, positions = top_videos(score_all_reference(query_emb, bank, progress=False), 100)
     return vr_metrics(video_idx[positions], video_idx[gt], max_vcmr_video)
 
 
@@ -182,7 +183,7 @@ def ranking_section(args, run_dir):
                                   num_workers=args.num_workers)
     timings["encode queries"] = time.time() - start
     start = time.time()
-    top_videos(score_all(query_emb, bank), 100)
+    top_videos(score_all_reference(query_emb, bank), 100)
     timings["score and sort"] = time.time() - start
     timings["total"] = sum(timings.values())
     return {"n_queries": len(rows), "n_videos": len(video2idx), "threads": torch.get_num_threads(),
@@ -236,7 +237,7 @@ def faiss_section(args):
     bank = VideoBank([str(i) for i in range(n_videos)], torch.arange(n_videos),
                      {"clips": clips, "clip_mask": torch.ones(n_videos, clips.shape[2], dtype=torch.bool)})
     query_emb = {"query": queries, "modality_weights": torch.ones(len(queries), 1)}
-    exact = [top_videos(score_all({key: value[start:start + 20] for key, value in query_emb.items()}, bank,
+    exact = [top_videos(score_all_reference({key: value[start:start + 20] for key, value in query_emb.items()}, bank,
                                   video_bucket=4096, progress=False), 1000)
              for start in tqdm(range(0, len(queries), 20), desc="Exact search", leave=False)]
     exact_values, exact_positions = torch.cat([values for values, _ in exact]), torch.cat([pos for _, pos in exact])

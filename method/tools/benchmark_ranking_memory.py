@@ -6,7 +6,7 @@ Ranks Q queries against 5,000 videos (tiny dims: one modality, 8 clips of dim 16
 into top-100 lists, each run in a fresh process on one thread, two ways:
 
 * chunked: `rank_videos`, what rank_first_stage does: the top k of each chunk of --query_chunk queries;
-* full matrix: `top_videos(score_all(...))`, the former path: the whole (Q, V) score matrix, then the selection.
+* full matrix: `top_videos(score_all_reference(...))`, the former path: the whole (Q, V) score matrix, then the selection.
 
 Reported per run: the peak resident memory of the process and its growth during ranking (peak minus the
 resident memory once the inputs are built), beside the size of the (Q, k) output. Target: from the smallest to
@@ -37,7 +37,8 @@ def _rss_bytes():
 
 def _rank_in_process(n_queries, method, results):
     """Child process: build the inputs, rank, report peak RSS before and after."""
-    from method.first_stage import VideoBank, rank_videos, score_all, top_videos
+    from method.first_stage import VideoBank, rank_videos, top_videos
+    from method.oracle import score_all_reference
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
     clips = torch.nn.functional.normalize(torch.randn(N_VIDEOS, 1, N_CLIPS, DIM, generator=generator), dim=-1)
@@ -49,7 +50,7 @@ def _rank_in_process(n_queries, method, results):
     if method == "chunked":
         values, positions = rank_videos(query_emb, bank, TOP_K, query_chunk=QUERY_CHUNK, progress=False)
     else:
-        values, positions = top_videos(score_all(query_emb, bank, query_chunk=QUERY_CHUNK, progress=False), TOP_K)
+        values, positions = top_videos(score_all_reference(query_emb, bank, query_chunk=QUERY_CHUNK, progress=False), TOP_K)
     output_bytes = sum(t.numel() * t.element_size() for t in (values, positions))
     results.put(dict(peak_rss_bytes=_rss_bytes(), ranking_growth=_rss_bytes() - before, output_bytes=output_bytes))
 

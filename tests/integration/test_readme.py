@@ -26,3 +26,21 @@ def test_code_map_names_only_existing_files():
     named = re.findall(r"`((?:config|method|utils|tests)/[\w/<>]*\.py|\w+\.py)`", code_map())
     paths = [name for name in named if "/" in name and "<" not in name]
     assert paths and all(os.path.exists(os.path.join(REPO_ROOT, p)) for p in paths), paths
+
+
+def bash_commands(text):
+    """Commands of the first bash block of `text`: continuation lines joined, comments and blank lines dropped."""
+    block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
+    return [line.strip() for line in block.replace("\\\n", " ").splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def test_readme_own_videos_commands_are_the_walkthroughs():
+    """The README shows the first steps of docs/walkthrough.md, which tests/integration/test_walkthrough.py runs."""
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("## Your own videos"):]
+    with open(os.path.join(REPO_ROOT, "docs", "walkthrough.md")) as f:
+        walkthrough = [" ".join(command.split()) for command in bash_commands(f.read())]
+    shown = [" ".join(command.split()) for command in bash_commands(section)]
+    assert len(shown) >= 4 and all(command in walkthrough for command in shown), shown

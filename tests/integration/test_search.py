@@ -87,6 +87,22 @@ def copy_corpus(corpus_dir, target, **settings):
     return config_path, config
 
 
+def save_first_stage_run(run_dir, corpus_kwargs, **options):
+    """A first-stage run dir for the tiny corpus with random weights (seed 0): opt.json (the dims of `corpus_kwargs`,
+    ctx_mode visual_sub, max_ctx_len 30; `options` replace or add entries) and model.ckpt -> the model."""
+    os.makedirs(run_dir)
+    k = corpus_kwargs
+    opt = dict(model="first_stage", query_dim=k["query_dim"], visual_dim=k["visual_dim"], text_dim=k["text_dim"],
+               hidden_dim=16, max_ctx_len=30, ctx_mode="visual_sub")
+    opt.update(options)
+    model_cfg = load_json(os.path.join(REPO_ROOT, "config", "first_stage_config.json"))
+    torch.manual_seed(0)
+    model = build_model(model_cfg, opt).eval()
+    save_json(opt, os.path.join(run_dir, OPT_FILENAME))
+    save_checkpoint(os.path.join(run_dir, CKPT_FILENAME), model.state_dict(), model_cfg, epoch=0)
+    return model
+
+
 @pytest.fixture(scope="module")
 def learned(runs, tiny_corpus, tiny_corpus_kwargs, tmp_path_factory):
     """A corpus copy with a text encoder and a video folder, a first-stage run dir (random weights), and its index."""
@@ -99,15 +115,7 @@ def learned(runs, tiny_corpus, tiny_corpus_kwargs, tmp_path_factory):
                                     dtype="float32", max_length=38))
     save_json(config, corpus / "tvr_data_config.json")
     first_run = root / "first_stage_run"
-    first_run.mkdir()
-    k = tiny_corpus_kwargs
-    opt = dict(model="first_stage", query_dim=k["query_dim"], visual_dim=k["visual_dim"], text_dim=k["text_dim"],
-               hidden_dim=16, max_ctx_len=30, ctx_mode="visual_sub")
-    model_cfg = load_json(os.path.join(REPO_ROOT, "config", "first_stage_config.json"))
-    torch.manual_seed(0)
-    model = build_model(model_cfg, opt).eval()
-    save_json(opt, first_run / OPT_FILENAME)
-    save_checkpoint(str(first_run / CKPT_FILENAME), model.state_dict(), model_cfg, epoch=0)
+    model = save_first_stage_run(first_run, tiny_corpus_kwargs)
     out = build_index(root / "index", runs["exclusive"], str(first_run), str(corpus / "tvr_data_config.json"),
                       "val", chunk_videos=6)["out_dir"]
     searcher = Searcher(out)
@@ -187,6 +195,8 @@ def test_index_build_update_and_interruption(runs, tiny_corpus, tmp_path, monkey
         f.writelines(json.dumps(row) + "\n" for row in full_val if row["vid_name"] in kept)
     out = tmp_path / "index"
     assert build_index(out, runs["general"], "ranklist", config_path, chunk_videos=5)["n_encoded"] == 12
+    serving = Searcher(out)
+    assert not serving.refresh()
     shutil.copy(os.path.dirname(tiny_corpus) + "/" + config["video_duration_idx_path"], video_table)
     shutil.copy(os.path.dirname(tiny_corpus) + "/" + config["eval_data_path"], val_file)
     with pytest.raises(SearchIndexError, match="already holds a search index; pass --update"):
@@ -203,6 +213,15 @@ def test_index_build_update_and_interruption(runs, tiny_corpus, tmp_path, monkey
     for name, array in fresh.arrays.items():
         np.testing.assert_allclose(updated.arrays[name].gather(rows), array.gather(np.arange(20)), rtol=1e-5,
                                    atol=1e-6)
+    # A searcher loaded before the update takes the new version, and answers as one loaded after it.
+    assert serving.refresh() and serving.index.video_names == updated.video_names
+    new_query = next(row["desc_id"] for row in full_val if row["vid_name"] not in kept)
+    assert serving.search(new_query, top_k=20) == Searcher(out).search(new_query, top_k=20)
+    # A version built from another CONQUER run is not taken by a loaded searcher: its model would not match.
+    build_index(out, runs["exclusive"], "ranklist", config_path, overwrite=True)
+    assert not serving.refresh() and serving.index.version_dir == updated.version_dir
+    build_index(out, runs["general"], "ranklist", config_path, overwrite=True)
+    updated = SearchIndex.open(out)
     # An interrupted rebuild leaves the index as it was, and no partial folder.
     monkeypatch.setattr(search_index, "_write_chunk", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
@@ -688,6 +707,36 @@ def test_search_page_plays_a_moment_past_the_first_window(windowed):
                                               "arguments[0].currentTime >= arguments[1] - 0.01", player, moment.start))
         assert moment.video_name in player.get_attribute("src")
         assert abs(driver.execute_script("return arguments[0].currentTime", player) - moment.start) < 1.0
+    finally:
+        driver.quit()
+        httpd.close()
+
+
+def test_search_page_shows_a_moment_past_the_first_window_on_the_whole_video(windowed, tmp_path):
+    """A windowed index of the long corpus with its videos: the page marks a moment of a later window on the whole
+    video's timeline, and its thumbnail is the sprite's tile of that time of the whole video."""
+    from tests.integration.test_search_page import (READ_ROWS, assert_marker_is_the_moment, corpus_with_videos,
+                                                    search_on_page, serve)
+    from utils.thumbnails import SpriteLayout, tile_at, tile_position
+    config_path, durations = corpus_with_videos(windowed["corpus"], tmp_path / "corpus")
+    searcher = Searcher(build_index(tmp_path / "index", windowed["conquer"], "ranklist", config_path, "val",
+                                    batch_size=6)["out_dir"])
+    assert searcher.index.reads_windows and sorted(searcher.index.thumbnails) == sorted(durations)
+    desc_id, rank, moment = next((row["desc_id"], rank, m) for row in searcher.dataset.query_data
+                                 for rank, m in enumerate(searcher.search(row["desc_id"], top_k=100))
+                                 if m.start >= MAX_CTX_LEN * CLIP_LENGTH)
+    layout = SpriteLayout(**searcher.index.thumbnails[moment.video_name][1])
+    tile = tile_at(layout, (moment.start + min(moment.end, durations[moment.video_name])) / 2)
+    assert tile >= MAX_CTX_LEN and layout.seconds_per_tile == CLIP_LENGTH
+    httpd, url = serve(searcher)
+    driver = headless_chromium()
+    try:
+        search_on_page(driver, url, desc_id, 100)
+        row = driver.execute_script(READ_ROWS)[rank]
+        assert row["cells"] == [moment.video_name, f"{moment.start:.2f}", f"{moment.end:.2f}"]
+        assert_marker_is_the_moment(row, moment, durations[moment.video_name])
+        x, y = tile_position(layout, tile)
+        assert row["thumb"]["position"] == f"{-x}px {-y}px"
     finally:
         driver.quit()
         httpd.close()

@@ -1,11 +1,13 @@
 """utils.build_corpus: the stores hold exactly the inputs, the layout loads and checks, bad input stops cleanly."""
 import json
 import os
+import shutil
 
 import h5py
 import numpy as np
 import pytest
 
+from config.options import BaseOptions
 from text_model_fixtures import save_tiny_text_model
 from utils import build_corpus as build_corpus_module
 from utils.build_corpus import build_corpus, main, training_flags
@@ -13,6 +15,8 @@ from utils.check_data import check_corpus
 from utils.corpus_formats import CorpusInputError, subtitle_clip_features
 from utils.data_config import load_data_config
 from utils.feature_stores import QueryFeatureStore, SubtitleFeatureStore, decode_video_features, _open_env
+from utils.io_utils import load_json
+from utils.provenance import provenance, provenance_difference, read_recipe, write_recipe
 from utils.text_encoder import TextEncoder
 from utils.run_dir import REPO_ROOT
 
@@ -237,11 +241,18 @@ def test_cli_prints_counts_and_training_flags(tmp_path, capsys):
     flags = "--dset_name didemo --train_set_honours_options --ctx_mode visual --clip_length 2.5 --max_ctx_len 12 " \
             "--visual_dim 4 --query_dim 5"
     # The first stage comes next; CONQUER's --dataset_config is the one ranking prints, so none is given here.
-    assert printed.splitlines()[-4:] == [
+    assert printed.splitlines()[-5:] == [
         "No first-stage ranklists in this corpus; the first stage comes next:",
         f"  bash scripts/train_first_stage.sh fs GPU|cpu --dataset_config {tmp_path}/c/data_config.json {flags}",
         "  bash scripts/rank_first_stage.sh RUN_DIR GPU|cpu   # its last line: the --dataset_config to train CONQUER on",
-        f"Corpus flags (first stage and CONQUER): {flags}"]
+        f"Corpus flags (first stage and CONQUER): {flags}",
+        f"  (the same in {tmp_path}/c/options.json: pass --config {tmp_path}/c/options.json)"]
+    # The options file, given to train.py's --config, sets exactly the printed flags.
+    parser = BaseOptions()
+    parser.initialize()
+    from_file = vars(parser._parse_with_config(["--config", str(tmp_path / "c" / "options.json")]))
+    assert from_file == vars(parser._parse_with_config(flags.split()))
+    assert from_file != vars(parser._parse_with_config([]))
     assert "Train with" not in printed
     note = json.load(open(tmp_path / "c" / "data_config.json"))["first_stage_ranklists"]
     assert note.startswith("none in this corpus: scripts/rank_first_stage.sh writes them with the data config")
@@ -303,3 +314,167 @@ def test_presets_match_the_layout_the_builder_writes(name, clip_length):
     assert preset["dset_name"] == name and preset["clip_length"] == clip_length and preset["ctx_mode"] == "visual"
     script = open(os.path.join(repo, "scripts", f"train_{name}.sh")).read()
     assert f"--clip_length {clip_length:g}" in script.replace("3.0", "3") and "--ctx_mode visual" in script
+
+
+def with_recipe(folder, clip_length, dim, **settings):
+    """Write a feature recipe (as utils.extract_video_features writes it) into `folder` -> the recipe read back."""
+    recipe = dict(clip_length=clip_length, frames_per_clip=3, full_frame=False, l2_normalize=False, dtype="fp32",
+                  backbones=[dict(name="resnet18", model="microsoft/resnet-18", weights="none", seed=0, dim=dim)],
+                  dim=dim) | settings
+    write_recipe(folder, recipe)
+    return read_recipe(folder)
+
+
+def test_recipes_and_text_encoder_make_the_provenance_of_the_corpus(tmp_path, text_model):
+    raw = raw_tvr_corpus(tmp_path, n_videos=(1, 1))
+    recipe = with_recipe(raw["feats"], CLIP, 6)
+    h5_path = tmp_path / "other.h5"
+    with h5py.File(h5_path, "w") as f:
+        for name, array in raw["arrays"].items():
+            f.create_dataset(name, data=array[:, :2])
+    summary = build_corpus(str(tmp_path / "c"), "tvr", raw["annotations"], [raw["feats"], str(h5_path)], CLIP,
+                           text_encoder=text_model, text_encoder_device="cpu", progress=False)
+    data_config = load_json(summary["data_config"])
+    assert [s["recipe"] for s in data_config["video_feature_sets"]] == [recipe, None]
+    assert provenance(data_config) == dict(ctx_mode="visual", clip_length=CLIP, video_features=[recipe, None],
+                                           text_encoder=dict(name_or_path=text_model, max_length=38))
+    # Another corpus from features of another recipe differs in provenance, naming the entry.
+    other = tmp_path / "other_feats"
+    shutil.copytree(raw["feats"], other)
+    with_recipe(other, CLIP, 6, frames_per_clip=4)
+    summary = build_corpus(str(tmp_path / "c2"), "tvr", raw["annotations"], [str(other), str(h5_path)], CLIP,
+                           text_encoder=text_model, text_encoder_device="cpu", progress=False)
+    assert provenance_difference(provenance(data_config), provenance(load_json(summary["data_config"]))) == \
+        "video feature set 0 recipe frames_per_clip: 3 -> 4"
+
+
+def test_clip_lengths_default_to_the_recipes_and_must_agree_with_them(tmp_path):
+    raw = raw_tvr_corpus(tmp_path, n_videos=(1, 1))
+    half = tmp_path / "half_second"
+    half.mkdir()
+    for i, (name, array) in enumerate(raw["arrays"].items()):
+        raw_video(half, name, 3 * len(array), 3, seed=10 + i)
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for desc_id in range(4):
+        raw_video(queries, str(desc_id), 5, 7, seed=desc_id)
+    base = dict(annotation_format="tvr", annotations=raw["annotations"], video_features=[raw["feats"], str(half)],
+                query_features=str(queries))
+    assert_fails_cleanly(tmp_path, r"--clip_length is needed: .*feats has no recipe.json to take it from",
+                         clip_length=None, **base)
+    with_recipe(raw["feats"], CLIP, 6)
+    assert_fails_cleanly(tmp_path, r"--clip_length is needed: .*half_second has no recipe.json", clip_length=None,
+                         **base)
+    with_recipe(half, 0.5, 3)
+    assert_fails_cleanly(tmp_path, r"^--video_feature_clip_lengths 1.5 for .*half_second: its recipe.json says the "
+                                   r"features have clip_length 0.5$",
+                         clip_length=None, video_feature_clip_lengths=[CLIP, CLIP], **base)
+
+    from_recipes = build_corpus(str(tmp_path / "from_recipes"), clip_length=None, progress=False, **base)
+    explicit = build_corpus(str(tmp_path / "explicit"), clip_length=CLIP, video_feature_clip_lengths=[CLIP, 0.5],
+                            progress=False, **base)
+    configs = [load_json(summary["data_config"]) for summary in (from_recipes, explicit)]
+    assert configs[0]["clip_length"] == CLIP
+    assert [s["clip_length"] for s in configs[0]["video_feature_sets"]] == [CLIP, 0.5]
+    for name in raw["arrays"]:  # the second set resampled from its recipe's 0.5 s to the corpus's 1.5 s
+        stored = [stored_video(load_data_config(s["data_config"]).vid_feat_path, name)
+                  for s in (from_recipes, explicit)]
+        assert stored[0].shape == (len(raw["arrays"][name]), 9) and np.array_equal(*stored)
+
+
+def durations_file(path, durations):
+    path.write_text(json.dumps(durations))
+    return str(path)
+
+
+def test_search_only_corpus_holds_every_video_and_no_queries(tmp_path, text_model, capsys):
+    raw = raw_tvr_corpus(tmp_path)
+    recipe = with_recipe(raw["feats"], CLIP, 6)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ["train_0", "train_1", "val_0"]:  # val_1 and train_2 have no video file
+        (videos / f"{name}.webm").write_bytes(b"")
+    durations = durations_file(tmp_path / "durations.json", {name: 1.0 + i for i, name in enumerate(raw["arrays"])})
+    summary = main(["--out_dir", str(tmp_path / "search"), "--video_features", raw["feats"], "--subtitles",
+                    raw["subtitles"], "--text_encoder", text_model, "--text_encoder_device", "cpu", "--durations",
+                    durations, "--video_dir", os.path.relpath(videos)])
+    printed = capsys.readouterr().out.splitlines()
+    config_path = str(tmp_path / "search" / "data_config.json")
+    assert printed[-1] == (f"  python -m method.search build --first_stage RUN --conquer RUN --dataset_config "
+                           f"{config_path} --out_dir INDEX")
+    assert "warning: 2 videos without a file in --video_dir" in printed[0] and "(first: train_2)" in printed[0]
+    assert "test_public: 5 videos, no queries (a search-only corpus)" in printed
+    assert "3 of 5 videos have a file in --video_dir" in printed
+
+    config = load_data_config(config_path)
+    names = sorted(raw["arrays"])
+    assert config.search_split == "test_public" and config.video_dir == str(videos)
+    assert config.dset_name == "videos" and config.ctx_mode == "visual_sub" and "first_stage_ranklists" not in config
+    assert config.video_feature_sets[0]["recipe"] == recipe and config.text_encoder["name_or_path"] == text_model
+    video2dur = load_json(config.video_duration_idx_path)
+    assert video2dur["train"] == video2dur["val"] == {}
+    assert video2dur["test_public"] == {name: [1.0 + i, i] for i, name in enumerate(names)}
+    for key in ("train_data_path", "eval_data_path", "test_data_path"):
+        assert open(config[key]).read() == ""
+    query_store = QueryFeatureStore(config.desc_bert_path)
+    assert len(query_store) == 0 and query_store.keys() == []
+    for name, array in raw["arrays"].items():
+        assert np.allclose(stored_video(config.vid_feat_path, name), array / (
+            np.linalg.norm(array, axis=1, keepdims=True) + 1e-5), atol=1e-6)
+        assert SubtitleFeatureStore(config.sub_bert_path).get(name).shape == (len(array), 16)
+    assert summary["dims"] == dict(visual=6, text=16, query=16) and summary["clip_length"] == CLIP
+    assert not any(os.path.exists(config[key]) for key in ("train_first_VR_ranklist_path",
+                                                          "eval_first_VR_ranklist_path_hero",
+                                                          "test_public_first_VR_ranklist_path_hero"))
+
+
+def test_search_only_corpus_durations_come_from_the_features_without_files(tmp_path, text_model):
+    raw = raw_tvr_corpus(tmp_path, n_videos=(2, 1))
+    # Named with a video extension (DiDeMo style): the corpus names the video by its stem.
+    os.rename(os.path.join(raw["feats"], "val_0.npy"), os.path.join(raw["feats"], "val_0.mp4.npy"))
+    durations = durations_file(tmp_path / "durations.json", {"train_1": 2.5})
+    summary = build_corpus(str(tmp_path / "s"), None, None, [raw["feats"]], CLIP, text_encoder=text_model,
+                           text_encoder_device="cpu", durations=durations, progress=False)
+    video2dur = load_json(load_data_config(summary["data_config"]).video_duration_idx_path)["test_public"]
+    assert video2dur == {"train_0": [4 * CLIP, 0], "train_1": [2.5, 1], "val_0": [4 * CLIP, 2]}
+    assert "video_dir" not in load_json(summary["data_config"])
+    # The videos to hold may be named (e.g. those of a video folder, which lost one): the others are left out.
+    summary = build_corpus(str(tmp_path / "named"), None, None, [raw["feats"]], CLIP, text_encoder=text_model,
+                           text_encoder_device="cpu", video_names=["val_0", "train_1"], progress=False)
+    video2dur = load_json(load_data_config(summary["data_config"]).video_duration_idx_path)["test_public"]
+    assert video2dur == {"val_0": [4 * CLIP, 0], "train_1": [5 * CLIP, 1]}
+
+
+def test_search_only_corpus_bad_inputs(tmp_path, text_model):
+    raw = raw_tvr_corpus(tmp_path, n_videos=(2, 1))
+    second = tmp_path / "second"
+    shutil.copytree(raw["feats"], second)
+    os.remove(second / "train_1.npy")
+    base = dict(annotation_format=None, annotations=None, clip_length=CLIP, text_encoder=text_model,
+                text_encoder_device="cpu")
+    assert_fails_cleanly(tmp_path, r"second: no features for video 'train_1', a video of the first --video_features "
+                                   r"set .*feats \(1 videos missing\)",
+                         video_features=[raw["feats"], str(second)], **base)
+    assert_fails_cleanly(tmp_path, r"^--text_encoder is needed for a search-only corpus \(no --annotations\)",
+                         video_features=[raw["feats"]], **(base | dict(text_encoder=None)))
+    assert_fails_cleanly(tmp_path, r"^--annotations and --annotation_format go together",
+                         video_features=[raw["feats"]], **(base | dict(annotation_format="tvr")))
+    assert_fails_cleanly(tmp_path, r"^--video_dir .*nowhere: not a folder", video_features=[raw["feats"]],
+                         video_dir=str(tmp_path / "nowhere"), **base)
+    assert_fails_cleanly(tmp_path, r"^--query_features: a search-only corpus", video_features=[raw["feats"]],
+                         query_features=raw["feats"], **base)
+    assert_fails_cleanly(tmp_path, r"feats: no features for video 'gone', one of the videos the corpus is to hold",
+                         video_features=[raw["feats"]], video_names=["train_0", "gone"], **base)
+
+
+def test_annotated_corpus_records_its_video_dir(tmp_path):
+    paths, feats, queries = didemo_raw(tmp_path)
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "a.mp4").write_bytes(b"")
+    summary = build_corpus(str(tmp_path / "didemo"), "didemo", paths, [feats], 2.5, query_features=queries,
+                           video_dir=str(tmp_path / "videos"), progress=False)
+    assert load_json(summary["data_config"])["video_dir"] == str(tmp_path / "videos")
+    assert summary["video_files"] == 1 and summary["warnings"] == [
+        f"warning: 1 videos without a file in --video_dir {tmp_path / 'videos'} (the search page cannot play "
+        f"them) (first: b)", "warning: 1 moments outside their video, clipped to it (first: desc_id 11: [25.0, "
+        "30.0] on 22.5 s)"]

@@ -219,3 +219,42 @@ def test_a_corpus_without_any_ranklist_says_the_first_stage_comes_next(tmp_path,
     assert ("No first-stage ranklists yet (not checked): the first stage comes next, scripts/train_first_stage.sh "
             "then scripts/rank_first_stage.sh, whose last line names the data config to check and train on") in out
     assert "ranklist store" not in out and "OK: no problems found" in out
+
+
+def test_a_search_only_corpus_is_checked_by_its_stores(tmp_path, capsys):
+    from text_model_fixtures import save_tiny_text_model
+    from utils.build_corpus import build_corpus
+
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        np.save(feats / f"v{i}.npy", rng.normal(size=(3 + i, 5)).astype(np.float32))
+    summary = build_corpus(str(tmp_path / "search"), None, None, [str(feats)], 1.5,
+                           text_encoder=save_tiny_text_model(tmp_path / "text"), text_encoder_device="cpu",
+                           progress=False)
+    config_path = summary["data_config"]
+    # The default --ctx_mode visual_sub would ask for a subtitle store: a search-only corpus's own ctx_mode decides.
+    assert check_data.main(["--dataset_config", config_path]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["A search-only corpus: 4 videos and no queries, to be indexed with `python -m method.search "
+                       "build` (its splits, ranklists and labels are not checked)", "OK: no problems found"]
+
+    config = load_data_config(config_path)
+    table = load_json(config.video_duration_idx_path)
+    table["test_public"]["v9"] = [3.0, 4]
+    with open(config.video_duration_idx_path, "w") as f:
+        json.dump(table, f)
+    close_store(config.vid_feat_path)
+    env = lmdb.open(config.vid_feat_path)
+    with env.begin(write=True) as txn:
+        txn.put(b"v2", encode_video_features(np.ones((5, 6), np.float32)))
+    env.close()
+    n_videos, problems, _ = check_data.check_search_corpus(config_path)
+    assert n_videos == 5 and len(problems) == 2
+    assert re.search(r"video store .*: key 'v9' not found", problems[0])
+    assert re.search(r"video store .*: key 'v2' has feature dim 6, while 3 keys have dim 5", problems[1])
+    # --ctx_mode visual_sub asks for the subtitle store, which this visual corpus does not have.
+    assert check_data.main(["--dataset_config", config_path, "--ctx_mode", "visual_sub"]) == 2
+    out = capsys.readouterr().out
+    assert "3 problem(s)" in out and re.search(r"subtitle store .*: expected an LMDB directory holding data.mdb", out)

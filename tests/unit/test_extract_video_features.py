@@ -1,5 +1,6 @@
 """Video feature extraction: synthetic video files (PyAV) through tiny random ResNet and CLIP backbones."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from transformers import CLIPImageProcessorPil, CLIPVisionConfig, ConvNextImageP
 from utils.extract_video_features import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ExtractionError,
                                           Preprocessing, extract_features, list_videos, load_backbone, main,
                                           preprocess_frames)
+from utils.provenance import RECIPE_FORMAT, read_recipe
 from utils.synthetic_video import write_video
 from utils.video_decoding import iter_clip_chunks, probe_duration
 
@@ -68,7 +70,7 @@ def extract(videos, out_dir, backbones, **options):
 def test_clip_counts_follow_the_durations(video_dir, tiny_models, tmp_path):
     assert main(["--videos", str(video_dir), "--out_dir", str(tmp_path), "--backbones", *tiny_models,
                  "--weights", "none", "--num_workers", "2"]) == 0
-    assert sorted(os.listdir(tmp_path)) == sorted(f"{name}.npy" for name in VIDEOS)
+    assert sorted(os.listdir(tmp_path)) == sorted([f"{name}.npy" for name in VIDEOS] + ["recipe.json"])
     for name, (times, duration, _) in VIDEOS.items():
         features = np.load(tmp_path / f"{name}.npy")
         if duration is None:  # variable rate: the last frame lasts one mean frame interval
@@ -165,7 +167,7 @@ def test_undecodable_files_are_skipped_named_and_counted(video_dir, tiny_models,
     status = main(["--videos", str(videos), "--out_dir", str(tmp_path / "out"), "--backbones", tiny_models[0],
                    "--weights", "none"])
     assert status == 1
-    assert sorted(os.listdir(tmp_path / "out")) == sorted(f"{name}.npy" for name in VIDEOS)
+    assert sorted(os.listdir(tmp_path / "out")) == sorted([f"{name}.npy" for name in VIDEOS] + ["recipe.json"])
     summary_line = [r.message for r in caplog.records if "could not be decoded" in r.message]
     assert len(summary_line) == 1 and summary_line[0].startswith("2 of 7 videos")
     assert "garbage.mp4" in summary_line[0] and "cut.mkv" in summary_line[0]
@@ -246,3 +248,83 @@ def test_the_video_extensions_are_one_list_importable_without_pyav(tmp_path):
     for name in ["a.MOV", "b.3gp", "c.ts", "notes.txt"]:
         (tmp_path / name).write_bytes(b"")
     assert [os.path.basename(p) for p in list_videos([str(tmp_path)])] == ["a.MOV", "b.3gp", "c.ts"]
+
+
+def run_main(videos, out_dir, *flags):
+    return main(["--videos", *map(str, videos), "--out_dir", str(out_dir), "--num_workers", "1", *flags])
+
+
+def npy_bytes(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder)) if name.endswith(".npy")}
+
+
+def test_the_recipe_is_written_and_another_recipe_is_refused_before_any_work(video_dir, tiny_models, tmp_path):
+    videos = [video_dir / "odd_rate.mp4", video_dir / "rotated.mp4"]
+    resnet, clip = tiny_models
+    assert run_main(videos, tmp_path / "out", "--backbones", resnet, clip, "--weights", "none", "--seed", "3") == 0
+    assert read_recipe(tmp_path / "out") == dict(
+        format=RECIPE_FORMAT, clip_length=1.5, frames_per_clip=3, full_frame=False, l2_normalize=False, dtype="fp32",
+        backbones=[dict(name=resnet, model=os.path.abspath(resnet), weights="none", seed=3, dim=16),
+                   dict(name=clip, model=os.path.abspath(clip), weights="none", seed=3, dim=12)], dim=28)
+    written = {name: os.stat(tmp_path / "out" / name).st_mtime_ns for name in npy_bytes(tmp_path / "out")}
+    # Same shapes, other features: kept silently before recipes were recorded.
+    for flags, difference in [(["--seed", "3", "--frames_per_clip", "2"], "frames_per_clip: 3 -> 2"),
+                              (["--seed", "4"], "backbones: .*'seed': 3.* -> .*'seed': 4"),
+                              (["--seed", "3", "--dtype", "bf16"], "dtype: 'fp32' -> 'bf16'")]:
+        with pytest.raises(ExtractionError, match=rf"--out_dir .*out: holds features of another recipe \({difference}.*"
+                                                  r"\); choose another --out_dir, or --overwrite to replace them"):
+            run_main(videos, tmp_path / "out", "--backbones", resnet, clip, "--weights", "none", *flags)
+    assert {name: os.stat(tmp_path / "out" / name).st_mtime_ns for name in written} == written
+    assert read_recipe(tmp_path / "out")["frames_per_clip"] == 3
+
+    # Feature files without a recipe (an older extractor's, or copied in): their recipe is unknown.
+    os.makedirs(tmp_path / "no_recipe")
+    shutil.copy(tmp_path / "out" / "odd_rate.npy", tmp_path / "no_recipe")
+    with pytest.raises(ExtractionError, match=r"no_recipe: holds 1 feature files but no recipe.json, so their "
+                                              r"recipe is unknown; choose another --out_dir, or --overwrite"):
+        run_main(videos, tmp_path / "no_recipe", "--backbones", resnet, "--weights", "none")
+    assert os.listdir(tmp_path / "no_recipe") == ["odd_rate.npy"]
+
+
+def test_overwrite_replaces_the_features_and_the_recipe(video_dir, tiny_models, tmp_path):
+    videos = [video_dir / "odd_rate.mp4", video_dir / "seven_fps.mp4"]
+    resnet = tiny_models[0]
+    flags = ["--backbones", resnet, "--weights", "none"]
+    run_main(videos + [video_dir / "rotated.mp4"], tmp_path / "out", *flags)
+    old = npy_bytes(tmp_path / "out")
+    assert run_main(videos, tmp_path / "out", *flags, "--frames_per_clip", "1", "--overwrite") == 0
+    assert run_main(videos, tmp_path / "fresh", *flags, "--frames_per_clip", "1") == 0
+    # The video no longer listed lost its features with their recipe; the others are the new recipe's.
+    assert sorted(os.listdir(tmp_path / "out")) == ["odd_rate.npy", "recipe.json", "seven_fps.npy"]
+    assert npy_bytes(tmp_path / "out") == npy_bytes(tmp_path / "fresh")
+    assert npy_bytes(tmp_path / "out")["odd_rate.npy"] != old["odd_rate.npy"]
+    assert read_recipe(tmp_path / "out") == read_recipe(tmp_path / "fresh")
+
+
+def test_extracting_with_the_recipe_of_a_folder_gives_the_same_features(video_dir, tiny_models, tmp_path):
+    videos = [video_dir / "odd_rate.mp4", video_dir / "variable_rate.mp4"]
+    resnet, clip = tiny_models
+    run_main(videos, tmp_path / "first", "--backbones", clip, resnet, "--weights", "none", "--seed", "5",
+             "--clip_length", "1.0", "--frames_per_clip", "2", "--l2_normalize")
+    # A recipe file of any name (e.g. saved from a corpus's data config); --dtype alone may accompany --recipe.
+    shutil.copy(tmp_path / "first" / "recipe.json", tmp_path / "set0.recipe.json")
+    assert run_main(videos, tmp_path / "second", "--recipe", str(tmp_path / "set0.recipe.json"),
+                    "--dtype", "fp32") == 0
+    first, second = npy_bytes(tmp_path / "first"), npy_bytes(tmp_path / "second")
+    assert len(first) == 2 and first == second
+    assert np.load(tmp_path / "first" / "odd_rate.npy").shape == (2, 12 + 16)  # 2 s of video, 1 s clips
+    assert read_recipe(tmp_path / "second") == read_recipe(tmp_path / "first")
+    # The folder itself names its recipe too; a rerun into the first folder is its own recipe: nothing to do.
+    assert run_main(videos, tmp_path / "first", "--recipe", str(tmp_path / "first")) == 0
+    assert npy_bytes(tmp_path / "first") == first
+
+    for flag in (["--clip_length", "1.5"], ["--weights", "none"], ["--l2_normalize"], ["--fps", "4"]):
+        with pytest.raises(ExtractionError, match=rf"^{flag[0]} and --recipe .*: the recipe sets it; drop {flag[0]}"):
+            run_main(videos, tmp_path / "third", "--recipe", str(tmp_path / "first"), *flag)
+    with pytest.raises(ExtractionError, match=rf"--recipe {re.escape(str(video_dir))}: expected a recipe file or a "
+                                              r"folder holding a recipe.json"):
+        run_main(videos, tmp_path / "third", "--recipe", str(video_dir))
+    (tmp_path / "notes.json").write_text('{"clip_length": 1.5}')
+    with pytest.raises(ExtractionError, match=r"--recipe .*notes.json: not a feature recipe"):
+        run_main(videos, tmp_path / "third", "--recipe", str(tmp_path / "notes.json"))
+    assert not os.path.exists(tmp_path / "third")

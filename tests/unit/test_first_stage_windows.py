@@ -10,8 +10,9 @@ import torch
 from torch.utils.data import default_collate
 
 from method.first_stage import (FirstStageDataset, FirstStageError, FirstStageRetriever, VideoBank, VideoItems,
-                                VideoWindowItems, best_windows, encode_video_bank, score_all, top_videos, video_max,
+                                VideoWindowItems, best_windows, encode_video_bank, top_videos, video_max,
                                 window_batches)
+from method.oracle import score_all_reference
 from method.rank_first_stage import VideoSummaryIndex, video_summaries
 from utils.data_config import load_data_config
 from utils.feature_stores import VideoFeatureStore, write_subtitle_store, write_video_store
@@ -97,7 +98,7 @@ def test_one_modality_window_bank_scores_equal_whole_video_scores(stores):
     assert bank.window_video.tolist() == [v for v, c in enumerate(counts) for _ in range(c)]
     assert bank.window_start.tolist() == [s for n in LENGTHS for s in window_starts(n, L, STRIDE)]
     query_emb = random_query_emb(model)
-    scores = score_all(query_emb, bank, query_chunk=3, video_bucket=5, progress=False)
+    scores = score_all_reference(query_emb, bank, query_chunk=3, video_bucket=5, progress=False)
     assert torch.allclose(scores, whole_video_scores(model, videos, query_emb), atol=1e-5)
 
 
@@ -111,7 +112,7 @@ def test_window_bank_scores_are_the_max_over_windows_encoded_alone(stores, n_vid
     videos = window_items(config, names)
     bank = encode_video_bank(model, videos, torch.device("cpu"), batch_size=3, progress=False)
     query_emb = random_query_emb(model)
-    scores = score_all(query_emb, bank, query_chunk=4, progress=False)
+    scores = score_all_reference(query_emb, bank, query_chunk=4, progress=False)
     values, positions = top_videos(scores, 4)
     starts, best = best_windows(query_emb, bank, positions, query_chunk=5, progress=False)
     assert torch.allclose(best, values, atol=1e-6)
@@ -144,7 +145,7 @@ def test_stride_0_reads_the_first_clips_as_the_original(stores):
         names[3])[:L]))
     query_emb = random_query_emb(model)
     expected = FirstStageRetriever.score(query_emb, bank.embeddings)
-    assert torch.allclose(score_all(query_emb, bank, progress=False), expected, atol=1e-5)
+    assert torch.allclose(score_all_reference(query_emb, bank, progress=False), expected, atol=1e-5)
 
 
 def test_window_items_read_each_video_once_as_slices(stores):
@@ -197,7 +198,7 @@ def test_video_scores_and_best_windows_equal_a_loop_over_windows():
     counts = [1, 4, 2, 7, 1, 3]
     bank, query_emb = random_window_bank(counts), random_queries(5)
     window_scores = FirstStageRetriever.score(query_emb, bank.embeddings)  # (Q, W)
-    scores = score_all(query_emb, bank, query_chunk=2, video_bucket=3, progress=False)
+    scores = score_all_reference(query_emb, bank, query_chunk=2, video_bucket=3, progress=False)
     _, positions = top_videos(scores, 4)
     starts, values = best_windows(query_emb, bank, positions, query_chunk=2, video_bucket=3, progress=False)
     for q in range(5):
@@ -232,7 +233,7 @@ def test_a_bank_must_hold_its_videos_windows_together_and_in_order():
 def test_faiss_over_windows_gives_the_exact_top_k_when_the_candidates_cover_every_window():
     counts = [1, 4, 2, 7, 1, 3] * 8
     bank, query_emb = random_window_bank(counts, seed=3), random_queries(6, seed=4)
-    exact_values, exact_positions = top_videos(score_all(query_emb, bank, progress=False), 10)
+    exact_values, exact_positions = top_videos(score_all_reference(query_emb, bank, progress=False), 10)
     index = VideoSummaryIndex(bank, n_probe=4, n_candidates=bank.n_windows, n_lists=4)
     assert all(torch.equal(c, torch.arange(len(counts))) for c in index.candidates(query_emb))
     values, positions = index.top_videos(query_emb, 10, query_chunk=4, progress=False)

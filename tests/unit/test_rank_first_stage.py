@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from method.first_stage import FirstStageRetriever, VideoBank, score_all, top_videos
+from method.first_stage import FirstStageRetriever, VideoBank, top_videos
+from method.oracle import score_all_reference
 from method.rank_first_stage import VideoSummaryIndex, recall_against, select100, video_summaries
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,7 +40,7 @@ def brute_force_scores(query_emb, bank):
 
 def test_chunked_bucketed_scores_equal_brute_force():
     bank, query_emb = random_bank(23), random_queries(11)
-    scores = score_all(query_emb, bank, query_chunk=4, video_bucket=5, progress=False)
+    scores = score_all_reference(query_emb, bank, query_chunk=4, video_bucket=5, progress=False)
     assert torch.allclose(scores, brute_force_scores(query_emb, bank), atol=1e-5)
     values, positions = top_videos(scores, 10)
     expected = torch.argsort(brute_force_scores(query_emb, bank), dim=1, descending=True)[:, :10]
@@ -51,7 +52,7 @@ def test_chunked_bucketed_scores_equal_brute_force():
 def test_scores_equal_the_model_score_and_a_video_without_clips_ranks_last():
     bank, query_emb = random_bank(9), random_queries(4)
     bank.embeddings["clip_mask"][3] = False
-    scores = score_all(query_emb, bank, query_chunk=3, video_bucket=4, progress=False)
+    scores = score_all_reference(query_emb, bank, query_chunk=3, video_bucket=4, progress=False)
     expected = FirstStageRetriever.score(query_emb, bank.embeddings)
     assert torch.equal(torch.isinf(scores), torch.isinf(expected)) and torch.all(torch.isinf(scores[:, 3]))
     finite = torch.isfinite(expected)
@@ -78,7 +79,7 @@ def test_video_summaries_are_normalised_means_of_the_valid_clips():
 
 def test_faiss_gives_the_exact_top_k_when_the_candidates_cover_every_video():
     bank, query_emb = random_bank(60, seed=3), random_queries(7, seed=4)
-    exact_values, exact_positions = top_videos(score_all(query_emb, bank, progress=False), 10)
+    exact_values, exact_positions = top_videos(score_all_reference(query_emb, bank, progress=False), 10)
     index = VideoSummaryIndex(bank, n_probe=4, n_candidates=60, n_lists=4)
     values, positions = index.top_videos(query_emb, 10, query_chunk=3, progress=False)
     assert torch.equal(positions, exact_positions) and torch.allclose(values, exact_values, atol=1e-6)
@@ -113,7 +114,7 @@ def test_faiss_recall_on_clustered_videos():
     noise = 0.2 * torch.randn(30, 2, 16, generator=generator)
     query_emb = {"query": torch.nn.functional.normalize(picked + noise, dim=-1),
                  "modality_weights": torch.softmax(torch.randn(30, 2, generator=generator), dim=-1)}
-    exact_positions = top_videos(score_all(query_emb, bank, progress=False), 20)[1]
+    exact_positions = top_videos(score_all_reference(query_emb, bank, progress=False), 20)[1]
     index = VideoSummaryIndex(bank, n_probe=8, n_candidates=200, n_lists=32)
     recall = recall_against(exact_positions, index.top_videos(query_emb, 20, progress=False)[1])
     assert 0.9 <= recall
@@ -127,7 +128,7 @@ def test_rank_videos_keeps_the_top_k_per_query_chunk():
     bank, query_emb = random_bank(12, seed=6), random_queries(11, seed=7)
     windowed = VideoBank([f"v{i}" for i in range(5)], torch.arange(5), bank.embeddings,
                          window_video=torch.tensor([0, 0, 1, 2, 2, 2, 3, 3, 3, 3, 4, 4]))
-    expected = top_videos(video_max(score_all(query_emb, windowed, progress=False), windowed.window_video, 5), 4)
+    expected = top_videos(video_max(score_all_reference(query_emb, windowed, progress=False), windowed.window_video, 5), 4)
     values, positions = rank_videos(query_emb, windowed, 4, query_chunk=3, video_bucket=5, progress=False)
     assert torch.equal(positions, expected[1]) and torch.allclose(values, expected[0])
     assert rank_videos(query_emb, windowed, 100, query_chunk=3, progress=False)[1].shape == (11, 5)
@@ -136,7 +137,7 @@ def test_rank_videos_keeps_the_top_k_per_query_chunk():
 def test_faiss_check_ranks_only_a_sample_exactly():
     from method.rank_first_stage import faiss_check
     bank, query_emb = random_bank(30, seed=3), random_queries(40, seed=4)
-    exact = top_videos(score_all(query_emb, bank, progress=False), 10)[1]
+    exact = top_videos(score_all_reference(query_emb, bank, progress=False), 10)[1]
     approximate = exact.clone()
     approximate[:, 5:] = -1  # half of every approximate list is wrong
     check = faiss_check(query_emb, bank, approximate, n_check=8, query_chunk=3)
