@@ -100,7 +100,7 @@ def _run(run_dir, flag, kind):
 
 
 def _training_config(opt, run_dir, flag):
-    path = opt.get("dataset_config")
+    path = run_dirs.recorded_path(opt.get("dataset_config"))
     if not path or not os.path.isfile(path):
         raise CollectionError(f"{flag} {run_dir}: its training data config {path!r} is not there; the new corpus "
                               "copies its feature recipe and text encoder from it")

@@ -156,7 +156,7 @@ class CorpusReader(NamedTuple):
 def _corpus_reader(flag, run_dir, options, saved):
     return CorpusReader(flag, os.fspath(run_dir), MODALITIES[options.get("ctx_mode", "visual_sub")],
                         {key: options[key] for key in ("query_dim", "visual_dim", "text_dim")
-                         if options.get(key) is not None}, saved.get("dataset_config"))
+                         if options.get(key) is not None}, run_dirs.recorded_path(saved.get("dataset_config")))
 
 
 def corpus_readers(conquer_opt, conquer_run_dir, first_stage):

@@ -10,8 +10,8 @@
         503 {"error": "..."} + Retry-After  overloaded: the queue is full, or the request waited too long
     GET /health   200 {"status": "ok", "index", "version", "n_videos", "searching", "waiting", "max_queue"}
     GET /         a page to type a query and see the ranked moments (and play them, see below)
-    GET /info     the index: names and ids of the index, runs and corpus (no server paths), whether text queries
-                  and video playback are available, how many videos have thumbnails
+    GET /info     the index: names and ids of the index, runs and corpus (no server paths), whether text queries,
+                  stored queries (desc_id) and video playback are available, how many videos have thumbnails
     GET /video/<name>  the video file, when the corpus's data config names a folder of videos ("video_dir",
                   relative to root_path; files <video_name>.mp4/.webm/.mkv/.mov); the page seeks to the moment
     GET /thumbnail/<name>  the video's thumbnail sprite (JPEG), made when the index was built from a corpus with a
@@ -230,6 +230,7 @@ def create_app(searcher, max_queue=SERVE_MAX_QUEUE, request_timeout=SERVE_REQUES
     def info():
         state = index_state()
         return jsonify(**state["summary"], text_queries=searcher.text_encoder is not None,
+                       desc_id_queries=bool(searcher.desc_of),
                        videos=state["videos"] is not None, thumbnails=len(state["thumbnails"]), max_top_k=MAX_TOP_K,
                        max_query_tokens=searcher.max_query_tokens)
 
@@ -347,6 +348,7 @@ fetch("/info").then(r => r.json()).then(info => {
     + (info.n_windows > info.n_videos ? ` (${info.n_windows} windows)` : "")
     + (info.text_queries ? "" : " (no text encoder: query by desc_id)");
   if (!info.text_queries) { $("kind").value = "desc_id"; }
+  if (!info.desc_id_queries) { $("kind").querySelector("option[value=desc_id]").remove(); }
 });
 // The sprite's tile that shows time t (seconds): the tile of the step holding t (utils/thumbnails.py tile_at).
 function tileAt(layout, t) {

@@ -74,6 +74,16 @@ def locate_model_dir(model_dir):
     raise OptionError(f"--model_dir {model_dir}: no {OPT_FILENAME} in " + " or ".join(map(repr, candidates)))
 
 
+def recorded_path(path):
+    """A path an opt.json records as it was given (relative ones to the folder the run was started from: the
+    repository root for the scripts) -> that path when it exists from here, else the same path below the repository
+    root when that exists, else the path unchanged."""
+    if path is None or os.path.isabs(path) or os.path.exists(path):
+        return path
+    below_root = os.path.join(REPO_ROOT, path)
+    return below_root if os.path.exists(below_root) else path
+
+
 def choose_checkpoint_dir(saved_results_dir, model_dir, force_model_dir=False):
     """Where inference reads model.ckpt (and, by default, writes its outputs).
 

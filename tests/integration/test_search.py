@@ -377,6 +377,7 @@ def test_http_endpoint_concurrent_and_validated(server, learned):
     assert (info["index"], info["conquer"]["run"], info["first_stage"]["run"]) == (
         os.path.basename(learned["index"]), os.path.basename(searcher.index.manifest["conquer"]["run_dir"]),
         os.path.basename(learned["run"]))
+    assert info["desc_id_queries"] and info["text_queries"]
     assert requests.get(server + "/health", timeout=60).json()["status"] == "ok"
 
 

@@ -169,6 +169,7 @@ def test_the_walkthrough_trains_indexes_and_serves_typed_queries(walkthrough):
         assert 0 <= moment["start"] < moment["end"] <= SECONDS + 1.5
     info = requests.get(f"http://127.0.0.1:{walkthrough['port']}/info", timeout=10).json()
     assert str(repo) not in json.dumps(info)  # no server paths
+    assert info["text_queries"] and not info["desc_id_queries"]  # a corpus without annotations has no stored queries
 
 
 def test_rerun_after_adding_a_video_processes_that_video_only(walkthrough):
