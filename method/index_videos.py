@@ -1,7 +1,7 @@
 """From a folder of video files and two trained runs to a search index, in one command; rerun it to add videos.
 
     python -m method.index_videos VIDEOS OUT_DIR --first_stage RUN --conquer RUN [--gpu ID|ID,ID,...|cpu]
-        [--whisper_model openai/whisper-small] [--language en]        # or: bash scripts/index_videos.sh ...
+        [--whisper_model openai/whisper-small] [--language en] [--num_beams 1]   # or: scripts/index_videos.sh
 
 VIDEOS is a folder of video files (utils.extract_video_features lists them); RUN are a first-stage run and a
 CONQUER run of train.py, trained on one corpus. The steps, each resumable, each skipping what is already done:
@@ -37,6 +37,7 @@ from utils.errors import ConquerError, run_cli
 from utils.extract_video_features import list_videos, video_stem
 from utils.io_utils import load_json, save_json
 from utils.provenance import provenance, provenance_difference
+from utils.transcribe import merge_parts
 from utils.data_config import load_data_config
 
 logger = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def run_step(name, argv, environment):
 
 
 def index_videos(videos, out_dir, first_stage, conquer, gpu="cpu", whisper_model=DEFAULT_WHISPER_MODEL,
-                 language=None, batch_size=32):
+                 language=None, num_beams=None, batch_size=32):
     """Make or update the index of the videos in folder `videos` under `out_dir` -> summary dict (see the module
     docstring): {"index", "data_config", "videos", "left_out", "n_encoded", "seconds": {step: s}, "serve"}."""
     started = time.perf_counter()
@@ -215,8 +216,12 @@ def index_videos(videos, out_dir, first_stage, conquer, gpu="cpu", whisper_model
     seconds = {}
     exit_status = 0
 
+    names = [video_stem(path) for path in files]
+    # A step whose outputs every video already has is not started: a rerun without new videos costs no model load.
     lap = time.perf_counter()
     for i, recipe in enumerate(trained.recipes):
+        if all(os.path.isfile(os.path.join(collection.feature_dir(i), name + ".npy")) for name in names):
+            continue
         os.makedirs(collection.feature_dir(i), exist_ok=True)
         recipe_path = os.path.join(collection.out_dir, "features", f"set{i}.recipe.json")
         save_json(recipe, recipe_path, save_pretty=True)
@@ -226,14 +231,15 @@ def index_videos(videos, out_dir, first_stage, conquer, gpu="cpu", whisper_model
     seconds["features"] = time.perf_counter() - lap
 
     lap = time.perf_counter()
-    if trained.needs_subtitles:
+    if trained.needs_subtitles and not set(names) <= set(merge_parts(collection.subtitles)):
         args = ["--videos", videos, "--out", collection.subtitles, "--model", whisper_model]
         if language:
             args += ["--language", language]
+        if num_beams:
+            args += ["--num_beams", str(num_beams)]
         exit_status |= run_step("subtitles", *step_command("utils.transcribe", args, gpu))
     seconds["subtitles"] = time.perf_counter() - lap
 
-    names = [video_stem(path) for path in files]
     present = [name for name in names
                if all(os.path.isfile(os.path.join(collection.feature_dir(i), name + ".npy"))
                       for i in range(len(trained.recipes)))]
@@ -292,6 +298,8 @@ def parse_args(argv=None):
     parser.add_argument("--whisper_model", default=DEFAULT_WHISPER_MODEL,
                         help="speech recognition model (hub id or local folder), when the runs read subtitles")
     parser.add_argument("--language", default=None, help="spoken language for speech recognition (default: detect)")
+    parser.add_argument("--num_beams", type=int, default=None,
+                        help="beam search width of speech recognition (default 5; 1: greedy, faster on a CPU)")
     parser.add_argument("--batch_size", type=int, default=32, help="windows per forward pass when indexing")
     return parser.parse_args(argv)
 
@@ -300,7 +308,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
     summary = index_videos(args.videos, args.out_dir, args.first_stage, args.conquer, args.gpu, args.whisper_model,
-                           args.language, args.batch_size)
+                           args.language, args.num_beams, args.batch_size)
     if summary["left_out"]:
         logger.warning("%d videos could not be decoded and are not searchable: %s", len(summary["left_out"]),
                        ", ".join(summary["left_out"]))

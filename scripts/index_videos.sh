@@ -3,7 +3,7 @@
 # subtitles by speech recognition when the runs read them, a corpus without annotations, the index; it prints the
 # command that serves it. Rerun it after adding or removing videos: only the new ones are processed.
 #   bash scripts/index_videos.sh VIDEOS OUT_DIR --first_stage RUN --conquer RUN [--gpu ID|ID,ID,...|cpu]
-#                                [--whisper_model openai/whisper-small] [--language en]
+#                                [--whisper_model openai/whisper-small] [--language en] [--num_beams 1]
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 if [[ $# -lt 2 ]]; then

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from utils.errors import ConquerError
-from utils.video_decoding import open_media
+from utils.video_decoding import open_media, stream_duration
 
 QUIET_SEARCH_SECONDS = 2.0
 QUIET_WINDOW_SECONDS = 0.01
@@ -139,17 +139,7 @@ def _timeline_origin(container):
 
 
 def _duration(path, container):
-    import av
-
     stream = _main_stream(container)
     if stream is None:
         raise AudioDecodeError(f"{path}: has neither a video nor an audio stream")
-    if stream.duration is not None:
-        duration = float(stream.duration * stream.time_base)
-    elif container.duration is not None:
-        duration = container.duration / av.time_base
-    else:
-        raise AudioDecodeError(f"{path}: neither its {stream.type} stream nor the container states a duration")
-    if not duration > 0:
-        raise AudioDecodeError(f"{path}: duration is {duration} s; expected > 0")
-    return duration
+    return stream_duration(path, container, stream, AudioDecodeError)

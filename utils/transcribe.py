@@ -1,7 +1,7 @@
 """From video files to subtitles: speech recognition with Whisper, one jsonl line per video.
 
     python -m utils.transcribe --videos DIR_OR_LIST [...] --out subs.jsonl [--model openai/whisper-small] \\
-        [--language en] [--device cuda --dtype fp16] [--batch_size 8] [--block_seconds 300]
+        [--language en] [--device cuda --dtype fp16] [--batch_size 8] [--num_beams 5] [--block_seconds 300]
     torchrun --nproc_per_node 4 -m utils.transcribe --videos ... --out subs.jsonl --device cuda   # 4 GPUs
 
 The output is the subtitle file that `python -m utils.build_corpus --subtitles` reads: one line per video,
@@ -11,7 +11,8 @@ Videos are listed and named as by utils/extract_video_features.py.
 
 `--model` is any Whisper checkpoint (a hub id or a local folder), run by the `transformers`
 automatic-speech-recognition pipeline with segment timestamps; `--language` fixes the spoken language
-(default: Whisper detects it). The sound track is decoded, mixed to mono and resampled to the model's rate in
+(default: Whisper detects it, one more encoder pass per window); `--num_beams` sets the beam search (default: the
+checkpoint's, else the pipeline's 5 beams, as OpenAI's Whisper; 1 is greedy decoding). The sound track is decoded, mixed to mono and resampled to the model's rate in
 blocks of at most `--block_seconds`, each ending at a quiet moment (utils/audio_decoding.py), so that a
 two-hour file never sits in memory whole. The pipeline cuts each block into 30 s windows (overlapping by
 strides it merges), `--batch_size` windows per forward pass. A block's segments are shifted by the block's
@@ -86,7 +87,7 @@ class SpeechRecognizer:
     block's end.
     """
 
-    def __init__(self, asr_pipeline, language=None, batch_size=1):
+    def __init__(self, asr_pipeline, language=None, batch_size=1, num_beams=None):
         self.pipeline = asr_pipeline
         self.sampling_rate = asr_pipeline.feature_extractor.sampling_rate
         self.batch_size = batch_size
@@ -96,6 +97,8 @@ class SpeechRecognizer:
             self.generate_kwargs["task"] = "transcribe"
             if language is not None:
                 self.generate_kwargs["language"] = language
+        if num_beams is not None:  # else the checkpoint's setting, or the pipeline's 5 beams (OpenAI's Whisper)
+            self.generate_kwargs["num_beams"] = num_beams
 
     def __call__(self, samples):
         output = self.pipeline(samples, return_timestamps=True, chunk_length_s=CHUNK_SECONDS,
@@ -104,7 +107,7 @@ class SpeechRecognizer:
         return [(chunk["text"], *chunk["timestamp"]) for chunk in output.get("chunks", [])]
 
 
-def load_recognizer(model, device="cpu", dtype=torch.float32, language=None, batch_size=1):
+def load_recognizer(model, device="cpu", dtype=torch.float32, language=None, batch_size=1, num_beams=None):
     """A SpeechRecognizer of the Whisper checkpoint `model` (hub id or folder); errors name --model / --language."""
     import transformers
 
@@ -119,7 +122,7 @@ def load_recognizer(model, device="cpu", dtype=torch.float32, language=None, bat
         raise TranscriptionError(f"--model {model}: a '{asr_pipeline.model.config.model_type}' model; expected a "
                                  f"Whisper model (the one kind with segment timestamps)")
     return SpeechRecognizer(asr_pipeline, _language_code(language, asr_pipeline.model.generation_config),
-                            batch_size)
+                            batch_size, num_beams)
 
 
 def _language_code(language, generation_config):
@@ -316,14 +319,18 @@ def parse_args(argv=None):
     parser.add_argument("--language", default=None,
                         help="spoken language, a code or a name (en, english); default: Whisper detects it per window")
     parser.add_argument("--batch_size", type=int, default=8, help="30 s windows per forward pass")
+    parser.add_argument("--num_beams", type=int, default=None,
+                        help="beam search width; default: the checkpoint's, else 5 as OpenAI's Whisper (1: greedy, "
+                             "several times faster on a CPU)")
     parser.add_argument("--block_seconds", type=float, default=300.0,
                         help="seconds of audio decoded and transcribed at a time (64 kB each at 16 kHz)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model dtype (fp16/bf16 on GPU)")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        raise TranscriptionError(f"--batch_size {args.batch_size}: expected >= 1")
+    for flag in ("batch_size", "num_beams"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise TranscriptionError(f"--{flag} {getattr(args, flag)}: expected >= 1")
     if not args.block_seconds > 0:
         raise TranscriptionError(f"--block_seconds {args.block_seconds}: expected > 0 seconds")
     return args
@@ -343,7 +350,8 @@ def main(argv=None):
 
 
 def _transcribe(args, videos, device):
-    recognizer = load_recognizer(args.model, device, DTYPES[args.dtype], args.language, args.batch_size)
+    recognizer = load_recognizer(args.model, device, DTYPES[args.dtype], args.language, args.batch_size,
+                                 args.num_beams)
     summary = transcribe_videos(videos, args.out, recognizer, args.block_seconds)
     if distributed.is_main_process():
         logger.info("%d videos transcribed (%.0f s of audio, %.1fx real time), %d without an audio stream (empty "

@@ -60,7 +60,7 @@ def clip_sample_times(duration, clip_length, frames_per_clip):
 def probe_duration(path):
     """Duration in seconds of the first video stream of `path`."""
     with _open(path) as container:
-        return _stream_duration(path, container, container.streams.video[0])
+        return stream_duration(path, container, container.streams.video[0])
 
 
 def iter_clip_chunks(path, clip_length, frames_per_clip, clips_per_chunk):
@@ -70,7 +70,7 @@ def iter_clip_chunks(path, clip_length, frames_per_clip, clips_per_chunk):
     with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        duration = _stream_duration(path, container, stream)
+        duration = stream_duration(path, container, stream)
         start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         targets = clip_sample_times(duration, clip_length, frames_per_clip).reshape(-1)
         chunk_size = clips_per_chunk * frames_per_clip
@@ -157,7 +157,9 @@ def _open(path):
         yield container
 
 
-def _stream_duration(path, container, stream):
+def stream_duration(path, container, stream, error_class=VideoDecodeError):
+    """Seconds of `stream` (else of the container) of an open file; a missing or non-positive one is an
+    `error_class` naming the file."""
     import av
 
     if stream.duration is not None:
@@ -165,7 +167,7 @@ def _stream_duration(path, container, stream):
     elif container.duration is not None:
         duration = container.duration / av.time_base
     else:
-        raise VideoDecodeError(f"{path}: neither the video stream nor the container states a duration")
+        raise error_class(f"{path}: neither its {stream.type} stream nor the container states a duration")
     if not duration > 0:
-        raise VideoDecodeError(f"{path}: duration is {duration} s; expected > 0")
+        raise error_class(f"{path}: duration is {duration} s; expected > 0")
     return duration

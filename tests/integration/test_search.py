@@ -23,11 +23,11 @@ from method.dataset import prepare_batch_inputs, query_inputs
 from method.rank_first_stage import load_first_stage
 from method.search import QueryError, Searcher
 from method.search_index import SearchIndex, SearchIndexError, build_index
-from text_model_fixtures import save_tiny_text_model
 from utils.data_config import load_data_config
 from utils.feature_stores import VideoFeatureStore, write_ranklist_store
 from utils.io_utils import load_json, load_jsonl, save_json
 from utils.run_dir import CKPT_FILENAME, OPT_FILENAME, REPO_ROOT
+from utils.synthetic_models import save_random_text_model
 from utils.synthetic_tvr import generate_corpus
 from utils.windows import Window, window_clip_count, window_starts
 
@@ -111,7 +111,7 @@ def learned(runs, tiny_corpus, tiny_corpus_kwargs, tmp_path_factory):
     shutil.copytree(os.path.dirname(tiny_corpus), corpus)
     config = load_json(tiny_corpus)
     config.update(root_path=str(corpus), video_dir="videos",
-                  text_encoder=dict(name_or_path=save_tiny_text_model(root / "text_model", hidden_size=8),
+                  text_encoder=dict(name_or_path=save_random_text_model(root / "text_model", hidden_size=8),
                                     dtype="float32", max_length=38))
     save_json(config, corpus / "tvr_data_config.json")
     first_run = root / "first_stage_run"

@@ -16,7 +16,6 @@ from method import search, search_index
 from method.search import QueryError, Searcher
 from method.search_index import SearchIndex, SearchIndexError, build_index
 from test_search import copy_corpus, save_first_stage_run
-from text_model_fixtures import save_tiny_text_model
 from utils import build_corpus
 from utils.data_config import load_data_config
 from utils.errors import ConquerError
@@ -24,6 +23,7 @@ from utils.feature_stores import SubtitleFeatureStore, VideoFeatureStore, write_
 from utils.io_utils import load_json, save_json, save_jsonl
 from utils.provenance import provenance
 from utils.run_dir import OPT_FILENAME
+from utils.synthetic_models import save_random_text_model
 from utils.tvr_format import SPLIT_FILE_KEYS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,7 +64,7 @@ def corpus(trained_runs, tiny_corpus, tiny_corpus_kwargs, tmp_path_factory):
     """Runs (CONQUER exclusive, a visual_sub first stage trained on the tiny corpus), a search-only corpus of the tiny
     corpus's val videos with a text encoder, and an index of the val split of the tiny corpus (the reference)."""
     root = tmp_path_factory.mktemp("search_corpus")
-    text_encoder = dict(name_or_path=save_tiny_text_model(root / "text_model", hidden_size=8), dtype="float32",
+    text_encoder = dict(name_or_path=save_random_text_model(root / "text_model", hidden_size=8), dtype="float32",
                         max_length=38)
     first_stage = root / "first_stage"
     save_first_stage_run(first_stage, tiny_corpus_kwargs, dataset_config=tiny_corpus)
@@ -113,7 +113,7 @@ def test_search_only_corpus_answers_as_an_annotated_index_of_its_videos(corpus, 
         search.main(["query", "--index", out, "--desc_id", "3"])
     assert str(error.value) == (f"desc_id 3: split 'test_public' of {config_path} has no stored queries (a "
                                 "search-only corpus); query by text or token features")
-    wide = save_tiny_text_model(tmp_path / "wide_text_model", hidden_size=16)
+    wide = save_random_text_model(tmp_path / "wide_text_model", hidden_size=16)
     save_json(dict(load_json(config_path), text_encoder=dict(corpus["text_encoder"], name_or_path=wide)), config_path)
     with pytest.raises(SearchIndexError) as error:
         Searcher(out)

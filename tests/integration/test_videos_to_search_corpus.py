@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from transformers import ResNetConfig
 
-from text_model_fixtures import save_tiny_text_model
 from utils import build_corpus, check_data, extract_video_features
 from utils.data_config import load_data_config
 from utils.io_utils import load_json
 from utils.provenance import provenance, read_recipe
+from utils.synthetic_models import save_random_text_model
 from utils.synthetic_video import write_video
 from utils.video_decoding import probe_duration
 
@@ -37,7 +37,7 @@ def test_videos_become_a_search_only_corpus_with_their_durations(tmp_path, capsy
     write_video(videos / "street.mp4", np.arange(60) / 10, frames)
 
     build_corpus.main(["--out_dir", str(tmp_path / "corpus"), "--video_features", str(tmp_path / "feats"),
-                       "--text_encoder", save_tiny_text_model(tmp_path / "text"), "--text_encoder_device", "cpu",
+                       "--text_encoder", save_random_text_model(tmp_path / "text"), "--text_encoder_device", "cpu",
                        "--video_dir", str(videos)])
     printed = capsys.readouterr().out.splitlines()
     config_path = str(tmp_path / "corpus" / "data_config.json")

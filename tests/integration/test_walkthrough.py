@@ -12,7 +12,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -20,10 +19,9 @@ import pytest
 import requests
 from transformers import ResNetConfig
 
-from speech_model_fixtures import save_tiny_whisper
-from text_model_fixtures import WORDS, save_tiny_text_model
 from utils.io_utils import load_json, save_jsonl
 from utils.run_dir import REPO_ROOT
+from utils.synthetic_models import WORDS, save_random_text_model, save_random_whisper
 from utils.synthetic_video import write_video
 
 WALKTHROUGH = os.path.join(REPO_ROOT, "docs", "walkthrough.md")
@@ -111,8 +109,8 @@ def walkthrough(tmp_path_factory):
     root = tmp_path_factory.mktemp("walkthrough")
     repo = root / "repo"
     copy_repository(repo)
-    models = dict(text=save_tiny_text_model(root / "text_model", hidden_size=16),
-                  whisper=save_tiny_whisper(root / "whisper"), resnet=str(root / "resnet"))
+    models = dict(text=save_random_text_model(root / "text_model", hidden_size=16),
+                  whisper=save_random_whisper(root / "whisper"), resnet=str(root / "resnet"))
     ResNetConfig(depths=[1, 1], hidden_sizes=[8, 16], embedding_size=8, layer_type="basic").save_pretrained(
         models["resnet"])
     rng = np.random.default_rng(0)

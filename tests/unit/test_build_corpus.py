@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from config.options import BaseOptions
-from text_model_fixtures import save_tiny_text_model
 from utils import build_corpus as build_corpus_module
 from utils.build_corpus import build_corpus, main, training_flags
 from utils.check_data import check_corpus
@@ -17,6 +16,7 @@ from utils.data_config import load_data_config
 from utils.feature_stores import QueryFeatureStore, SubtitleFeatureStore, decode_video_features, _open_env
 from utils.io_utils import load_json
 from utils.provenance import provenance, provenance_difference, read_recipe, write_recipe
+from utils.synthetic_models import save_random_text_model
 from utils.text_encoder import TextEncoder
 from utils.run_dir import REPO_ROOT
 
@@ -58,7 +58,7 @@ def raw_tvr_corpus(root, dim=6, n_videos=(3, 2)):
 
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
-    return save_tiny_text_model(tmp_path_factory.mktemp("tiny_roberta"))
+    return save_random_text_model(tmp_path_factory.mktemp("tiny_roberta"))
 
 
 def stored_video(store_path, name):

@@ -222,8 +222,8 @@ def test_a_corpus_without_any_ranklist_says_the_first_stage_comes_next(tmp_path,
 
 
 def test_a_search_only_corpus_is_checked_by_its_stores(tmp_path, capsys):
-    from text_model_fixtures import save_tiny_text_model
     from utils.build_corpus import build_corpus
+    from utils.synthetic_models import save_random_text_model
 
     feats = tmp_path / "feats"
     feats.mkdir()
@@ -231,7 +231,7 @@ def test_a_search_only_corpus_is_checked_by_its_stores(tmp_path, capsys):
     for i in range(4):
         np.save(feats / f"v{i}.npy", rng.normal(size=(3 + i, 5)).astype(np.float32))
     summary = build_corpus(str(tmp_path / "search"), None, None, [str(feats)], 1.5,
-                           text_encoder=save_tiny_text_model(tmp_path / "text"), text_encoder_device="cpu",
+                           text_encoder=save_random_text_model(tmp_path / "text"), text_encoder_device="cpu",
                            progress=False)
     config_path = summary["data_config"]
     # The default --ctx_mode visual_sub would ask for a subtitle store: a search-only corpus's own ctx_mode decides.

@@ -2,13 +2,13 @@
 import numpy as np
 import pytest
 
-from text_model_fixtures import save_tiny_text_model
+from utils.synthetic_models import save_random_text_model
 from utils.text_encoder import TextEncoder, TextEncoderError
 
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
-    return TextEncoder(save_tiny_text_model(tmp_path_factory.mktemp("tiny_roberta")), device="cpu", batch_size=2)
+    return TextEncoder(save_random_text_model(tmp_path_factory.mktemp("tiny_roberta")), device="cpu", batch_size=2)
 
 
 def test_batched_tokens_equal_single_model_calls_in_input_order(encoder):

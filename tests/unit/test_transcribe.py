@@ -13,13 +13,14 @@ import pytest
 import torch
 import transformers
 
-from tests.speech_model_fixtures import save_tiny_whisper
 from utils.audio_decoding import iter_audio_blocks, probe_media
 from utils.corpus_formats import load_subtitles
 from utils.errors import run_cli
 from utils.run_dir import REPO_ROOT
+from utils.synthetic_models import save_random_whisper
 from utils.synthetic_video import write_video
-from utils.transcribe import (TranscriptionError, block_segments, main, merge_parts, part_path, transcribe_videos)
+from utils.transcribe import (TranscriptionError, block_segments, load_recognizer, main, merge_parts, part_path,
+                              transcribe_videos)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +40,7 @@ def bursts(times):
 
 @pytest.fixture(scope="module")
 def whisper_dir(tmp_path_factory):
-    return save_tiny_whisper(tmp_path_factory.mktemp("whisper"))
+    return save_random_whisper(tmp_path_factory.mktemp("whisper"))
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +133,7 @@ def test_cli_writes_the_subtitles_the_corpus_builder_reads(whisper_dir, video_di
     (["--language", "french"], "--language french: not a language of this model; .* en"),
     (["--device", "cuda"], "--device cuda: CUDA is not available here"),
     (["--block_seconds", "0"], "--block_seconds 0.0: expected > 0"),
+    (["--num_beams", "0"], "--num_beams 0: expected >= 1"),
 ])
 def test_bad_settings_are_one_line_and_status_2(flags, message, whisper_dir, video_dir, tmp_path, capsys):
     if "--device" in flags and torch.cuda.is_available():
@@ -273,3 +275,19 @@ def test_an_output_that_is_not_a_subtitle_file_is_named(tmp_path):
     out.write_text('{"vid_name": "a", "sub": []}\n[1, 2]\n')
     with pytest.raises(TranscriptionError, match=r"subs.jsonl: line 2 is not a subtitle line"):
         merge_parts(str(out))
+
+
+@pytest.mark.parametrize("num_beams, expected", [(None, 5), (1, 1), (2, 2)])
+def test_num_beams_reaches_generation(whisper_dir, num_beams, expected):
+    """--num_beams is the beam width Whisper decodes with; without it, the pipeline's 5 (OpenAI's Whisper's)."""
+    recognizer = load_recognizer(whisper_dir, num_beams=num_beams)
+    model, seen = recognizer.pipeline.model, []
+    generate = model.generate
+
+    def recording_generate(*args, **kwargs):
+        seen.append(kwargs["num_beams"])
+        return generate(*args, **kwargs)
+
+    model.generate = recording_generate
+    recognizer(np.zeros(recognizer.sampling_rate, dtype=np.float32))
+    assert seen and set(seen) == {expected}
