@@ -17,10 +17,11 @@ CONQUER run of train.py, trained on one corpus. The steps, each resumable, each 
    encoded, removed videos leave it, CURRENT switches atomically): OUT_DIR/index/.
 
 It ends by printing the `python -m method.search serve` command. Steps 1 and 2 run as subprocesses of their
-own commands, under torchrun with one process per GPU when --gpu lists several. A video that cannot be decoded
-is left out (named; exit status 1). Any other failure stops the run with one line and leaves the previous corpus
-and index as they were: the index is what a running server keeps serving. OUT_DIR/collection.json records the
-videos folder and runs (a rerun with others is refused) and the seconds each step took.
+own commands, under torchrun with one process per GPU when --gpu lists several, and are not started when every
+video has their outputs. A video that cannot be decoded is left out (named; exit status 1). Any other failure
+stops the run with one line and leaves the previous corpus and index as they were, still served; a server
+running during a successful run takes the new index version at its next search. OUT_DIR/collection.json records
+the videos folder and runs (a rerun with others is refused) and the seconds each step took.
 """
 import argparse
 import logging
