@@ -244,3 +244,13 @@ def test_bad_inputs_stop_with_one_line_and_keep_the_served_index(walkthrough, tm
         index_videos(str(repo / "new_videos"), str(out), first_stage, conquer, whisper_model=walkthrough["models"]["whisper"])
     assert index_state(out) == state
     os.remove(repo / "new_videos" / "talk_9.mp4")
+    monkeypatch.undo()
+    monkeypatch.chdir(repo)
+
+    # A file that cannot be decoded is named and left out; the other videos stay searchable.
+    (repo / "new_videos" / "broken.mp4").write_bytes(b"not a video" * 100)
+    summary = index_videos(str(repo / "new_videos"), str(out), first_stage, conquer,
+                           whisper_model=walkthrough["models"]["whisper"])
+    assert (summary["left_out"], summary["exit_status"], summary["videos_indexed"]) == (["broken"], 1, 4)
+    assert summary["n_encoded"] == 0 and load_json(out / "collection.json")["left_out"] == ["broken"]
+    os.remove(repo / "new_videos" / "broken.mp4")
