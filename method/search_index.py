@@ -56,8 +56,9 @@ from utils.errors import ConquerError
 from utils.feature_stores import FeatureStoreError, expect_dims
 from utils.io_utils import atomic_folder, atomic_write, load_json, save_json
 from utils.provenance import provenance, provenance_difference
-from utils.thumbnails import ThumbnailError, video_file, write_sprite
+from utils.thumbnails import ThumbnailError, write_sprite
 from utils.tvr_format import SPLITS
+from utils.video_decoding import video_file
 from utils.windows import Window
 
 logger = logging.getLogger(__name__)

@@ -55,7 +55,7 @@ from method.search import MAX_TOP_K, SERVE_MAX_QUEUE, SERVE_REQUEST_TIMEOUT, SER
 from method.search_index import describe
 from utils.errors import ConquerError, OptionError
 from utils.io_utils import load_json
-from utils.thumbnails import video_file
+from utils.video_decoding import video_file
 from utils.tvr_format import is_number
 
 logger = logging.getLogger(__name__)

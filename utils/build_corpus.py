@@ -77,7 +77,7 @@ from utils.io_utils import atomic_folder, load_json, save_json, save_jsonl
 from utils.provenance import RECIPE_FILENAME, read_recipe
 from utils.standalone_eval import TS_MIN_OVERLAPS
 from utils.tvr_format import SPLITS
-from utils.video_decoding import VIDEO_EXTENSIONS, VideoDecodeError, count_clips, probe_duration
+from utils.video_decoding import VideoDecodeError, count_clips, probe_duration, video_file
 from utils.windows import WindowError, check_stride
 
 logger = logging.getLogger(__name__)
@@ -483,17 +483,15 @@ def _recipe_clip_length(path, recipe):
 
 
 def find_video_files(video_dir, names, warnings):
-    """{name: path of <video_dir>/<name><extension>} (the first of VIDEO_EXTENSIONS the search server plays),
-    for the names that have a file; the others are counted in `warnings`."""
-    files = set(os.listdir(video_dir))
+    """{name: its `video_file` in video_dir} for the names that have one; the others are counted in `warnings`."""
     found = {}
     for name in names:
-        extension = next((e for e in VIDEO_EXTENSIONS if name + e in files), None)
-        if extension is None:
+        path = video_file(video_dir, name)
+        if path is None:
             warnings.add(f"videos without a file in --video_dir {video_dir} (the search page cannot play them)",
                          name)
         else:
-            found[name] = os.path.join(video_dir, name + extension)
+            found[name] = path
     return found
 
 

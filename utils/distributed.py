@@ -24,6 +24,7 @@ Semantics (train.py and method/evaluation.py):
   run directory is written by rank 0 only, but --resume reads last.ckpt on every rank, so resuming needs
   --results_root on storage that every node sees.
 """
+import datetime
 import os
 
 import numpy as np
@@ -35,6 +36,9 @@ from torch.utils.data import Sampler
 from utils.errors import ConquerError, OptionError
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# Commands that share videos between ranks (extraction, transcription) gather at the end, after the slowest rank's
+# share, which can take hours: longer than torch's default collective timeout.
+COMMAND_COLLECTIVE_TIMEOUT = datetime.timedelta(days=7)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -44,15 +48,17 @@ def launched_by_torchrun():
     return all(name in os.environ for name in TORCHRUN_ENV)
 
 
-def init_from_env():
+def init_from_env(timeout=None):
     """Join the process group described by torchrun's environment variables; True if there is one.
 
-    The group serves CPU tensors with gloo and, where CUDA exists, CUDA tensors with NCCL.
+    The group serves CPU tensors with gloo and, where CUDA exists, CUDA tensors with NCCL. timeout: how long a
+    collective waits for the other ranks (default: torch's, 30 minutes for gloo).
     """
     if not launched_by_torchrun():
         return False
     if not dist.is_initialized():
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+                                **({} if timeout is None else dict(timeout=timeout)))
     return True
 
 
@@ -93,6 +99,15 @@ def broadcast_object(obj, src=0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj):
+    """On every rank, the list of every rank's `obj` in rank order ([obj] without a process group)."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def gather_object(obj, dst=0):
@@ -154,7 +169,7 @@ def command_device(value, error_class, flag="--device"):
         raise error_class(f"{flag} {value}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise error_class(f"{flag} {value}: CUDA is not available here; use {flag} cpu")
-    init_from_env()
+    init_from_env(timeout=COMMAND_COLLECTIVE_TIMEOUT)
     return local_device(device)
 
 

@@ -39,7 +39,6 @@ takes a contiguous share of the videos that still need features, on cuda:LOCAL_R
 rank 0 prints the summary of all ranks, and every rank exits with status 1 when any video failed.
 """
 import argparse
-import datetime
 import glob
 import logging
 import os
@@ -52,7 +51,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from tqdm import tqdm
@@ -93,9 +91,6 @@ WEIGHTS = ("pretrained", "none")
 # Defaults of the recipe flags, which are None when not given (a recipe flag and --recipe are exclusive).
 RECIPE_FLAG_DEFAULTS = dict(backbones=["resnet152"], weights="pretrained", seed=0, fps=2.0, frames_per_clip=None,
                             clip_length=1.5, l2_normalize=False, full_frame=False)
-# Collectives after the extraction wait for the slowest rank's share, which can take hours; the default process
-# group's collectives time out after 30 minutes.
-RANK_RESULTS_TIMEOUT = datetime.timedelta(days=7)
 
 
 class ExtractionError(ConquerError):
@@ -328,35 +323,30 @@ def extract_features(videos, out_dir, backbones, clip_length=1.5, frames_per_cli
     started = time.perf_counter()
     distributed.run_on_main(lambda: _prepare_out_dir(out_dir))
     dim = sum(b.dim for b in backbones)
-    group = dist.new_group(backend="gloo", timeout=RANK_RESULTS_TIMEOUT) if distributed.is_distributed() else None
-    try:
-        start, stop = distributed.shard_bounds(len(videos), 1)
-        probed = _all_ranks(_probe(videos[start:stop], out_dir, clip_length, dim, overwrite), group)
-        summary = ExtractionSummary()
-        pending = []  # (video path, n_clips), the same list on every rank
-        for path, n_clips, state in (entry for share in probed for entry in share):
-            if state == "existing":
-                summary.existing.append(path)
-            elif state == "pending":
-                pending.append((path, n_clips))
-            else:
-                summary.failed.append((path, state))
-        if summary.existing and distributed.is_main_process():
-            logger.info("%d of %d videos already have their features in %s", len(summary.existing), len(videos),
-                        out_dir)
-        start, stop = distributed.shard_bounds(len(pending), 1)
-        if distributed.is_distributed():
-            logger.info("rank %d of %d: extracting videos %d to %d of the %d that need features",
-                        distributed.get_rank(), distributed.get_world_size(), start, stop, len(pending))
-        share = _extract(pending[start:stop], out_dir, backbones, dim, clip_length, frames_per_clip, batch_clips,
-                         num_workers, l2_normalize, device, dtype)
-        for written, failed, frames in _all_ranks(share, group):
-            summary.written += written
-            summary.failed += failed
-            summary.frames += frames
-    finally:
-        if group is not None:
-            dist.destroy_process_group(group)
+    start, stop = distributed.shard_bounds(len(videos), 1)
+    probed = distributed.all_gather_object(_probe(videos[start:stop], out_dir, clip_length, dim, overwrite))
+    summary = ExtractionSummary()
+    pending = []  # (video path, n_clips), the same list on every rank
+    for path, n_clips, state in (entry for share in probed for entry in share):
+        if state == "existing":
+            summary.existing.append(path)
+        elif state == "pending":
+            pending.append((path, n_clips))
+        else:
+            summary.failed.append((path, state))
+    if summary.existing and distributed.is_main_process():
+        logger.info("%d of %d videos already have their features in %s", len(summary.existing), len(videos),
+                    out_dir)
+    start, stop = distributed.shard_bounds(len(pending), 1)
+    if distributed.is_distributed():
+        logger.info("rank %d of %d: extracting videos %d to %d of the %d that need features",
+                    distributed.get_rank(), distributed.get_world_size(), start, stop, len(pending))
+    share = _extract(pending[start:stop], out_dir, backbones, dim, clip_length, frames_per_clip, batch_clips,
+                     num_workers, l2_normalize, device, dtype)
+    for written, failed, frames in distributed.all_gather_object(share):
+        summary.written += written
+        summary.failed += failed
+        summary.frames += frames
     summary.seconds = time.perf_counter() - started
     if summary.failed and distributed.is_main_process():
         logger.warning("%d of %d videos could not be decoded and have no features: %s", len(summary.failed),
@@ -367,15 +357,6 @@ def extract_features(videos, out_dir, backbones, clip_length=1.5, frames_per_cli
 def _prepare_out_dir(out_dir):
     os.makedirs(out_dir, exist_ok=True)
     remove_stale_temp_files(out_dir)
-
-
-def _all_ranks(obj, group):
-    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] without a process group)."""
-    if group is None:
-        return [obj]
-    gathered = [None] * distributed.get_world_size()
-    dist.all_gather_object(gathered, obj, group=group)
-    return gathered
 
 
 def _probe(videos, out_dir, clip_length, dim, overwrite):

@@ -13,16 +13,15 @@ to the tile of the step that holds it. Tiles are `tile_width` px wide and as hig
 them, laid out row by row on a grid whose column count makes the sprite about square (a JPEG side is at most
 65535 px).
 
-PyAV and Pillow are imported by `write_sprite` only: the layout functions and `video_file` work in a core install
+PyAV and Pillow are imported by `write_sprite` only: the layout functions work in a core install
 (the search server uses them).
 """
 import math
-import os
 from typing import NamedTuple
 
 from utils.errors import ConquerError
 from utils.io_utils import atomic_write
-from utils.video_decoding import VIDEO_EXTENSIONS, VideoDecodeError, count_clips, iter_clip_chunks, probe_duration
+from utils.video_decoding import VideoDecodeError, count_clips, iter_clip_chunks, probe_duration
 
 TILE_WIDTH = 160
 MAX_TILES = 400
@@ -68,16 +67,6 @@ def tile_position(layout, tile):
 def sprite_size(layout):
     """(width, height) px of the sprite of `layout`."""
     return layout.columns * layout.tile_width, math.ceil(layout.n_tiles / layout.columns) * layout.tile_height
-
-
-def video_file(folder, video_name):
-    """The file of `video_name` in `folder` (<video_name><extension>, the first of VIDEO_EXTENSIONS that exists),
-    or None."""
-    for extension in VIDEO_EXTENSIONS:
-        path = os.path.join(folder, video_name + extension)
-        if os.path.isfile(path):
-            return path
-    return None
 
 
 def write_sprite(video_path, sprite_path, clip_length, tile_width=TILE_WIDTH, max_tiles=MAX_TILES,

@@ -17,6 +17,7 @@ of what counts as a video file, is importable from a core install (the search se
 """
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,16 @@ class ClipChunk:
     first_clip: int
     frames: np.ndarray
     frame_times: np.ndarray
+
+
+def video_file(folder, video_name):
+    """The file of `video_name` in `folder` (<video_name><extension>, the first of VIDEO_EXTENSIONS that exists),
+    or None."""
+    for extension in VIDEO_EXTENSIONS:
+        path = os.path.join(folder, video_name + extension)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def count_clips(duration, clip_length):

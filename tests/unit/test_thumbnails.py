@@ -8,8 +8,8 @@ from PIL import Image
 
 from utils.synthetic_video import write_video
 from utils.thumbnails import (MAX_JPEG_SIDE, SpriteLayout, ThumbnailError, grid_columns, sprite_size, tile_at,
-                              tile_position, tile_step, video_file, write_sprite)
-from utils.video_decoding import count_clips
+                              tile_position, tile_step, write_sprite)
+from utils.video_decoding import count_clips, video_file
 
 SIZE = (64, 48)  # width, height of the synthetic frames
 
